@@ -1,0 +1,159 @@
+"""Image folders: writer + manifest round trip, folder scan without manifest, bad manifests, missing files."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from vigface.data.image_folder import ImageFolderDataset, ImageFolderWriter, write_image_folder
+from vigface.data.images import encode_image
+from vigface.errors import DataFormatError, VigfaceError
+
+
+def image(seed, size=10):
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+LANDMARKS = [[30.5, 40.25], [70.0, 40.0], [50.0, 60.0], [35.0, 80.0], [65.0, 80.125]]
+
+
+def test_writer_round_trip_with_manifest(tmp_path):
+    root = tmp_path / "faces"
+    jpeg = encode_image(image(9), "jpeg")
+    with ImageFolderWriter(root, fmt="png") as w:
+        assert w.add(image(0), 0, "alice", LANDMARKS) == "alice/0.png"
+        assert w.add(image(1), 0, "alice", LANDMARKS) == "alice/1.png"
+        assert w.add(jpeg, 1, "bob") == "bob/0.jpg"  # encoded bytes keep their format
+        assert w.add(image(2), 2) == "000002/0.png"  # default identity: zero-padded label
+        assert not (root / "manifest.jsonl").exists()  # appears only at close
+    lines = (root / "manifest.jsonl").read_text().splitlines()
+    assert json.loads(lines[0]) == {
+        "path": "alice/0.png",
+        "label": 0,
+        "identity": "alice",
+        "landmarks": LANDMARKS,
+    }
+    assert json.loads(lines[2]) == {"path": "bob/0.jpg", "label": 1, "identity": "bob"}
+
+    ds = ImageFolderDataset(root)
+    assert len(ds) == 4 and ds.num_classes == 3
+    assert ds.labels.tolist() == [0, 0, 1, 2]
+    assert ds.paths == ["alice/0.png", "alice/1.png", "bob/0.jpg", "000002/0.png"]
+    assert ds.identities == ["alice", "alice", "bob", "000002"]
+    np.testing.assert_array_equal(ds[1][0], image(1))  # PNG: exact pixels
+    assert ds[1][1] == 0
+    assert (root / "bob" / "0.jpg").read_bytes() == jpeg
+    assert ds.landmarks.shape == (4, 5, 2) and ds.landmarks.dtype == np.float32
+    np.testing.assert_allclose(ds.landmarks[0], LANDMARKS)
+    assert np.isnan(ds.landmarks[2]).all()
+    assert not [n for n in os.listdir(root) if n.endswith(".tmp")]
+
+
+def test_scan_without_manifest(tmp_path):
+    root = tmp_path / "scan"
+    for identity, n in (("b", 12), ("a", 2), ("c", 1)):
+        (root / identity).mkdir(parents=True)
+        for k in range(n):
+            (root / identity / f"{k}.jpg").write_bytes(encode_image(image(k), "jpeg"))
+    (root / "a" / "notes.txt").write_text("ignored")
+    (root / "README").write_text("ignored")
+    ds = ImageFolderDataset(root)
+    assert ds.landmarks is None
+    assert ds.labels.tolist() == [0, 0] + [1] * 12 + [2]  # labels by sorted folder name
+    assert ds.paths[2:5] == ["b/0.jpg", "b/1.jpg", "b/2.jpg"] and ds.paths[-2] == "b/11.jpg"
+    img, label = ds[14]
+    assert img.shape == (10, 10, 3) and label == 2
+
+
+def test_write_image_folder_helper(tmp_path):
+    n = write_image_folder(tmp_path / "h", [image(i) for i in range(3)], [5, 5, 7], landmarks=[LANDMARKS] * 3)
+    assert n == 3
+    ds = ImageFolderDataset(tmp_path / "h")
+    assert ds.labels.tolist() == [5, 5, 7] and ds.num_classes == 8
+    assert ds.paths == ["000005/0.jpg", "000005/1.jpg", "000007/0.jpg"]
+
+
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ("{not json", "line 2: "),
+        ('["a/0.jpg", 0]', "line 2: expected a JSON object"),
+        ('{"path": "a/1.jpg", "label": "zero"}', 'line 2: "label" must be a non-negative integer'),
+        ('{"path": "a/1.jpg", "label": true}', '"label" must be'),
+        ('{"path": "../etc/passwd", "label": 0}', "must be a relative path inside"),
+        ('{"path": "/etc/passwd", "label": 0}', "must be a relative path inside"),
+        ('{"label": 0}', '"path" must be'),
+        ('{"path": "a/1.jpg", "label": 0, "landmarks": [[1, 2]]}', '"landmarks" must be 5'),
+        ('{"path": "a/1.jpg", "label": 0, "landmarks": [[1, NaN]]}', '"landmarks" must be 5'),
+    ],
+)
+def test_bad_manifest_line(tmp_path, line, match):
+    root = tmp_path / "m"
+    write_image_folder(root, [image(0)], [0], ["a"])
+    first = (root / "manifest.jsonl").read_text()
+    (root / "manifest.jsonl").write_text(first + line + "\n")
+    with pytest.raises(DataFormatError, match=match) as info:
+        ImageFolderDataset(root)
+    message = str(info.value)
+    assert str(root / "manifest.jsonl") in message and f"byte offset {len(first)}" in message
+
+
+def test_manifest_not_utf8(tmp_path):
+    root = tmp_path / "u"
+    root.mkdir()
+    (root / "manifest.jsonl").write_bytes(b'{"path": "\xff.jpg", "label": 0}\n')
+    with pytest.raises(DataFormatError, match="line 1"):
+        ImageFolderDataset(root)
+
+
+def test_missing_and_corrupt_images(tmp_path):
+    root = tmp_path / "x"
+    write_image_folder(root, [image(0), image(1), image(2)], [0, 0, 1])
+    (root / "000000" / "1.jpg").unlink()
+    (root / "000001" / "0.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    ds = ImageFolderDataset(root)
+    with pytest.raises(
+        DataFormatError, match=r"000000/1.jpg: missing image \(listed in .*manifest.jsonl line 2\)"
+    ):
+        ds[1]
+    with pytest.raises(DataFormatError, match="000001/0.jpg: image payload .* not a decodable image"):
+        ds[2]
+
+
+def test_writer_refusals(tmp_path):
+    root = tmp_path / "w"
+    write_image_folder(root, [image(0)], [0])
+    with pytest.raises(VigfaceError, match="already exists"):
+        ImageFolderWriter(root)
+    with ImageFolderWriter(tmp_path / "v") as w:
+        w.add(image(0), 0, "ann")
+        with pytest.raises(VigfaceError, match="already has label 0"):
+            w.add(image(1), 1, "ann")
+        with pytest.raises(VigfaceError, match="already belongs to identity 'ann'"):
+            w.add(image(1), 0, "bea")
+        for bad in ("..", "a/b", "", ".hidden"):
+            with pytest.raises(VigfaceError, match="cannot be used as a folder name"):
+                w.add(image(1), 3, bad)
+        with pytest.raises(VigfaceError, match="not JPEG or PNG"):
+            w.add(b"GIF89a....", 4)
+        with pytest.raises(VigfaceError, match="landmarks must be 5"):
+            w.add(image(1), 5, landmarks=[[0, 0]])
+        with pytest.raises(VigfaceError, match="non-negative integer"):
+            w.add(image(1), -1)
+    assert ImageFolderDataset(tmp_path / "v").labels.tolist() == [0]
+
+
+def test_abort_leaves_no_manifest(tmp_path):
+    with pytest.raises(RuntimeError), ImageFolderWriter(tmp_path / "a") as w:
+        w.add(image(0), 0)
+        raise RuntimeError("crash")
+    assert sorted(os.listdir(tmp_path / "a")) == ["000000"]
+
+
+def test_not_a_folder(tmp_path):
+    with pytest.raises(DataFormatError, match="not a directory"):
+        ImageFolderDataset(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataFormatError, match="no manifest.jsonl and no"):
+        ImageFolderDataset(tmp_path / "empty")

@@ -1,0 +1,84 @@
+"""`vigface data toy` end to end on a small world: files, layout, determinism, refusal to clobber."""
+
+import json
+
+import numpy as np
+import pytest
+
+from vigface.cli.main import main
+from vigface.data.recordio import FaceRecordDataset, RecordIOReader
+from vigface.data.toy_dataset import ToyConfig, make_toy_dataset
+from vigface.data.verification_bin import read_bin
+from vigface.errors import VigfaceError
+
+SMALL = ToyConfig(ids=6, per_id=3, pairs=40, val_ids=20, val_per_id=2, pose_per_id=1, seed=5)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    make_toy_dataset(out, SMALL, workers=1, progress=False)
+    return out
+
+
+def test_files_and_training_records(toy):
+    recipe = json.loads((toy / "toy.json").read_text())
+    assert recipe["config"]["ids"] == 6 and recipe["images"]["train"] == 18
+    ds = FaceRecordDataset(toy / "train.rec")
+    assert len(ds) == 18
+    assert list(ds.labels) == [i for i in range(6) for _ in range(3)]
+    img, label = ds[4]
+    assert img.shape == (112, 112, 3) and label == 1
+    lm = np.load(toy / "train_landmarks.npy")
+    assert lm.shape == (18, 5, 2) and lm.dtype == np.float32
+    assert np.all((lm > 0) & (lm < 112))
+    identities = json.loads((toy / "identities.json").read_text())
+    assert [r["identity"] for r in identities] == list(range(26))
+
+
+def test_verification_bins_hold_ten_folds_of_held_out_pairs(toy):
+    for name in ("toy_val.bin", "toy_pose.bin"):
+        images, issame = read_bin(toy / name)
+        assert len(images) == 80 and len(issame) == 40
+        # Each fold of 4 pairs: 2 positives then 2 negatives.
+        np.testing.assert_array_equal(np.asarray(issame).reshape(10, 4), [[True, True, False, False]] * 10)
+    # No verification image is a training image (held-out identities).
+    train = {payload for _, payload in RecordIOReader(toy / "train.rec")}
+    val_images, _ = read_bin(toy / "toy_val.bin")
+    assert not any(bytes(v) in p for v in val_images[:10] for p in train)
+
+
+def test_parallel_and_serial_runs_are_byte_identical(toy, tmp_path):
+    make_toy_dataset(tmp_path, SMALL, workers=2, progress=False)
+    for name in ("train.rec", "train.idx", "train_landmarks.npy", "toy_val.bin", "toy_pose.bin"):
+        assert (tmp_path / name).read_bytes() == (toy / name).read_bytes(), name
+
+
+def test_refuses_to_overwrite_and_bad_config(toy, tmp_path):
+    with pytest.raises(VigfaceError, match="overwrite"):
+        make_toy_dataset(toy, SMALL, workers=1, progress=False)
+    with pytest.raises(VigfaceError, match="--pairs"):
+        make_toy_dataset(tmp_path, ToyConfig(ids=4, per_id=1, pairs=30), workers=1, progress=False)
+    assert not list(tmp_path.iterdir())  # nothing written for a refused config
+
+
+def test_cli_toy_and_info(tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(["data", "toy", "--out", str(out), "--ids", "3", "--per-id", "2", "--pairs", "20",
+               "--val-ids", "20", "--workers", "1", "--quiet"])
+    assert rc == 0
+    assert "wrote 6 training images" in capsys.readouterr().out
+    assert main(["data", "info", str(out / "train.rec"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["images"] == 6 and info["identities"] == 3
+    assert main(["data", "info", str(out / "toy_val.bin")]) == 0
+    assert "pairs: 20" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["data", "info", str(tmp_path / "missing.rec")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vigface: error:") and "missing.rec" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as e:
+        main(["data", "toy", "--out", str(tmp_path), "--ids", "zero"])
+    assert e.value.code == 2

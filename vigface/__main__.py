@@ -1,0 +1,5 @@
+import sys
+
+from vigface.cli.main import main
+
+sys.exit(main())

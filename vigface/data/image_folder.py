@@ -1,0 +1,309 @@
+"""Image-folder datasets: `root/<identity>/<n>.jpg` plus `root/manifest.jsonl`.
+
+Each manifest line is one JSON object:
+
+    {"path": "<identity>/<n>.jpg", "label": 3, "identity": "<identity>", "landmarks": [[x, y], ...5]}
+
+("landmarks" is optional). Without a manifest, a folder is read like torchvision's ImageFolder:
+identity folders sorted by name, label = position in that order, images .jpg/.jpeg/.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from vigface.data.images import decode_image, encode_image, sniff_image_format
+from vigface.errors import DataFormatError, VigfaceError
+
+MANIFEST = "manifest.jsonl"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_EXTENSION_OF_FORMAT = {"jpeg": ".jpg", "jpg": ".jpg", "png": ".png"}
+
+
+def _check_identity(identity) -> str:
+    # The identity becomes a directory name: one plain path component, nothing that escapes root.
+    name = str(identity)
+    if name in ("", ".", "..") or name.startswith(".") or any(c in name for c in "/\\\0\n\r"):
+        raise VigfaceError(f"identity {identity!r} cannot be used as a folder name")
+    return name
+
+
+def _check_landmarks(landmarks) -> list[list[float]]:
+    points = np.asarray(landmarks, dtype=np.float64)
+    if points.shape != (5, 2) or not np.all(np.isfinite(points)):
+        raise VigfaceError(f"landmarks must be 5 finite (x, y) points, got shape {points.shape}")
+    # Four decimals (1e-4 px) keep the manifest small without losing useful precision.
+    return [[round(float(x), 4), round(float(y), 4)] for x, y in points]
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class ImageFolderWriter:
+    """Write images to `root/<identity>/<n>.<ext>`, streaming; the manifest appears at close().
+
+    Every image is written to a temporary name and renamed; manifest lines go to a temporary
+    manifest that close() renames into place, so a folder with a manifest is always complete.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike, *, fmt: str = "jpeg", quality: int = 95, overwrite: bool = False
+    ):
+        self.root = Path(root)
+        if fmt.lower() not in _EXTENSION_OF_FORMAT:
+            raise VigfaceError(f"unknown image format {fmt!r}; use 'jpeg' or 'png'")
+        self.fmt, self.quality = fmt.lower(), quality
+        self.manifest_path = self.root / MANIFEST
+        if self.manifest_path.exists() and not overwrite:
+            raise VigfaceError(
+                f"{self.manifest_path} already exists; pass overwrite=True to replace the folder"
+            )
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._tmp_manifest = self.root / f"{MANIFEST}.{os.getpid()}.tmp"
+        self._manifest = open(
+            self._tmp_manifest, "w", encoding="utf-8", newline="\n"
+        )  # closed in close()/abort()
+        self._next_number: dict[str, int] = {}
+        self._label_of: dict[str, int] = {}
+        self._identity_of: dict[int, str] = {}
+        self.count = 0
+        self._done = False
+
+    def add(self, image: bytes | np.ndarray, label: int, identity: str | None = None, landmarks=None) -> str:
+        """Store one image (JPEG/PNG bytes, or a uint8 HWC RGB array to encode); returns its relative path."""
+        if self._done:
+            raise VigfaceError(f"{self.root}: add() after close()/abort()")
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or label < 0:
+            raise VigfaceError(f"label must be a non-negative integer, got {label!r}")
+        label = int(label)
+        identity = f"{label:06d}" if identity is None else _check_identity(identity)
+        if self._label_of.setdefault(identity, label) != label:
+            raise VigfaceError(
+                f"identity {identity!r} already has label {self._label_of[identity]}, got {label}"
+            )
+        if self._identity_of.setdefault(label, identity) != identity:
+            raise VigfaceError(f"label {label} already belongs to identity {self._identity_of[label]!r}")
+        if isinstance(image, np.ndarray):
+            payload, ext = encode_image(image, self.fmt, self.quality), _EXTENSION_OF_FORMAT[self.fmt]
+        else:
+            payload = bytes(image)
+            kind = sniff_image_format(payload)
+            if kind not in _EXTENSION_OF_FORMAT:
+                raise VigfaceError(
+                    f"image {self.count} is not JPEG or PNG bytes (starts with {payload[:8].hex()})"
+                )
+            ext = _EXTENSION_OF_FORMAT[kind]
+        entry = {"label": label, "identity": identity}
+        if landmarks is not None:
+            entry["landmarks"] = _check_landmarks(landmarks)
+
+        number = self._next_number.get(identity, 0)
+        if number == 0:
+            (self.root / identity).mkdir(exist_ok=True)
+        self._next_number[identity] = number + 1
+        rel = f"{identity}/{number}{ext}"
+        target = self.root / rel
+        tmp = target.with_name(f"{target.name}.tmp")
+        tmp.write_bytes(payload)
+        os.replace(tmp, target)
+        self._manifest.write(json.dumps({"path": rel, **entry}) + "\n")
+        self.count += 1
+        return rel
+
+    def close(self) -> None:
+        """Move the manifest into place (no-op when already closed)."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._manifest.flush()
+            os.fsync(self._manifest.fileno())
+            self._manifest.close()
+            os.replace(self._tmp_manifest, self.manifest_path)
+        except BaseException:
+            self.abort()
+            raise
+        _fsync_dir(self.root)
+
+    def abort(self) -> None:
+        """Drop the temporary manifest; images already written stay, but no manifest lists them."""
+        self._done = True
+        try:
+            self._manifest.close()
+        except OSError:
+            pass
+        self._tmp_manifest.unlink(missing_ok=True)
+
+    def __enter__(self) -> ImageFolderWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_image_folder(
+    root: str | os.PathLike,
+    images: Iterable,
+    labels: Iterable[int],
+    identities: Iterable[str] | None = None,
+    landmarks: Iterable | None = None,
+    **writer_options,
+) -> int:
+    """Write (image, label[, identity][, landmarks]) sequences with ImageFolderWriter; returns the count."""
+    images, labels = list(images), list(labels)
+    identities = [None] * len(images) if identities is None else list(identities)
+    landmarks = [None] * len(images) if landmarks is None else list(landmarks)
+    if not len(images) == len(labels) == len(identities) == len(landmarks):
+        raise VigfaceError("write_image_folder: images, labels, identities and landmarks differ in length")
+    with ImageFolderWriter(root, **writer_options) as writer:
+        for image, label, identity, points in zip(images, labels, identities, landmarks, strict=True):
+            writer.add(image, label, identity, points)
+    return writer.count
+
+
+def _natural_key(name: str) -> list:
+    # "2.jpg" before "10.jpg": digit runs compare as numbers (odd positions of the split).
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))]
+
+
+class ImageFolderDataset:
+    """root/<identity>/<n>.jpg as a map-style dataset: ds[i] -> (uint8 HWC RGB image, int label)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataFormatError(self.root, "not a directory")
+        self.manifest_path: Path | None = self.root / MANIFEST
+        self.paths: list[str] = []  # relative to root, "/"-separated
+        self.identities: list[str] = []
+        self._line_numbers: list[int] = []
+        labels: list[int] = []
+        points: list = []
+        if self.manifest_path.is_file():
+            self._read_manifest(labels, points)
+        else:
+            self.manifest_path = None
+            self._scan(labels)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.landmarks: np.ndarray | None = None
+        if any(p is not None for p in points):
+            missing = np.full((5, 2), np.nan)
+            self.landmarks = np.asarray([missing if p is None else p for p in points], dtype=np.float32)
+
+    def _read_manifest(self, labels: list, points: list) -> None:
+        path = self.manifest_path
+        offset = 0
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                here, offset = offset, offset + len(raw)
+                if not raw.strip():
+                    continue
+                try:
+                    entry = json.loads(raw.decode("utf-8"))
+                    rel, label, identity, lm = self._check_entry(entry)
+                except (ValueError, TypeError) as exc:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+                    raise DataFormatError(path, f"line {lineno}: {exc}", here) from None
+                self.paths.append(rel)
+                labels.append(label)
+                self.identities.append(identity)
+                points.append(lm)
+                self._line_numbers.append(lineno)
+
+    @staticmethod
+    def _check_entry(entry) -> tuple[str, int, str, list | None]:
+        if not isinstance(entry, dict):
+            raise ValueError(f"expected a JSON object, got {type(entry).__name__}")
+        rel = entry.get("path")
+        if not isinstance(rel, str) or not rel:
+            raise ValueError('"path" must be a non-empty string')
+        parts = PurePosixPath(rel).parts
+        if rel.startswith("/") or "\\" in rel or ".." in parts or not parts:
+            raise ValueError(f'"path" {rel!r} must be a relative path inside the folder')
+        label = entry.get("label")
+        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+            raise ValueError(f'"label" must be a non-negative integer, got {label!r}')
+        identity = entry.get("identity", parts[0])
+        if not isinstance(identity, str):
+            raise ValueError(f'"identity" must be a string, got {identity!r}')
+        lm = entry.get("landmarks")
+        if lm is not None:
+            ok = (
+                isinstance(lm, list)
+                and len(lm) == 5
+                and all(isinstance(p, list) and len(p) == 2 for p in lm)
+                and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    for p in lm
+                    for v in p
+                )
+            )
+            if not ok:
+                raise ValueError('"landmarks" must be 5 finite [x, y] pairs')
+        return rel, label, identity, lm
+
+    def _scan(self, labels: list) -> None:
+        identities = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for label, identity in enumerate(identities):
+            names = [
+                p.name
+                for p in (self.root / identity).iterdir()
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+            ]
+            for name in sorted(names, key=_natural_key):
+                self.paths.append(f"{identity}/{name}")
+                labels.append(label)
+                self.identities.append(identity)
+        if not self.paths:
+            raise DataFormatError(
+                self.root, f"no {MANIFEST} and no {'/'.join(IMAGE_EXTENSIONS)} images in <identity>/ folders"
+            )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def num_classes(self) -> int:
+        """max label + 1 (the size of a classifier head over these labels)."""
+        return int(self.labels.max()) + 1 if len(self.labels) else 0
+
+    def path(self, i: int) -> Path:
+        """Absolute path of image i."""
+        return self.root / self.paths[i]
+
+    def encoded(self, i: int) -> bytes:
+        """The file bytes of image i."""
+        path = self.path(i)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            where = (
+                f"{self.manifest_path} line {self._line_numbers[i]}"
+                if self.manifest_path
+                else "the folder scan"
+            )
+            raise DataFormatError(path, f"missing image (listed in {where})") from None
+        except OSError as exc:
+            raise DataFormatError(path, f"cannot read image: {exc}") from None
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return decode_image(self.encoded(i), self.path(i)), int(self.labels[i])

@@ -1,0 +1,88 @@
+"""Encode and decode the JPEG/PNG payloads stored in .rec, .bin and image-folder datasets.
+
+Images are numpy uint8 arrays, HWC, RGB. Decoding failures become `DataFormatError` naming the
+file (and byte offset) the payload came from, so a bad record reads as one line, not a PIL trace.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+from PIL import Image
+
+from vigface.errors import DataFormatError, VigfaceError
+
+# Formats PIL may try when decoding. Restricting the list keeps a random payload from being
+# "recognised" by an obscure PIL plugin instead of being reported as not an image.
+_DECODE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF")
+
+# Leading bytes of the formats we write or accept as already-encoded payloads.
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+)
+
+
+def sniff_image_format(data: bytes | bytearray | memoryview) -> str | None:
+    """Name of the image format `data` starts with ("jpeg", "png", ...), or None."""
+    head = bytes(data[:12])
+    for signature, name in _SIGNATURES:
+        if head.startswith(signature):
+            return name
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def encode_image(image: np.ndarray, fmt: str = "jpeg", quality: int = 95) -> bytes:
+    """Encode an HWC (or HW grayscale) uint8 image as JPEG or PNG bytes (deterministic)."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise VigfaceError(f"encode_image: expected a uint8 image, got dtype {image.dtype}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+        raise VigfaceError(f"encode_image: expected an HxW, HxWx3 or HxWx4 image, got shape {image.shape}")
+    fmt = fmt.lower()
+    pil = Image.fromarray(np.ascontiguousarray(image))
+    out = io.BytesIO()
+    if fmt in ("jpeg", "jpg"):
+        if pil.mode == "RGBA":
+            pil = pil.convert("RGB")  # JPEG has no alpha channel
+        pil.save(out, format="JPEG", quality=int(quality))
+    elif fmt == "png":
+        pil.save(out, format="PNG")
+    else:
+        raise VigfaceError(f"encode_image: unknown format {fmt!r}; use 'jpeg' or 'png'")
+    return out.getvalue()
+
+
+def decode_image(
+    data: bytes | bytearray | memoryview,
+    path: str | os.PathLike = "<bytes>",
+    offset: int | None = None,
+    *,
+    what: str = "image payload",
+) -> np.ndarray:
+    """Decode an encoded image to uint8 HWC RGB; DataFormatError(path, ..., offset) if it is not one.
+
+    `what` names the payload in the error message (e.g. "image 7 of pair 3").
+    """
+    if len(data) == 0:
+        raise DataFormatError(path, f"{what} is empty, expected an encoded image", offset)
+    try:
+        with Image.open(io.BytesIO(data), formats=_DECODE_FORMATS) as pil:
+            pil.load()
+            if pil.mode != "RGB":
+                pil = pil.convert("RGB")
+            return np.array(pil, dtype=np.uint8)  # a writable copy
+    except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
+        head = bytes(data[:8]).hex()
+        raise DataFormatError(
+            path, f"{what} ({len(data)} bytes, starting {head}) is not a decodable image: {exc}", offset
+        ) from None

@@ -1,0 +1,32 @@
+"""Exceptions raised by vigface for bad input.
+
+Every problem a user can cause (a corrupt file, a wrong argument) surfaces as a subclass of
+`VigfaceError` whose message names the file or argument and what is wrong, so the CLI can
+print one line instead of a traceback from deep inside struct/pickle/PIL.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class VigfaceError(Exception):
+    """Base class of every error vigface raises on purpose."""
+
+
+class DataFormatError(VigfaceError):
+    """A data file is malformed. Carries the path and, where known, the byte offset."""
+
+    def __init__(self, path: str | os.PathLike, message: str, offset: int | None = None):
+        self.path = os.fspath(path)
+        self.offset = offset
+        where = self.path if offset is None else f"{self.path} at byte offset {offset}"
+        super().__init__(f"{where}: {message}")
+
+
+class AlignmentError(VigfaceError):
+    """Landmarks from which no similarity transform can be estimated (NaN, degenerate)."""
+
+
+class BackendUnavailableError(VigfaceError):
+    """A backend was requested by name but what it needs is missing."""
