@@ -43,13 +43,21 @@ class SmallFR(nn.Module):
         layers, c = [], 3
         for w in widths:
             layers += [
-                nn.Conv2d(c, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.PReLU(w),
-                nn.Conv2d(w, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.PReLU(w),
+                nn.Conv2d(c, w, 3, 2, 1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.PReLU(w),
+                nn.Conv2d(w, w, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.PReLU(w),
             ]
             c = w
         self.features = nn.Sequential(*layers)
-        side = size // 2 ** len(widths)
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(c * side * side, dim), nn.BatchNorm1d(dim))
+        side = size
+        for _ in widths:
+            side = (side + 1) // 2  # 3x3 stride-2 convs with padding 1 round up
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Dropout(0.2), nn.Linear(c * side * side, dim), nn.BatchNorm1d(dim)
+        )
 
     def forward(self, x):  # (N, 3, size, size) in [-1, 1] -> (N, dim)
         return self.head(self.features(x))
@@ -70,7 +78,9 @@ def embed(model: nn.Module, x: torch.Tensor, batch: int = 256) -> np.ndarray:
 
 
 def evaluate(model, bins: dict) -> dict:
-    return {name: round(verify_embeddings(embed(model, x), same).accuracy, 4) for name, (x, same) in bins.items()}
+    return {
+        name: round(verify_embeddings(embed(model, x), same).accuracy, 4) for name, (x, same) in bins.items()
+    }
 
 
 def main() -> None:
@@ -79,18 +89,27 @@ def main() -> None:
     ap.add_argument("--ids", type=int, default=500)
     ap.add_argument("--per-id", type=int, default=20)
     ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--size", type=int, default=56, help="train/eval resolution (112 images are area-downsampled)")
+    ap.add_argument(
+        "--size", type=int, default=56, help="train/eval resolution (112 images are area-downsampled)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/results/toy_difficulty.json")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
-    result: dict = {"config": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "cpu_count": os.cpu_count(), "machine": platform.machine()}
+    result: dict = {
+        "config": vars(args),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+    }
 
     data = Path(args.data)
     if not (data / "toy.json").exists():
         recipe = make_toy_dataset(data, ToyConfig(ids=args.ids, per_id=args.per_id, seed=args.seed))
-        result["make_dataset"] = {k: recipe[k] for k in ("train_seconds", "verification_seconds", "total_seconds")}
+        result["make_dataset"] = {
+            k: recipe[k] for k in ("train_seconds", "verification_seconds", "total_seconds")
+        }
         result["make_dataset"]["train_images"] = recipe["images"]["train"]
         print(f"made {data}: {result['make_dataset']}", file=sys.stderr)
 
@@ -119,7 +138,9 @@ def main() -> None:
     prototypes = nn.Parameter(torch.randn(n_classes, 128) * 0.01)
     opt = torch.optim.SGD([*model.parameters(), prototypes], lr=0.1, momentum=0.9, weight_decay=5e-4)
     steps_per_epoch = len(x_train) // 128
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=args.epochs * steps_per_epoch, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, 0.1, total_steps=args.epochs * steps_per_epoch, pct_start=0.1
+    )
     curve = []
     t0 = time.perf_counter()
     for epoch in range(args.epochs):
@@ -140,8 +161,14 @@ def main() -> None:
             sched.step()
             losses.append(loss.item())
         accs = evaluate(model, bins)
-        curve.append({"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 4), **accs,
-                      "seconds": round(time.perf_counter() - t0, 1)})
+        curve.append(
+            {
+                "epoch": epoch + 1,
+                "loss": round(float(np.mean(losses)), 4),
+                **accs,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
         print(curve[-1], file=sys.stderr)
     result["trained_cnn"] = curve
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -64,8 +64,25 @@ def test_refuses_to_overwrite_and_bad_config(toy, tmp_path):
 
 def test_cli_toy_and_info(tmp_path, capsys):
     out = tmp_path / "cli"
-    rc = main(["data", "toy", "--out", str(out), "--ids", "3", "--per-id", "2", "--pairs", "20",
-               "--val-ids", "20", "--workers", "1", "--quiet"])
+    rc = main(
+        [
+            "data",
+            "toy",
+            "--out",
+            str(out),
+            "--ids",
+            "3",
+            "--per-id",
+            "2",
+            "--pairs",
+            "20",
+            "--val-ids",
+            "20",
+            "--workers",
+            "1",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     assert "wrote 6 training images" in capsys.readouterr().out
     assert main(["data", "info", str(out / "train.rec"), "--json"]) == 0

@@ -36,7 +36,9 @@ def _cmd_data_toy(args: argparse.Namespace) -> int:
         quality=args.quality,
         unaligned=args.unaligned,
     )
-    recipe = make_toy_dataset(args.out, cfg, workers=args.workers, progress=not args.quiet, overwrite=args.overwrite)
+    recipe = make_toy_dataset(
+        args.out, cfg, workers=args.workers, progress=not args.quiet, overwrite=args.overwrite
+    )
     n = recipe["images"]["train"]
     print(
         f"wrote {n} training images of {cfg.ids} identities and {cfg.pairs} pairs per .bin to {args.out} "
@@ -68,6 +70,7 @@ def _cmd_data_align(args: argparse.Namespace) -> int:
         out_format=args.format,
         size=args.size,
         quality=args.quality,
+        image_format=args.image_format,
         backend=args.backend,
         progress=not args.quiet,
     )
@@ -88,10 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--ids", type=_positive_int, default=500, help="training identities (default 500)")
     toy.add_argument("--per-id", type=_positive_int, default=20, help="images per identity (default 20)")
     toy.add_argument("--seed", type=int, default=0, help="world seed: same seed, same faces")
-    toy.add_argument("--pairs", type=int, default=6000, help="pairs per verification .bin (multiple of 20; 0: none)")
-    toy.add_argument("--val-ids", type=_positive_int, default=200, help="held-out identities for the .bin files")
+    toy.add_argument(
+        "--pairs", type=int, default=6000, help="pairs per verification .bin (multiple of 20; 0: none)"
+    )
+    toy.add_argument(
+        "--val-ids", type=_positive_int, default=200, help="held-out identities for the .bin files"
+    )
     toy.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
-    toy.add_argument("--unaligned", action="store_true", help="store 144x144 unaligned images (landmarks in that frame)")
+    toy.add_argument(
+        "--unaligned", action="store_true", help="store 144x144 unaligned images (landmarks in that frame)"
+    )
     toy.add_argument("--workers", type=int, default=0, help="render processes (default: all cores)")
     toy.add_argument("--overwrite", action="store_true", help="replace an existing toy dataset in --out")
     toy.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -111,9 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     align.add_argument("--out", required=True, help="output: a folder, or a .rec path with --format rec")
     align.add_argument("--format", choices=["folder", "rec"], default="folder")
-    align.add_argument("--size", type=_positive_int, default=112, help="output size (template scaled; default 112)")
+    align.add_argument(
+        "--size", type=_positive_int, default=112, help="output size (template scaled; default 112)"
+    )
     align.add_argument("--quality", type=int, default=95, help="JPEG quality of aligned images")
-    align.add_argument("--backend", choices=["auto", "c", "numpy"], default="auto", help="alignment implementation")
+    align.add_argument(
+        "--image-format", choices=["jpeg", "png"], default="jpeg", help="encoding of aligned images"
+    )
+    align.add_argument(
+        "--backend", choices=["auto", "c", "numpy"], default="auto", help="alignment implementation"
+    )
     align.add_argument("--quiet", action="store_true")
     align.set_defaults(func=_cmd_data_align)
     return parser

@@ -59,7 +59,10 @@ class ToyConfig:
         checks = [
             (self.ids >= 2, "--ids must be at least 2"),
             (self.per_id >= 1, "--per-id must be at least 1"),
-            (self.pairs >= 0 and self.pairs % (2 * N_FOLDS) == 0, f"--pairs must be a multiple of {2 * N_FOLDS}"),
+            (
+                self.pairs >= 0 and self.pairs % (2 * N_FOLDS) == 0,
+                f"--pairs must be a multiple of {2 * N_FOLDS}",
+            ),
             (self.pairs == 0 or self.val_ids >= 2 * N_FOLDS, f"--val-ids must be at least {2 * N_FOLDS}"),
             (self.val_per_id >= 2, "--val-per-id must be at least 2"),
             (self.pose_per_id >= 1, "--pose-per-id must be at least 1"),
@@ -80,19 +83,10 @@ def _render_one(job: tuple) -> tuple[bytes, np.ndarray]:
     return encode_image(img, "jpeg", quality=quality), landmarks
 
 
-def _render_all(jobs: list[tuple], workers: int, desc: str, progress: bool):
-    """Render jobs in order, in `workers` processes (spawned: safe even after torch started threads)."""
-    bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress)
-    if workers <= 1:
-        for job in jobs:
-            yield _render_one(job)
-            bar.update()
-    else:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for result in pool.imap(_render_one, jobs, chunksize=32):
-                yield result
-                bar.update()
-    bar.close()
+def _render_all(jobs: list[tuple], pool, desc: str, progress: bool):
+    """Render jobs in order, in `pool` (or in this process when pool is None)."""
+    results = map(_render_one, jobs) if pool is None else pool.imap(_render_one, jobs, chunksize=32)
+    yield from tqdm(results, total=len(jobs), desc=desc, unit="img", disable=not progress)
 
 
 def _fold_pairs(rng, ids, left, right, n_pos: int, n_neg: int, distinct: bool):
@@ -119,8 +113,14 @@ def _write_pairs_bin(path: Path, encoded: list[bytes], pairs_by_fold) -> None:
     write_bin(path, images, issame)
 
 
-def make_toy_dataset(out: str | os.PathLike, cfg: ToyConfig, *, workers: int = 0, progress: bool = True,
-                     overwrite: bool = False) -> dict:
+def make_toy_dataset(
+    out: str | os.PathLike,
+    cfg: ToyConfig,
+    *,
+    workers: int = 0,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
     """Make the toy dataset described in the module docstring; returns the recipe + timings."""
     cfg.validate()
     out = Path(out)
@@ -128,6 +128,16 @@ def make_toy_dataset(out: str | os.PathLike, cfg: ToyConfig, *, workers: int = 0
         raise VigfaceError(f"{out}: already holds a toy dataset (toy.json); pass --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or min(os.cpu_count() or 1, 8)
+    # One pool for every phase (spawned: safe even after torch started threads in this process).
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        return _make(out, cfg, pool, workers, progress)
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+
+def _make(out: Path, cfg: ToyConfig, pool, workers: int, progress: bool) -> dict:
     aligned = not cfg.unaligned
     timings = {}
     t0 = time.perf_counter()
@@ -136,7 +146,7 @@ def make_toy_dataset(out: str | os.PathLike, cfg: ToyConfig, *, workers: int = 0
     jobs = [(cfg.seed, i, k, {}, cfg.quality, aligned) for i in range(cfg.ids) for k in range(cfg.per_id)]
     landmarks = np.empty((len(jobs), 5, 2), dtype=np.float32)
     with FaceRecordWriter(out / "train.rec") as writer:
-        for n, (jpeg, lm) in enumerate(_render_all(jobs, workers, "train images", progress)):
+        for n, (jpeg, lm) in enumerate(_render_all(jobs, pool, "train images", progress)):
             writer.add(jpeg, label=jobs[n][1])
             landmarks[n] = lm
     tmp = out / "train_landmarks.npy.tmp"
@@ -156,10 +166,14 @@ def make_toy_dataset(out: str | os.PathLike, cfg: ToyConfig, *, workers: int = 0
 
         # toy_val.bin: held-out images with the training nuisance mix.
         val_jobs = [
-            (cfg.seed, int(a), _VAL_INDEX0 + k, {}, cfg.quality, True) for a in held_out for k in range(cfg.val_per_id)
+            (cfg.seed, int(a), _VAL_INDEX0 + k, {}, cfg.quality, True)
+            for a in held_out
+            for k in range(cfg.val_per_id)
         ]
-        encoded = [jpeg for jpeg, _ in _render_all(val_jobs, workers, "toy_val images", progress)]
-        slots = {int(a): list(range(n * cfg.val_per_id, (n + 1) * cfg.val_per_id)) for n, a in enumerate(held_out)}
+        encoded = [jpeg for jpeg, _ in _render_all(val_jobs, pool, "toy_val images", progress)]
+        slots = {
+            int(a): list(range(n * cfg.val_per_id, (n + 1) * cfg.val_per_id)) for n, a in enumerate(held_out)
+        }
         folds = [_fold_pairs(rng, [int(a) for a in g], slots, slots, n_half, n_half, True) for g in groups]
         _write_pairs_bin(out / "toy_val.bin", encoded, folds)
 
@@ -167,14 +181,20 @@ def make_toy_dataset(out: str | os.PathLike, cfg: ToyConfig, *, workers: int = 0
         m = cfg.pose_per_id
         pose_jobs = []
         for a in held_out:
-            pose_jobs += [(cfg.seed, int(a), _FRONTAL_INDEX0 + k, {"yaw_range": _FRONTAL_YAW}, cfg.quality, True)
-                          for k in range(m)]
-            pose_jobs += [(cfg.seed, int(a), _PROFILE_INDEX0 + k, {"yaw_range": _PROFILE_YAW}, cfg.quality, True)
-                          for k in range(m)]
-        encoded = [jpeg for jpeg, _ in _render_all(pose_jobs, workers, "toy_pose images", progress)]
+            pose_jobs += [
+                (cfg.seed, int(a), _FRONTAL_INDEX0 + k, {"yaw_range": _FRONTAL_YAW}, cfg.quality, True)
+                for k in range(m)
+            ]
+            pose_jobs += [
+                (cfg.seed, int(a), _PROFILE_INDEX0 + k, {"yaw_range": _PROFILE_YAW}, cfg.quality, True)
+                for k in range(m)
+            ]
+        encoded = [jpeg for jpeg, _ in _render_all(pose_jobs, pool, "toy_pose images", progress)]
         frontal = {int(a): list(range(2 * n * m, 2 * n * m + m)) for n, a in enumerate(held_out)}
         profile = {int(a): list(range(2 * n * m + m, 2 * n * m + 2 * m)) for n, a in enumerate(held_out)}
-        folds = [_fold_pairs(rng, [int(a) for a in g], frontal, profile, n_half, n_half, False) for g in groups]
+        folds = [
+            _fold_pairs(rng, [int(a) for a in g], frontal, profile, n_half, n_half, False) for g in groups
+        ]
         _write_pairs_bin(out / "toy_pose.bin", encoded, folds)
         files += ["toy_val.bin", "toy_pose.bin"]
     timings["verification_seconds"] = time.perf_counter() - t1

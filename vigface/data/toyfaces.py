@@ -42,10 +42,20 @@ _SKIN_TONES = np.array(
     dtype=np.float64,
 )
 _HAIR_COLOURS = np.array(
-    [(20, 16, 14), (60, 38, 24), (110, 70, 40), (200, 160, 90), (150, 60, 25), (150, 150, 150), (235, 225, 200)],
+    [
+        (20, 16, 14),
+        (60, 38, 24),
+        (110, 70, 40),
+        (200, 160, 90),
+        (150, 60, 25),
+        (150, 150, 150),
+        (235, 225, 200),
+    ],
     dtype=np.float64,
 )
-_IRIS_COLOURS = np.array([(70, 40, 20), (40, 90, 160), (60, 110, 60), (110, 110, 120), (30, 20, 15)], dtype=np.float64)
+_IRIS_COLOURS = np.array(
+    [(70, 40, 20), (40, 90, 160), (60, 110, 60), (110, 110, 120), (30, 20, 15)], dtype=np.float64
+)
 HAIR_STYLES = ("bald", "short", "long", "fringe", "side_part", "volume")
 
 
@@ -336,7 +346,9 @@ def _draw_face(p: IdentityParams, n: Nuisance) -> tuple[Image.Image, np.ndarray]
     for side in (-1, 1):
         ex, depth = head.project([side * p.head_a * 0.98], [p.eye_y + 8], z=0.0)
         if depth[0] > -p.head_a * 0.35:
-            ear = np.stack(_ellipse_pts(ex[0, 0], ex[0, 1], p.ear_size * 0.55 * scale, p.ear_size * scale, 12), -1)
+            ear = np.stack(
+                _ellipse_pts(ex[0, 0], ex[0, 1], p.ear_size * 0.55 * scale, p.ear_size * scale, 12), -1
+            )
             _poly(draw, ear, fill=_shade(skin, 0.9), outline=_shade(skin, 0.7), width=0.6 * scale)
 
     # Face: the silhouette with the lower half pulled in by the jaw parameter.
@@ -363,7 +375,9 @@ def _draw_face(p: IdentityParams, n: Nuisance) -> tuple[Image.Image, np.ndarray]
         t = np.linspace(-1.0, 1.0, 25)
         part = 0.2 if style == "side_part" else 0.0
         fringe = 0.25 if style == "fringe" else 0.0
-        line_y = -p.head_b * (p.hairline - fringe) + 4 * np.abs(t - part) ** 2 * (1 if style != "fringe" else -0.5)
+        line_y = -p.head_b * (p.hairline - fringe) + 4 * np.abs(t - part) ** 2 * (
+            1 if style != "fringe" else -0.5
+        )
         xs = p.head_a * 0.999 * t
         front, _ = head.project(xs, line_y)
         top_t = np.linspace(0, math.pi, 15)
@@ -415,7 +429,9 @@ def _draw_face(p: IdentityParams, n: Nuisance) -> tuple[Image.Image, np.ndarray]
     wing, _ = head.project(wing_x, wing_y, lift=p.nose_depth * 0.3)
     _poly(draw, wing, fill=_shade(skin, 0.82))
     _line(draw, bridge, _shade(skin, 0.7), 0.9 * scale)
-    nose_tip, _ = head.project([0.0], [tip_y], z=head.surface_z(np.zeros(1), np.array([tip_y])) + p.nose_depth)
+    nose_tip, _ = head.project(
+        [0.0], [tip_y], z=head.surface_z(np.zeros(1), np.array([tip_y])) + p.nose_depth
+    )
     for side in (-1, 1):
         xs, ys = _ellipse_pts(side * p.nose_w * 0.45, tip_y + 1.5, p.nose_w * 0.22, 1.0, 8)
         nostril, depth = head.project(xs, ys, lift=p.nose_depth * 0.35)
@@ -431,7 +447,9 @@ def _draw_face(p: IdentityParams, n: Nuisance) -> tuple[Image.Image, np.ndarray]
     gap = n.mouth_open * 2.0 * (1 - t**2)
     upper_top = centre_line - p.lip_thick * (1 - t**2) * 0.8 - gap * 0.5
     lower_bot = centre_line + p.lip_thick * (1 - t**2) + gap * 0.5
-    lips, _ = head.project(np.concatenate([mx, mx[::-1]]), np.concatenate([upper_top, lower_bot[::-1]]), lift=1.0)
+    lips, _ = head.project(
+        np.concatenate([mx, mx[::-1]]), np.concatenate([upper_top, lower_bot[::-1]]), lift=1.0
+    )
     _poly(draw, lips, fill=_c(p.lip_colour))
     if n.mouth_open > 0.3:
         inner, _ = head.project(
@@ -488,7 +506,9 @@ def _draw_face(p: IdentityParams, n: Nuisance) -> tuple[Image.Image, np.ndarray]
             if depth.mean() > 0:
                 _poly(draw, pts, fill=(15, 15, 20))
 
-    landmarks = np.stack([eye_centres[0], eye_centres[1], nose_tip[0], corners[0], corners[1]]).astype(np.float64)
+    landmarks = np.stack([eye_centres[0], eye_centres[1], nose_tip[0], corners[0], corners[1]]).astype(
+        np.float64
+    )
     # Left/right by image position: a strong yaw or roll must not swap the insightface order.
     if landmarks[0, 0] > landmarks[1, 0]:
         landmarks[[0, 1]] = landmarks[[1, 0]]

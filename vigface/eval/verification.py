@@ -54,7 +54,9 @@ def verify_scores(scores: np.ndarray, issame: np.ndarray, n_folds: int = 10) -> 
     scores = np.asarray(scores, dtype=np.float64)
     issame = np.asarray(issame, dtype=bool)
     if scores.shape != issame.shape or scores.ndim != 1:
-        raise VigfaceError(f"verification: scores {scores.shape} and issame {issame.shape} must be equal 1-D shapes")
+        raise VigfaceError(
+            f"verification: scores {scores.shape} and issame {issame.shape} must be equal 1-D shapes"
+        )
     if len(scores) < n_folds:
         raise VigfaceError(f"verification: {len(scores)} pairs cannot be split into {n_folds} folds")
     if not np.all(np.isfinite(scores)):

@@ -1,0 +1,108 @@
+"""`vigface data align`: unaligned toy images + landmarks -> aligned folder / RecordIO."""
+
+import json
+
+import numpy as np
+import pytest
+
+from vigface.cli.main import main
+from vigface.data.align import align_faces
+from vigface.data.align_folder import align_image_folder
+from vigface.data.image_folder import ImageFolderDataset, write_image_folder
+from vigface.data.recordio import FaceRecordDataset
+from vigface.data.toyfaces import render_wild
+from vigface.errors import VigfaceError
+
+
+@pytest.fixture(scope="module")
+def wild_folder(tmp_path_factory):
+    """Six unaligned 144x144 toy faces of 3 identities, PNG (lossless), landmarks in the manifest."""
+    root = tmp_path_factory.mktemp("wild")
+    rendered = [render_wild(9, ident, k) for ident in (2, 0, 1) for k in range(2)]
+    write_image_folder(
+        root, [r[0] for r in rendered], [2, 2, 0, 0, 1, 1], landmarks=[r[1] for r in rendered], fmt="png"
+    )
+    return root, rendered
+
+
+def test_align_folder_matches_align_faces(wild_folder, tmp_path):
+    root, rendered = wild_folder
+    summary = align_image_folder(root, tmp_path / "out", image_format="png", progress=False)
+    assert summary == {"images": 6, "identities": 3}
+    out = ImageFolderDataset(tmp_path / "out")
+    src = ImageFolderDataset(root)
+    for i in range(6):
+        j = i  # the folder output keeps the input order
+        assert out.paths[i].split(".")[0] == src.paths[j].split(".")[0]
+        expected, _ = align_faces(src[j][0], src.landmarks[j])
+        got, label = out[i]
+        assert label == src.labels[j]
+        np.testing.assert_array_equal(got, expected)  # PNG: lossless, so bit-identical
+    # Aligned landmarks land near the ArcFace template.
+    assert (
+        np.abs(
+            out.landmarks.mean(0) - [[38.3, 51.7], [73.5, 51.5], [56.0, 71.7], [41.5, 92.4], [70.7, 92.2]]
+        ).max()
+        < 8
+    )
+
+
+def test_align_to_rec_groups_identities_and_writes_landmarks(wild_folder, tmp_path):
+    root, _ = wild_folder
+    jsonl = tmp_path / "lm.jsonl"
+    src = ImageFolderDataset(root)
+    jsonl.write_text(
+        "".join(
+            json.dumps({"path": p, "landmarks": lm.tolist()}) + "\n"
+            for p, lm in zip(src.paths, src.landmarks, strict=True)
+        )
+    )
+    assert (
+        main(
+            [
+                "data",
+                "align",
+                "--images",
+                str(root),
+                "--landmarks",
+                str(jsonl),
+                "--out",
+                str(tmp_path / "a.rec"),
+                "--format",
+                "rec",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    ds = FaceRecordDataset(tmp_path / "a.rec")
+    assert sorted(ds.labels.tolist()) == ds.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert np.load(tmp_path / "a_landmarks.npy").shape == (6, 5, 2)
+
+
+def test_bad_landmarks_name_the_file(wild_folder, tmp_path, capsys):
+    root, _ = wild_folder
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((3, 5, 2), np.float32))
+    with pytest.raises(VigfaceError, match="bad.npy.*expected shape"):
+        align_image_folder(root, tmp_path / "o1", landmarks=bad, progress=False)
+    same = tmp_path / "same.npy"
+    np.save(same, np.ones((6, 5, 2), np.float32))  # every point equal: no similarity exists
+    assert (
+        main(
+            [
+                "data",
+                "align",
+                "--images",
+                str(root),
+                "--landmarks",
+                str(same),
+                "--out",
+                str(tmp_path / "o2"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("vigface: error:") and "landmarks" in err

@@ -1,0 +1,121 @@
+"""`vigface data align`: align an image folder to the ArcFace template with 5-point landmarks.
+
+The landmarks come from a `.jsonl` file ({"path": "<identity>/<n>.jpg", "landmarks": [[x, y]*5]}
+per line), an `.npy` of shape (N, 5, 2) in the folder's manifest order, or the folder's own
+manifest. The output is an image folder (aligned landmarks in its manifest) or a RecordIO
+file with `<stem>_landmarks.npy` beside it (row i = record key i + 1), the layout the toy
+world writes. The C op is used when built (bit-identical to the NumPy reference).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from vigface.data.align import align_faces, transform_points
+from vigface.data.image_folder import ImageFolderDataset, ImageFolderWriter
+from vigface.data.recordio import FaceRecordWriter
+from vigface.errors import DataFormatError, VigfaceError
+
+
+def _landmarks_from_jsonl(path: Path, ds: ImageFolderDataset) -> np.ndarray:
+    by_path = {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                points = np.asarray(row["landmarks"], dtype=np.float32)
+                key = str(row["path"])
+            except (ValueError, KeyError, TypeError) as err:
+                raise DataFormatError(
+                    path, f"line {line_no}: expected {{'path', 'landmarks'}} JSON ({err})"
+                ) from None
+            if points.shape != (5, 2):
+                raise DataFormatError(
+                    path, f"line {line_no}: landmarks must be 5 (x, y) points, got {points.shape}"
+                )
+            by_path[key] = points
+    missing = [p for p in ds.paths if p not in by_path]
+    if missing:
+        raise DataFormatError(path, f"no landmarks for {len(missing)} images, e.g. {missing[0]!r}")
+    return np.stack([by_path[p] for p in ds.paths])
+
+
+def load_landmarks(ds: ImageFolderDataset, landmarks: str | os.PathLike | None) -> np.ndarray:
+    """(N, 5, 2) float32 landmarks of every image of `ds`, in its order."""
+    if landmarks is None:
+        if ds.landmarks is None:
+            raise VigfaceError(f"{ds.root}: its manifest has no landmarks; pass --landmarks FILE")
+        return np.asarray(ds.landmarks, dtype=np.float32)
+    path = Path(landmarks)
+    if not path.exists():
+        raise VigfaceError(f"--landmarks {path}: no such file")
+    if path.suffix == ".jsonl":
+        return _landmarks_from_jsonl(path, ds)
+    if path.suffix == ".npy":
+        try:
+            points = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as err:
+            raise DataFormatError(path, f"not a readable .npy array ({err})") from None
+        if points.shape != (len(ds), 5, 2):
+            raise DataFormatError(
+                path, f"expected shape ({len(ds)}, 5, 2) for {len(ds)} images, got {points.shape}"
+            )
+        return points.astype(np.float32)
+    raise VigfaceError(f"--landmarks {path}: expected a .jsonl or .npy file")
+
+
+def align_image_folder(
+    images: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    landmarks: str | os.PathLike | None = None,
+    out_format: str = "folder",
+    size: int = 112,
+    quality: int = 95,
+    image_format: str = "jpeg",
+    backend: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Align every image of the folder `images` into `out`; returns {"images", "identities"}."""
+    ds = ImageFolderDataset(images)
+    if len(ds) == 0:
+        raise VigfaceError(f"{images}: no images found")
+    points = load_landmarks(ds, landmarks)
+    # RecordIO wants each identity's images contiguous: a stable sort by label keeps file order.
+    order = np.argsort(ds.labels, kind="stable") if out_format == "rec" else np.arange(len(ds))
+    out = Path(out)
+    if out_format == "rec":
+        writer = FaceRecordWriter(out, fmt=image_format, quality=quality)
+        aligned_points = np.empty((len(ds), 5, 2), dtype=np.float32)
+    elif out_format == "folder":
+        writer = ImageFolderWriter(out, fmt=image_format, quality=quality)
+    else:
+        raise VigfaceError(f"--format {out_format!r}: expected 'folder' or 'rec'")
+    with writer:
+        for n, i in enumerate(tqdm(order, desc="align", unit="img", disable=not progress)):
+            img, label = ds[int(i)]
+            try:
+                aligned, matrix = align_faces(img, points[i], out_size=size, backend=backend)
+            except VigfaceError as err:
+                raise VigfaceError(f"{ds.path(int(i))}: {err}") from None
+            moved = transform_points(points[i], matrix)
+            if out_format == "rec":
+                writer.add(aligned, label)
+                aligned_points[n] = moved
+            else:
+                writer.add(aligned, label, identity=ds.identities[i], landmarks=moved)
+    if out_format == "rec":
+        rec = out / "train.rec" if out.is_dir() else out
+        target = rec.with_name(rec.stem + "_landmarks.npy")
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, aligned_points)
+        os.replace(tmp, target)
+    return {"images": len(ds), "identities": len(set(ds.labels.tolist()))}

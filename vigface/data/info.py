@@ -1,0 +1,107 @@
+"""`vigface data info PATH`: a short summary of any .rec, .bin, image folder or toy dataset folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from vigface.data.image_folder import MANIFEST, ImageFolderDataset
+from vigface.data.images import sniff_image_format
+from vigface.data.recordio import FaceRecordDataset
+from vigface.data.verification_bin import read_bin
+from vigface.errors import VigfaceError
+
+
+def _image_summary(ds, n: int) -> dict:
+    """Format and size of the first image, decoded (cheap; the rest is not read)."""
+    if n == 0:
+        return {}
+    img, _ = ds[0]
+    fmt = sniff_image_format(ds.encoded(0)[0] if isinstance(ds, FaceRecordDataset) else ds.encoded(0))
+    return {"image_format": fmt, "image_shape": list(img.shape)}
+
+
+def describe_rec(path: Path) -> dict:
+    ds = FaceRecordDataset(path)
+    labels = np.asarray(ds.labels)
+    counts = np.bincount(labels) if len(labels) else np.zeros(0, int)
+    counts = counts[counts > 0]
+    info = {
+        "kind": "recordio",
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "images": len(ds),
+        "identities": int(len(counts)),
+        "num_classes": int(ds.num_classes),
+        "identity_header": ds.identity_ranges is not None,
+        "images_per_identity": f"min {counts.min()} / mean {counts.mean():.1f} / max {counts.max()}"
+        if len(counts)
+        else "-",
+        **_image_summary(ds, len(ds)),
+    }
+    landmarks = path.with_name(path.stem + "_landmarks.npy")
+    if landmarks.exists():
+        lm = np.load(landmarks, mmap_mode="r")
+        info["landmarks"] = f"{landmarks.name} {tuple(lm.shape)} {lm.dtype}"
+    ds.close()
+    return info
+
+
+def describe_bin(path: Path) -> dict:
+    images, issame = read_bin(path)
+    info = {
+        "kind": "verification-bin",
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "pairs": len(issame),
+        "positives": int(np.sum(issame)),
+        "images": len(images),
+    }
+    if images:
+        info["image_format"] = sniff_image_format(bytes(images[0]))
+    return info
+
+
+def describe_folder(path: Path) -> dict:
+    ds = ImageFolderDataset(path)
+    return {
+        "kind": "image-folder",
+        "path": str(path),
+        "manifest": (path / MANIFEST).exists(),
+        "images": len(ds),
+        "identities": len(set(ds.labels.tolist())),
+        "num_classes": int(ds.num_classes),
+        "landmarks": ds.landmarks is not None,
+        **_image_summary(ds, len(ds)),
+    }
+
+
+def describe(path: str | os.PathLike) -> dict:
+    """Summary of `path` as a flat dict; raises VigfaceError for what it cannot read."""
+    path = Path(path)
+    if not path.exists():
+        raise VigfaceError(f"{path}: no such file or folder")
+    if path.is_dir() and (path / "toy.json").exists():
+        recipe = json.loads((path / "toy.json").read_text())
+        info = {
+            "kind": "toy-dataset",
+            "path": str(path),
+            "config": recipe.get("config"),
+            "made_in_seconds": recipe.get("total_seconds"),
+        }
+        for name in recipe.get("files", []):
+            if name.endswith(".rec"):
+                info[name] = describe_rec(path / name)
+            elif name.endswith(".bin"):
+                info[name] = describe_bin(path / name)
+        return info
+    if path.is_dir():
+        return describe_folder(path)
+    if path.suffix == ".rec":
+        return describe_rec(path)
+    if path.suffix == ".bin":
+        return describe_bin(path)
+    raise VigfaceError(f"{path}: not a .rec, .bin or folder; don't know how to describe it")
