@@ -77,6 +77,23 @@ def embed(model: nn.Module, x: torch.Tensor, batch: int = 256) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, x: torch.Tensor, batches: int = 20) -> None:
+    """Give an untrained model real BatchNorm statistics (no weight changes); without this its
+    eval-mode embeddings share one huge common component (all cosines ~0.9999) and the
+    "random features" baseline would measure the initial running stats, not the features."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    for i in torch.randperm(len(x))[: batches * 128].split(128):
+        model(x[i])
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.1
+
+
 def evaluate(model, bins: dict) -> dict:
     return {
         name: round(verify_embeddings(embed(model, x), same).accuracy, 4) for name, (x, same) in bins.items()
@@ -130,6 +147,7 @@ def main() -> None:
     result["pixels"] = pixel
 
     model = SmallFR(args.size)
+    calibrate_batchnorm(model, x_train)
     result["untrained_cnn"] = evaluate(model, bins)
     print(f"pixels {pixel}  untrained {result['untrained_cnn']}", file=sys.stderr)
 

@@ -80,6 +80,14 @@ def test_align_to_rec_groups_identities_and_writes_landmarks(wild_folder, tmp_pa
     assert np.load(tmp_path / "a_landmarks.npy").shape == (6, 5, 2)
 
 
+def test_info_on_folder(wild_folder, capsys):
+    root, _ = wild_folder
+    assert main(["data", "info", str(root), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "image-folder" and info["images"] == 6 and info["identities"] == 3
+    assert info["landmarks"] is True and info["image_shape"] == [144, 144, 3]
+
+
 def test_bad_landmarks_name_the_file(wild_folder, tmp_path, capsys):
     root, _ = wild_folder
     bad = tmp_path / "bad.npy"
