@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from vigface.data.files import fsync_dir
 from vigface.data.images import decode_image, encode_image, sniff_image_format
 from vigface.errors import DataFormatError, VigfaceError
 
@@ -41,19 +42,6 @@ def _check_landmarks(landmarks) -> list[list[float]]:
         raise VigfaceError(f"landmarks must be 5 finite (x, y) points, got shape {points.shape}")
     # Four decimals (1e-4 px) keep the manifest small without losing useful precision.
     return [[round(float(x), 4), round(float(y), 4)] for x, y in points]
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class ImageFolderWriter:
@@ -140,7 +128,7 @@ class ImageFolderWriter:
         except BaseException:
             self.abort()
             raise
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def abort(self) -> None:
         """Drop the temporary manifest; images already written stay, but no manifest lists them."""

@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from vigface.data.files import fsync_dir
 from vigface.data.images import decode_image, encode_image, sniff_image_format
 from vigface.errors import DataFormatError, VigfaceError
 
@@ -243,20 +244,6 @@ def scan_records(rec_path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
 # --------------------------------------------------------------------------- writer
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the renames durable; some file systems refuse to open directories, which is harmless.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class RecordIOWriter:
     """Write a .rec/.idx pair like mxnet.recordio.MXIndexedRecordIO(idx, rec, "w").
 
@@ -317,9 +304,9 @@ class RecordIOWriter:
         except BaseException:
             self._discard()
             raise
-        _fsync_dir(self.rec_path.parent)
+        fsync_dir(self.rec_path.parent)
         if self.idx_path.parent != self.rec_path.parent:
-            _fsync_dir(self.idx_path.parent)
+            fsync_dir(self.idx_path.parent)
 
     def abort(self) -> None:
         """Forget everything written: close and delete the temporary files."""
