@@ -11,17 +11,8 @@ import argparse
 import json
 import sys
 
-from vigface.errors import VigfaceError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
+from vigface.cli.common import positive_int as _positive_int
+from vigface.cli.common import run_command
 
 
 def _cmd_data_toy(args: argparse.Namespace) -> int:
@@ -138,14 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except VigfaceError as err:
-        print(f"vigface: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("vigface: interrupted", file=sys.stderr)
-        return 130
+    return run_command("vigface", args.func, args)
 
 
 if __name__ == "__main__":

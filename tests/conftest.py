@@ -1,0 +1,15 @@
+"""Shared fixtures: one small toy-world dataset per test session (made in a few seconds)."""
+
+import pytest
+
+from vigface.data.toy_dataset import ToyConfig, make_toy_dataset
+
+SMALL_TOY = ToyConfig(ids=40, per_id=8, seed=3, pairs=200, val_ids=20, val_per_id=4, pose_per_id=2)
+
+
+@pytest.fixture(scope="session")
+def small_toy(tmp_path_factory):
+    """40 identities x 8 aligned images in train.rec, plus 200-pair toy_val.bin / toy_pose.bin."""
+    out = tmp_path_factory.mktemp("small_toy")
+    make_toy_dataset(out, SMALL_TOY, workers=1, progress=False)
+    return out

@@ -1,0 +1,79 @@
+"""Partial FC over 2 gloo processes equals one process on the same global batch."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from vigface.fr.margins import MarginConfig
+from vigface.fr.prototypes import VirtualPrototypeHead
+
+N_REAL, N_VIRTUAL, DIM, LOCAL_BATCH = 13, 6, 8, 5  # 19 classes: shards of 10 and 9 rows
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2 * LOCAL_BATCH, 12, generator=g)
+    labels = torch.randint(0, N_REAL, (2 * LOCAL_BATCH,), generator=g)
+    backbone = torch.nn.Linear(12, DIM)
+    with torch.no_grad():
+        backbone.weight.copy_(torch.randn(DIM, 12, generator=g))
+        backbone.bias.copy_(torch.randn(DIM, generator=g))
+    return x, labels, backbone
+
+
+def _run(kind: str, rank: int, world_size: int) -> dict:
+    """Two steps of head + backbone; returns loss, grads and the full prototype matrix."""
+    x, labels, backbone = _inputs()
+    head = VirtualPrototypeHead(N_REAL, N_VIRTUAL, DIM, MarginConfig(kind=kind, scale=16.0), seed=5)
+    if world_size > 1:
+        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        x, labels = x[rows], labels[rows]
+    opt = torch.optim.SGD([*backbone.parameters(), head.weight], lr=0.5, momentum=0.9)
+    losses = []
+    for step in range(2):
+        opt.zero_grad()
+        loss, _ = head(backbone(x), labels, step)
+        loss.backward()
+        grad = backbone.weight.grad.clone()
+        if world_size > 1:  # what DDP does: average the backbone gradient over ranks
+            for p in backbone.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world_size
+            grad = backbone.weight.grad.clone()
+        opt.step()
+        losses.append(loss.item())
+    return {
+        "losses": losses,
+        "backbone_grad": grad,
+        "backbone": backbone.weight.detach().clone(),
+        "prototypes": head.full_weight().clone(),
+        "sigma": head.sigma.clone(),
+        "adaface_mean": head.margin.norm_mean.clone(),
+    }
+
+
+def _worker(rank: int, world_size: int, init_file: str, kind: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        result = _run(kind, rank, world_size)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["arcface", "adaface"])
+def test_two_gloo_ranks_match_one_process(tmp_path, kind):
+    single = _run(kind, 0, 1)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), kind, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["losses"] == pytest.approx(single["losses"], rel=1e-5)
+        assert torch.allclose(got["backbone_grad"], single["backbone_grad"], atol=1e-5, rtol=1e-4)
+        assert torch.allclose(got["backbone"], single["backbone"], atol=1e-5, rtol=1e-4)
+        assert got["prototypes"].shape == (N_REAL + N_VIRTUAL, DIM)
+        assert torch.allclose(got["prototypes"], single["prototypes"], atol=1e-6, rtol=1e-4)
+        assert torch.allclose(got["sigma"], single["sigma"], atol=1e-6)
+        assert torch.allclose(got["adaface_mean"], single["adaface_mean"], atol=1e-5)

@@ -1,0 +1,182 @@
+"""The stage-1 trainer end to end on a small toy world: outputs, resume, kill, NaN, CLI errors."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from vigface.cli import embed as embed_cli
+from vigface.cli import train_fr as train_cli
+from vigface.data.verification_bin import load_verification_pairs
+from vigface.errors import VigfaceError
+from vigface.fr.checkpoint import latest_checkpoint
+from vigface.fr.config import FRTrainConfig
+from vigface.fr.embed import embed_images, load_backbone
+from vigface.fr.trainer import NonFiniteLossError, train_fr
+
+TINY = dict(
+    arch="iresnet18",
+    width=8,
+    input_size=32,
+    embedding_dim=32,
+    num_virtual=10,
+    batch_size=16,  # 320 images -> 20 steps per epoch
+    epochs=2,
+    scale=16.0,
+    lr=0.05,
+    lr_steps=[1.5],
+    workers=0,
+    save_every=3,
+    log_every=2,
+    progress=False,
+)
+
+
+def tiny_config(small_toy, out, **overrides) -> FRTrainConfig:
+    return FRTrainConfig(data=str(small_toy / "train.rec"), out=str(out), **{**TINY, **overrides})
+
+
+def tiny_args(small_toy, out) -> list[str]:
+    args = ["--data", str(small_toy / "train.rec"), "--out", str(out)]
+    for key, value in TINY.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            args += [flag, *map(str, value)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def final_state(out) -> dict:
+    return load_file(latest_checkpoint(out) / "state.safetensors")
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different[:5]}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_toy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fr_full")
+    summary = train_fr(tiny_config(small_toy, out, val=[str(small_toy / "toy_val.bin")]))
+    return out, summary
+
+
+def test_outputs_of_a_run(uninterrupted, small_toy):
+    out, summary = uninterrupted
+    assert summary["step"] == 40
+    for name in ("backbone.safetensors", "backbone.json", "prototypes.safetensors", "prototype_report.json"):
+        assert (out / name).is_file(), name
+    with Image.open(out / "prototype_similarity.png") as png:
+        assert png.format == "PNG"
+    protos = load_file(out / "prototypes.safetensors")
+    assert protos["real"].shape == (40, 32) and protos["virtual"].shape == (10, 32)
+    report = json.loads((out / "prototype_report.json").read_text())
+    assert set(report["stats"]) >= {"R-R", "R-V", "V-V"}
+    assert report["stats"]["V-V"]["pairs"] == 10 * 9
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [s for s in range(1, 41) if s % 2 == 0 or s % 3 == 0 or s % 20 == 0]  # log, save, epoch ends
+    assert [r["step"] for r in lines if "loss" in r] == logged
+    val = [r["val"] for r in lines if "val" in r]
+    assert len(val) == 2 and 0.0 < val[-1]["toy_val"] <= 1.0  # one evaluation per epoch
+    meta = json.loads((out / "backbone.json").read_text())
+    assert meta["num_real"] == 40 and meta["num_virtual"] == 10 and len(meta["sha256"]) == 64
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert kept == ["step_00000039", "step_00000040"]  # keep_checkpoints=2; saves every 3 steps + the end
+
+
+def test_resume_continues_bit_for_bit(uninterrupted, small_toy, tmp_path):
+    out_full, _ = uninterrupted
+    out = tmp_path / "run"
+    train_fr(
+        tiny_config(small_toy, out, max_steps=25, val=[str(small_toy / "toy_val.bin")])
+    )  # stops mid-epoch 2
+    assert latest_checkpoint(out).name == "step_00000025"
+    # Resume with a different number of decode workers: the computation must not depend on it.
+    summary = train_fr(
+        tiny_config(small_toy, out, workers=1, val=[str(small_toy / "toy_val.bin")]), resume=True
+    )
+    assert summary["step"] == 40
+    assert_same_state(final_state(out), final_state(out_full))
+    assert_same_state(load_file(out / "backbone.safetensors"), load_file(out_full / "backbone.safetensors"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    loss_steps = [r["step"] for r in records if "loss" in r]
+    assert loss_steps == sorted(set(loss_steps)) and loss_steps[-1] == 40  # no line logged twice
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(uninterrupted, small_toy, tmp_path):
+    out_full, _ = uninterrupted
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "vigface.cli.train_fr", *tiny_args(small_toy, out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        ckpt = latest_checkpoint(out)
+        if ckpt is not None and int(ckpt.name.split("_")[1]) >= 6:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = latest_checkpoint(out).name
+    assert killed_at < "step_00000040"
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert_same_state(final_state(out), final_state(out_full))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(small_toy, tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match=r"(NaN/inf|non-finite).*step \d+") as info:
+        train_fr(tiny_config(small_toy, out, lr=1e30, clip_grad=0.0, save_every=1, log_every=1))
+    assert "last good checkpoint" in str(info.value) or "no checkpoint" in str(info.value)
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        assert all(torch.isfinite(t).all() for t in load_file(ckpt / "state.safetensors").values())
+
+
+def test_embed_cli_matches_embed_images(uninterrupted, small_toy, tmp_path):
+    out, _ = uninterrupted
+    target = tmp_path / "val.npy"
+    assert embed_cli.main([str(out), str(small_toy / "toy_val.bin"), "--out", str(target), "--quiet"]) == 0
+    emb = np.load(target)
+    images, _ = load_verification_pairs(small_toy / "toy_val.bin")
+    model, _ = load_backbone(out)
+    ref = embed_images(model, images, batch_size=64)
+    assert emb.shape == (400, 32) and np.allclose(emb, ref, atol=1e-5)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    rec_out = tmp_path / "train.safetensors"
+    assert embed_cli.main([str(out), str(small_toy / "train.rec"), "--out", str(rec_out), "--quiet"]) == 0
+    tensors = load_file(rec_out)
+    assert tensors["embeddings"].shape == (320, 32) and tensors["labels"].max().item() == 39
+
+
+def test_cli_errors_are_one_line(small_toy, tmp_path, capsys):
+    assert train_cli.main(["--data", str(tmp_path / "missing.rec"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vigface-train-fr: error:") and "missing.rec" in err and "\n" not in err
+    assert train_cli.main(["--out", str(tmp_path / "nothing"), "--resume"]) == 2
+    assert "config.json does not exist" in capsys.readouterr().err
+    assert (
+        embed_cli.main([str(tmp_path), str(small_toy / "toy_val.bin"), "--out", str(tmp_path / "x.npy")]) == 2
+    )
+    assert "not a trained backbone folder" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_changed_configuration(uninterrupted, small_toy):
+    out, _ = uninterrupted
+    with pytest.raises(VigfaceError, match="different configuration.*lr"):
+        train_fr(tiny_config(small_toy, out, lr=0.2), resume=True)
+    with pytest.raises(VigfaceError, match="already holds checkpoints"):
+        train_fr(tiny_config(small_toy, out))

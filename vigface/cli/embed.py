@@ -1,0 +1,90 @@
+"""`vigface-embed`: embeddings of a .rec, a verification .bin or an image folder with a trained backbone.
+
+    vigface-embed runs/fr toy/toy_val.bin --out val.npy
+    vigface-embed runs/fr toy/train.rec --out train.safetensors      # embeddings + labels
+
+Embeddings are L2-normalised sums of the image's and its mirror's embedding (insightface's
+protocol; --no-flip for one pass), computed in batches on the GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vigface.cli.common import positive_int, run_command
+from vigface.errors import VigfaceError
+
+
+def _source(path: Path):
+    """(images iterable, count, labels or None, issame or None) for a .rec / .bin / folder."""
+    from vigface.data.verification_bin import load_verification_pairs
+    from vigface.fr.data import open_face_dataset
+
+    if path.suffix == ".bin":
+        images, issame = load_verification_pairs(path)
+        return images, len(images), None, np.asarray(issame)
+    dataset = open_face_dataset(path)
+    return (dataset[i][0] for i in range(len(dataset))), len(dataset), np.asarray(dataset.labels), None
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from safetensors.numpy import save_file
+
+    from vigface.fr.embed import embed_images, load_backbone
+
+    out = Path(args.out)
+    if out.suffix not in (".npy", ".safetensors"):
+        raise VigfaceError(f"--out {out}: use a .npy or .safetensors file name")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, meta = load_backbone(args.model, device)
+    images, count, labels, issame = _source(Path(args.input))
+    with tqdm(total=count, desc="embed", unit="img", disable=args.quiet) as bar:
+        emb = embed_images(
+            model, images, batch_size=args.batch_size, flip=not args.no_flip, progress=bar.update
+        )
+    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        np.save(tmp, emb)
+    else:
+        tensors = {"embeddings": emb}
+        if labels is not None:
+            tensors["labels"] = labels.astype(np.int64)
+        if issame is not None:
+            tensors["issame"] = issame.astype(np.bool_)
+        save_file(
+            tensors, tmp, metadata={"backbone_sha256": meta.get("sha256", ""), "source": str(args.input)}
+        )
+    os.replace(tmp, out)
+    print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vigface-embed", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "model", help="a vigface-train-fr output folder (backbone.safetensors + backbone.json)"
+    )
+    parser.add_argument("input", help="train.rec, a verification .bin, or an image folder")
+    parser.add_argument("--out", required=True, help=".npy (embeddings) or .safetensors (+ labels / issame)")
+    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--no-flip", action="store_true", help="skip the mirror-image pass")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command("vigface-embed", _embed, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Training checkpoints: a folder per step holding state.safetensors + state.json, made atomically.
+
+    out/checkpoints/step_00001000/state.safetensors   every tensor: weights, buffers, optimizer state
+    out/checkpoints/step_00001000/state.json          step, config, optimizer scalars
+    out/checkpoints/latest                            name of the newest complete folder
+
+A folder is written under a temporary name and renamed when complete, and `latest` is replaced
+atomically after that, so a run killed at any moment leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vigface.data.files import fsync_dir
+from vigface.errors import DataFormatError, VigfaceError
+
+FORMAT_VERSION = 1
+
+
+def optimizer_state(opt: torch.optim.Optimizer, names: list[str], prefix: str) -> tuple[dict, dict]:
+    """Optimizer state keyed by parameter name: (tensors, JSON scalars)."""
+    tensors, scalars = {}, {}
+    for idx, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            name = f"{prefix}{names[idx]}.{key}"
+            if isinstance(value, torch.Tensor):
+                tensors[name] = value
+            else:
+                scalars[name] = value
+    return tensors, scalars
+
+
+def load_optimizer_state(
+    opt: torch.optim.Optimizer, names: list[str], prefix: str, tensors: dict, scalars: dict, transform=None
+) -> None:
+    """Inverse of `optimizer_state`; `transform(name, tensor)` may slice a tensor (sharded params)."""
+    state = {}
+    for idx, pname in enumerate(names):
+        entry = {}
+        head = f"{prefix}{pname}."
+        for key, value in tensors.items():
+            if key.startswith(head):
+                entry[key[len(head) :]] = transform(pname, value) if transform else value
+        for key, value in scalars.items():
+            if key.startswith(head):
+                entry[key[len(head) :]] = value
+        if entry:
+            state[idx] = entry
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict, meta: dict, keep: int = 2) -> Path:
+    """Write out/checkpoints/step_<step> atomically and point `latest` at it; keep the newest `keep`."""
+    root = Path(root) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:08d}"
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    # safetensors wants contiguous tensors that share no memory.
+    save_file(
+        {k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}, tmp / "state.safetensors"
+    )
+    (tmp / "state.json").write_text(json.dumps({"format": FORMAT_VERSION, "step": step, **meta}, indent=2))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():  # a re-save of the same step (e.g. the final save right after a periodic one)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    pointer = root / f".latest-{os.getpid()}"
+    pointer.write_text(name + "\n")
+    os.replace(pointer, root / "latest")
+    fsync_dir(root)
+    done = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint folder under out/checkpoints, or None."""
+    root = Path(out) / "checkpoints"
+    pointer = root / "latest"
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / "state.json").is_file():
+            return candidate
+    done = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(folder: str | os.PathLike) -> tuple[dict, dict]:
+    """(tensors, meta) of one checkpoint folder, with clear errors for a damaged one."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+    except FileNotFoundError:
+        raise DataFormatError(folder / "state.json", "missing: not a checkpoint folder") from None
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(folder / "state.json", f"not valid JSON ({exc})") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise VigfaceError(f"{folder}: checkpoint format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+    try:
+        tensors = load_file(folder / "state.safetensors")
+    except FileNotFoundError:
+        raise DataFormatError(folder / "state.safetensors", "missing") from None
+    except Exception as exc:  # safetensors raises its own SafetensorError on damaged files
+        raise DataFormatError(folder / "state.safetensors", f"cannot be read: {exc}") from None
+    return tensors, meta

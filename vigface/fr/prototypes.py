@@ -1,0 +1,172 @@
+"""The VIGFace head: n real prototypes W_R and k virtual prototypes W_V under one margin softmax.
+
+Paper §4.1 (eqs. 3, 5-7). Rows of the prototype matrix are classes [0, n) real, [n, n + k)
+virtual; they are sharded over ranks as in Partial FC (`distributed.py`). One training step:
+
+    real:    cos(f(x_i), W) for the global batch, margin on the target, cross-entropy    (eq. 3)
+    sigma^2 = mean_i (f(x_i) - w_{y_i})^2, per dimension, over the global batch          (eq. 6)
+    sigma   = alpha sigma_batch + (1 - alpha) sigma_prev,  alpha = 0.9                   (eq. 7)
+    virtual: f'_j = w_v[j] + N(0, 1) sigma for B random virtual ids j                      (eq. 5)
+             cos(f'_j, W), same margin, cross-entropy
+    loss = CE_real + CE_virtual
+
+Design choices the paper leaves open, made here:
+- f and w enter eqs. 5-6 L2-normalised: the margin softmax only sees directions, and the raw
+  prototype norm is arbitrary (it shrinks under weight decay), so sigma is measured and applied on
+  the unit sphere where the cosines live.
+- The virtual embeddings are constants (built without gradient) and the real prototypes enter the
+  virtual logits detached, so the virtual part's gradient reaches W_V only, never the backbone
+  and never W_R (Fig. 2). W_V still gets gradient from the real rows, where it sits in the
+  softmax denominator: without the virtual part that is all it gets, which pushes every virtual
+  prototype away from the real features towards the same point (the collapse of Fig. 3a).
+- The two cross-entropies are summed, each a mean over its B rows, so turning the virtual part
+  off (the ablation) leaves the backbone's loss unchanged.
+- The B virtual ids and noise of step t are drawn from a generator seeded by (seed, t), the same
+  on every rank; each rank computes all B virtual rows for its shard, so the result does not
+  depend on the number of ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vigface.fr.distributed import (
+    all_reduce_sum,
+    gather_rows,
+    gather_rows_nograd,
+    shard_bounds,
+    sharded_cross_entropy,
+    world,
+)
+from vigface.fr.margins import MarginConfig, MarginHead
+from vigface.fr.rng import step_generator
+
+
+class VirtualPrototypeHead(nn.Module):
+    def __init__(
+        self,
+        num_real: int,
+        num_virtual: int,
+        embedding_dim: int,
+        margin: MarginConfig,
+        *,
+        virtual_embeddings: bool = True,
+        sigma_alpha: float = 0.9,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        super().__init__()
+        if rank is None or world_size is None:
+            rank, world_size = world()
+        self.num_real, self.num_virtual, self.embedding_dim = num_real, num_virtual, embedding_dim
+        self.num_classes = num_real + num_virtual
+        self.virtual_embeddings = virtual_embeddings and num_virtual > 0
+        self.sigma_alpha = sigma_alpha
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.lo, self.hi = shard_bounds(self.num_classes, world_size)[rank]
+        # Initialise the full matrix from the seed and keep this rank's rows, so the initial
+        # prototypes do not depend on how many ranks share them.
+        g = torch.Generator().manual_seed(seed)
+        full = torch.randn(self.num_classes, embedding_dim, generator=g) * 0.01
+        self.weight = nn.Parameter(full[self.lo : self.hi].clone())  # (C_shard, d)
+        self.margin = MarginHead(margin)
+        self.register_buffer("sigma", torch.zeros(embedding_dim))  # eq. 7 state
+        self.register_buffer("sigma_steps", torch.zeros((), dtype=torch.long))  # updates so far
+
+    # ---- eqs. 6-7 ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def batch_sigma(
+        self, e_hat: torch.Tensor, target_index: torch.Tensor, w_hat: torch.Tensor
+    ) -> torch.Tensor:
+        """sigma_batch = sqrt(mean_i (f_i - w_{y_i})^2) per dimension over the global batch (eq. 6)."""
+        rows = torch.nonzero(target_index >= 0)[:, 0]
+        sq = ((e_hat[rows] - w_hat[target_index[rows]]) ** 2).sum(0)
+        return torch.sqrt(all_reduce_sum(sq) / e_hat.shape[0])
+
+    @torch.no_grad()
+    def update_sigma(self, sigma_batch: torch.Tensor) -> None:
+        """sigma <- alpha sigma_batch + (1 - alpha) sigma_prev (eq. 7); the first step takes sigma_batch."""
+        a = self.sigma_alpha
+        first = self.sigma_steps == 0
+        self.sigma.copy_(torch.where(first, sigma_batch, a * sigma_batch + (1 - a) * self.sigma))
+        self.sigma_steps += 1
+
+    def draw_virtual(self, step: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Virtual ids j (B,) in [0, k) and N(0, 1) noise (B, d) of this step, equal on all ranks."""
+        g = step_generator(self.seed, step, "virtual")
+        ids = torch.randint(0, self.num_virtual, (batch,), generator=g)
+        noise = torch.randn(batch, self.embedding_dim, generator=g)
+        return ids, noise
+
+    # ---- forward -----------------------------------------------------------------------------
+
+    def _target_index(self, labels: torch.Tensor) -> torch.Tensor:
+        inside = (labels >= self.lo) & (labels < self.hi)
+        return torch.where(inside, labels - self.lo, -1)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        """Loss of this rank's (b, d) embeddings with real labels in [0, n); same value on all ranks.
+
+        Returns (loss, stats) where stats holds detached tensors (no host sync here).
+        """
+        e = gather_rows(embeddings.float())  # (B, d), B = W b
+        y = gather_rows_nograd(labels)
+        batch = e.shape[0]
+        e_hat = F.normalize(e, dim=1)
+        w_hat = F.normalize(self.weight, dim=1)  # (C_shard, d)
+        target = self._target_index(y)
+        scaler = None
+        if self.margin.config.kind == "adaface":
+            scaler = self.margin.adaface_scaler(e.norm(dim=1), update=self.training)
+        logits = self.margin.logits(e_hat @ w_hat.T, target, scaler)  # (B, C_shard)
+        loss_real = sharded_cross_entropy(logits, target).mean()
+        stats = {"loss_real": loss_real.detach()}
+        if not self.virtual_embeddings:
+            return loss_real, stats
+
+        if self.training:
+            self.update_sigma(self.batch_sigma(e_hat.detach(), target, w_hat.detach()))
+        ids, noise = self.draw_virtual(step, batch)
+        ids, noise = ids.to(e.device), noise.to(e.device)
+        v_labels = self.num_real + ids
+        v_target = self._target_index(v_labels)
+        with torch.no_grad():  # eq. 5 on the unit sphere; each rank fills in the w_v[j] it owns
+            w_v = torch.zeros(batch, self.embedding_dim, device=e.device)
+            own = torch.nonzero(v_target >= 0)[:, 0]
+            w_v[own] = w_hat[v_target[own]]
+            f_virtual = F.normalize(all_reduce_sum(w_v) + noise * self.sigma, dim=1)
+        is_virtual_class = torch.arange(self.lo, self.hi, device=e.device) >= self.num_real
+        w_for_virtual = torch.where(is_virtual_class[:, None], w_hat, w_hat.detach())
+        v_logits = self.margin.logits(f_virtual @ w_for_virtual.T, v_target, None)
+        loss_virtual = sharded_cross_entropy(v_logits, v_target).mean()
+        stats["loss_virtual"] = loss_virtual.detach()
+        stats["sigma_mean"] = self.sigma.mean()
+        return loss_real + loss_virtual, stats
+
+    # ---- the whole matrix, for checkpoints and reports ---------------------------------------
+
+    def full_weight(self) -> torch.Tensor:
+        """All (n + k, d) prototypes, gathered from every rank (a collective: call on all ranks)."""
+        return gather_shards(self.weight.detach(), self.num_classes)
+
+    @torch.no_grad()
+    def load_full_weight(self, full: torch.Tensor) -> None:
+        self.weight.copy_(full[self.lo : self.hi])
+
+
+def gather_shards(shard: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Concatenate every rank's (C_r, ...) shard in rank order; shards may differ in size by one."""
+    rank, world_size = world()
+    if world_size == 1:
+        return shard
+    bounds = shard_bounds(num_classes, world_size)
+    rows = max(hi - lo for lo, hi in bounds)
+    padded = torch.zeros(rows, *shard.shape[1:], dtype=shard.dtype, device=shard.device)
+    padded[: shard.shape[0]] = shard
+    parts = gather_rows_nograd(padded).split(rows)
+    return torch.cat([p[: hi - lo] for p, (lo, hi) in zip(parts, bounds, strict=True)])

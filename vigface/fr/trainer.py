@@ -1,0 +1,420 @@
+"""Stage-1 trainer: backbone + VIGFace head, one process or many (torchrun, DDP + Partial FC).
+
+    train_fr(FRTrainConfig(data="toy/train.rec", out="runs/fr", num_virtual=1000, ...))
+
+Resuming (`resume=True`) loads out/checkpoints/latest and continues bit-for-bit the run that
+would have happened without the interruption (on CPU; on GPU cuDNN's autotuned kernels may
+differ in the last bits): every random draw of step t is a function of (seed, t), the data order
+of epoch e a function of (seed, e), and the checkpoint holds every tensor of model, head and
+optimizer state.
+
+A non-finite loss is detected without a per-step host sync: the first bad step is recorded on the
+device and checked at every log/save point, so no checkpoint is ever written after it; the run
+stops with `NonFiniteLossError` naming the step and the last good checkpoint.
+
+Outputs in `out/`: checkpoints/, metrics.jsonl, config.json, and at the end backbone.safetensors
++ backbone.json (what stage 2 and `vigface-embed` load), prototypes.safetensors (real, virtual),
+prototype_report.json and prototype_similarity.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from vigface.data.verification_bin import load_verification_pairs
+from vigface.errors import BackendUnavailableError, VigfaceError
+from vigface.eval.prototypes import PAPER_FIG3B, plot_prototype_similarity, prototype_stats
+from vigface.eval.verification import verify_embeddings
+from vigface.fr.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
+    optimizer_state,
+    save_checkpoint,
+)
+from vigface.fr.config import FRTrainConfig
+from vigface.fr.data import (
+    DecodedImages,
+    GlobalBatchSampler,
+    collate_images,
+    open_face_dataset,
+    prepare_batch,
+)
+from vigface.fr.distributed import world
+from vigface.fr.embed import BACKBONE_META, BACKBONE_WEIGHTS, embed_images, file_sha256
+from vigface.fr.iresnet import build_backbone
+from vigface.fr.prototypes import VirtualPrototypeHead, gather_shards
+from vigface.fr.rng import step_seed
+
+
+class NonFiniteLossError(VigfaceError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
+    """Join the torchrun process group if there is one; (rank, world_size, device)."""
+    want_cuda = device_pref in ("auto", "cuda")
+    cuda = want_cuda and torch.cuda.is_available()
+    if device_pref == "cuda" and not cuda:
+        raise BackendUnavailableError("device 'cuda' was requested but torch sees no CUDA device")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world_size = world()
+    return rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+
+
+def lr_at(config: FRTrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Linear warmup over `warmup_epochs`, then x lr_decay at every epoch in lr_steps."""
+    warm = config.warmup_epochs * steps_per_epoch
+    if step < warm:
+        return config.lr * (step + 1) / warm
+    epoch = step / steps_per_epoch
+    return config.lr * config.lr_decay ** sum(epoch >= s for s in config.lr_steps)
+
+
+def _optimizer(config: FRTrainConfig, params: list) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _check_finite(
+    bad_step: torch.Tensor, last_checkpoint: Path | None, what: str = "loss became NaN/inf at"
+) -> None:
+    first = int(bad_step.item())  # the only host sync, at log/save points
+    if first >= 0:
+        kept = (
+            f"the last good checkpoint is {last_checkpoint}"
+            if last_checkpoint
+            else "no checkpoint was written yet"
+        )
+        raise NonFiniteLossError(
+            f"{what} step {first}; training stopped and {kept}. "
+            "Lower --lr, add --warmup-epochs, or check the data."
+        )
+
+
+class _Run:
+    """The state of one training run; methods are the phases of `train_fr`."""
+
+    def __init__(self, config: FRTrainConfig, resume: bool):
+        self.config = config
+        self.out = Path(config.out)
+        self.rank, self.world_size, self.device = setup_distributed(config.device)
+        self.is_main = self.rank == 0
+        checkpoint = latest_checkpoint(self.out)
+        if resume and checkpoint is None:
+            raise VigfaceError(f"--resume: there is no checkpoint under {self.out / 'checkpoints'}")
+        if not resume and checkpoint is not None:
+            raise VigfaceError(
+                f"{self.out} already holds checkpoints; "
+                "pass --resume to continue that run or choose another --out"
+            )
+        self.dataset = open_face_dataset(config.data)
+        self.num_real = self.dataset.num_classes
+        self.global_batch = config.batch_size * self.world_size
+        if len(self.dataset) < self.global_batch:
+            raise VigfaceError(
+                f"{config.data} has {len(self.dataset)} images, fewer than one global batch "
+                f"({config.batch_size} x {self.world_size} ranks)"
+            )
+        self.steps_per_epoch = len(self.dataset) // self.global_batch
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+
+        torch.manual_seed(step_seed(config.seed, 0, "init"))
+        self.backbone = build_backbone(config.backbone_config()).to(self.device)
+        self.channels_last = (
+            config.channels_last if config.channels_last is not None else self.device.type == "cuda"
+        )
+        if self.channels_last:
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        self.bf16 = config.amp == "bf16" or (config.amp == "auto" and self.device.type == "cuda")
+        self.head = VirtualPrototypeHead(
+            self.num_real,
+            config.num_virtual,
+            config.embedding_dim,
+            config.margin_config(),
+            virtual_embeddings=config.virtual_embeddings,
+            sigma_alpha=config.sigma_alpha,
+            seed=config.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+        ).to(self.device)
+        named = [(n, p) for n, p in self.backbone.named_parameters() if p.requires_grad]
+        self.backbone_names = [n for n, _ in named]
+        self.backbone_params = [p for _, p in named]
+        self.opt_backbone = _optimizer(config, self.backbone_params)
+        self.opt_head = _optimizer(config, [self.head.weight])
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        if resume:
+            self._load(checkpoint)
+        elif self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+            (self.out / "metrics.jsonl").write_text("")
+
+        model = self.backbone
+        if self.world_size > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.model = torch.compile(model) if config.compile else model
+        self.val_sets = {}
+        if self.is_main:
+            for path in config.val:
+                images, issame = load_verification_pairs(path)
+                self.val_sets[Path(path).stem] = (images, np.asarray(issame))
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def _load(self, folder: Path) -> None:
+        tensors, meta = load_checkpoint(folder)
+        saved = FRTrainConfig.from_dict(meta["config"])
+        changed = self.config.changes_from(saved)
+        if changed:
+            what = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(self.config, k)!r}" for k in changed)
+            raise VigfaceError(f"--resume: {self.out} was trained with a different configuration ({what})")
+        prefix = "backbone."
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        self.backbone.load_state_dict(state)
+        self.head.load_full_weight(tensors["head.weight"].to(self.device))
+        for name, buf in self.head.named_buffers():
+            buf.copy_(tensors[f"head.{name}"])
+        scalars = meta["optimizer_scalars"]
+        load_optimizer_state(self.opt_backbone, self.backbone_names, "opt.backbone.", tensors, scalars)
+        lo, hi, rows = self.head.lo, self.head.hi, self.head.num_classes
+
+        def shard(_, t):
+            return t[lo:hi] if t.ndim and t.shape[0] == rows else t
+
+        load_optimizer_state(self.opt_head, ["weight"], "opt.head.", tensors, scalars, transform=shard)
+        self.step = int(meta["step"])
+        self.last_checkpoint = folder
+        if self.is_main:  # drop metric lines past the checkpoint (logged before the interruption)
+            metrics = self.out / "metrics.jsonl"
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
+            metrics.write_text("".join(line + "\n" for line in kept))
+
+    def _state(self) -> tuple[dict, dict]:
+        """Every tensor of the run, prototypes and their optimizer state gathered (a collective)."""
+        tensors = {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
+        tensors["head.weight"] = self.head.full_weight()
+        for name, buf in self.head.named_buffers():
+            tensors[f"head.{name}"] = buf
+        t_backbone, s_backbone = optimizer_state(self.opt_backbone, self.backbone_names, "opt.backbone.")
+        t_head, s_head = optimizer_state(self.opt_head, ["weight"], "opt.head.")
+        for k, v in t_head.items():
+            tensors[k] = gather_shards(v, self.head.num_classes) if v.shape == self.head.weight.shape else v
+        tensors.update(t_backbone)
+        meta = {
+            "config": self.config.to_dict(),
+            "epoch": self.step / self.steps_per_epoch,
+            "world_size": self.world_size,
+            "num_real": self.num_real,
+            "num_virtual": self.config.num_virtual,
+            "optimizer_scalars": {**s_backbone, **s_head},
+        }
+        return tensors, meta
+
+    def save(self) -> None:
+        # A finite loss does not guarantee finite weights (the update after it may overflow): a
+        # checkpoint must never hold inf/NaN, so check the weights once per save.
+        finite = torch.stack([torch.isfinite(p).all() for p in (*self.backbone_params, self.head.weight)])
+        finite = finite.all().to(torch.int32)
+        if self.world_size > 1:  # prototype shards differ: every rank must take the same branch
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not bool(finite):
+            _check_finite(torch.tensor(self.step), self.last_checkpoint, what="weights became non-finite at")
+        tensors, meta = self._state()
+        if self.is_main:
+            self.last_checkpoint = save_checkpoint(
+                self.out, self.step, tensors, meta, self.config.keep_checkpoints
+            )
+        if self.world_size > 1:
+            dist.barrier()
+
+    # ---- logging and evaluation --------------------------------------------------------------
+
+    def log(self, record: dict) -> None:
+        if self.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def evaluate(self) -> dict:
+        results = {}
+        for name, (images, issame) in self.val_sets.items():
+            emb = embed_images(self.backbone, images, batch_size=256, device=self.device)
+            results[name] = round(verify_embeddings(emb, issame).accuracy, 4)
+        return results
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        c = self.config
+        bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        last_val: dict = {}
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="train-fr",
+            unit="step",
+            disable=not (c.progress and self.is_main),
+            dynamic_ncols=True,
+        )
+        t_log = time.perf_counter()
+        while self.step < self.total_steps:
+            epoch = self.step // self.steps_per_epoch
+            sampler = GlobalBatchSampler(
+                len(self.dataset),
+                c.batch_size,
+                self.rank,
+                self.world_size,
+                c.seed,
+                epoch,
+                first_step=self.step % self.steps_per_epoch,
+            )
+            loader = torch.utils.data.DataLoader(
+                DecodedImages(self.dataset),
+                batch_sampler=sampler,
+                num_workers=c.workers,
+                collate_fn=collate_images,
+                pin_memory=self.device.type == "cuda",
+            )
+            for images, labels in loader:
+                if images is None:
+                    raise VigfaceError(labels)
+                lr = lr_at(c, self.step, self.steps_per_epoch)
+                for opt in (self.opt_backbone, self.opt_head):
+                    for group in opt.param_groups:
+                        group["lr"] = lr
+                torch.manual_seed(step_seed(c.seed, self.step, "dropout", self.rank))
+                x = prepare_batch(
+                    images,
+                    step=self.step,
+                    seed=c.seed,
+                    rank=self.rank,
+                    input_size=c.input_size,
+                    flip=c.flip,
+                    device=self.device,
+                    channels_last=self.channels_last,
+                )
+                labels = labels.to(self.device, non_blocking=True)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    embeddings = self.model(x)
+                loss, stats = self.head(embeddings, labels, self.step)
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), self.step, bad_step)
+                self.opt_backbone.zero_grad(set_to_none=True)
+                self.opt_head.zero_grad(set_to_none=True)
+                loss.backward()
+                if c.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(self.backbone_params, c.clip_grad)
+                self.opt_backbone.step()
+                self.opt_head.step()
+                self.step += 1
+                for k, v in {"loss": loss.detach(), **stats}.items():
+                    sums[k] = sums.get(k, 0.0) + v.float()
+                count += 1
+                bar.update(1)
+
+                end_of_epoch = self.step % self.steps_per_epoch == 0
+                finished = self.step >= self.total_steps
+                saving = self.step % c.save_every == 0 or finished
+                if self.step % c.log_every == 0 or end_of_epoch or saving:
+                    _check_finite(bad_step, self.last_checkpoint)
+                    now = time.perf_counter()
+                    record = {k: round(float(v) / count, 5) for k, v in sums.items()}
+                    record.update(
+                        step=self.step,
+                        epoch=round(self.step / self.steps_per_epoch, 4),
+                        lr=lr,
+                        samples_per_s=round(count * self.global_batch / (now - t_log), 1),
+                    )
+                    self.log(record)
+                    bar.set_postfix(loss=record["loss"], lr=f"{lr:.3g}")
+                    sums, count, t_log = {}, 0, now
+                if end_of_epoch and self.val_sets:
+                    last_val = self.evaluate()
+                    self.log({"step": self.step, "epoch": self.step // self.steps_per_epoch, "val": last_val})
+                    bar.write(f"epoch {self.step // self.steps_per_epoch}: {last_val}")
+                if saving:
+                    self.save()
+                if finished:
+                    break
+        bar.close()
+        if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:08d}"):
+            self.save()  # a resumed run that had nothing left to do still leaves its final state
+        return self.export(last_val)
+
+    # ---- outputs -----------------------------------------------------------------------------
+
+    def export(self, last_val: dict) -> dict:
+        prototypes = self.head.full_weight().float().cpu()  # collective
+        summary: dict = {"out": str(self.out), "step": self.step, "val": last_val}
+        if not self.is_main:
+            return summary
+        real, virtual = prototypes[: self.num_real], prototypes[self.num_real :]
+        backbone_state = {k: v.detach().contiguous().cpu() for k, v in self.backbone.state_dict().items()}
+        save_file(backbone_state, self.out / f".{BACKBONE_WEIGHTS}.tmp")
+        os.replace(self.out / f".{BACKBONE_WEIGHTS}.tmp", self.out / BACKBONE_WEIGHTS)
+        meta = {
+            "backbone": self.config.backbone_config().to_dict(),
+            "sha256": file_sha256(self.out / BACKBONE_WEIGHTS),
+            "step": self.step,
+            "num_real": self.num_real,
+            "num_virtual": self.config.num_virtual,
+            "margin": self.config.margin_config().to_dict(),
+            "train_config": self.config.to_dict(),
+        }
+        _write_json(self.out / BACKBONE_META, meta)
+        save_file({"real": real.contiguous(), "virtual": virtual.contiguous()}, self.out / ".prototypes.tmp")
+        os.replace(self.out / ".prototypes.tmp", self.out / "prototypes.safetensors")
+        report = {
+            "step": self.step,
+            "virtual_embeddings": self.config.virtual_embeddings,
+            "stats": prototype_stats(real, virtual) if len(virtual) else prototype_stats(real, real[:0]),
+            "paper_fig3b": {k: {"mean": m, "std": s} for k, (m, s) in PAPER_FIG3B.items()},
+            "sigma_mean": float(self.head.sigma.mean()),
+            "val": last_val,
+        }
+        _write_json(self.out / "prototype_report.json", report)
+        ablation = "" if self.config.virtual_embeddings else " (no virtual embeddings)"
+        plot_prototype_similarity(
+            real,
+            virtual,
+            self.out / "prototype_similarity.png",
+            title=f"prototype cosine, step {self.step}{ablation}",
+        )
+        summary["prototype_stats"] = report["stats"]
+        return summary
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def train_fr(config: FRTrainConfig, *, resume: bool = False) -> dict:
+    """Train (or resume) stage 1; returns a summary (step, last validation, prototype stats)."""
+    run = _Run(config, resume)
+    return run.train()
