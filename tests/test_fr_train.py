@@ -217,3 +217,29 @@ def test_virtual_embeddings_prevent_prototype_collapse(small_toy, tmp_path):
     assert all(abs(v) < 0.06 for v in vv[True]), vv  # 20 spread unit vectors: mean >= -1/19
     assert all(b > a for a, b in zip(vv[False], vv[False][1:], strict=False)), vv  # a steady drift together
     assert vv[False][-1] > 0.1 and vv[False][-1] > max(vv[True]) + 0.1, vv
+
+
+def test_torchrun_two_gloo_processes(small_toy, tmp_path):
+    """The CLI under torchrun: DDP backbone, prototypes sharded over 2 CPU ranks, one set of outputs."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "vigface.cli.train_fr", *tiny_args(small_toy, out), "--device", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert latest_checkpoint(out).name == "step_00000020"  # 320 images / (16 x 2 ranks) x 2 epochs
+    state = final_state(out)
+    assert state["head.weight"].shape == (50, 32)  # gathered from shards of 25 rows
+    assert state["opt.head.weight.momentum_buffer"].shape == (50, 32)
+    protos = load_file(out / "prototypes.safetensors")
+    assert torch.equal(torch.cat([protos["real"], protos["virtual"]]), state["head.weight"])
+    assert torch.isfinite(state["head.weight"]).all()
+    # Both ranks' shards were trained: every row moved away from its seeded initial value.
+    initial = torch.randn(50, 32, generator=torch.Generator().manual_seed(0)) * 0.01
+    moved = (state["head.weight"] - initial).norm(dim=1)
+    assert (moved[:25] > 1e-4).all() and (moved[25:] > 1e-4).all()
+    meta = json.loads((latest_checkpoint(out) / "state.json").read_text())
+    assert meta["world_size"] == 2
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps.count(2) == 1  # rank 0 logs alone
+    with pytest.raises(VigfaceError, match="2 process"):
+        train_fr(tiny_config(small_toy, out, epochs=3), resume=True)

@@ -56,12 +56,16 @@ def load_optimizer_state(
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
 
+def checkpoint_dir(out: str | os.PathLike, step: int) -> Path:
+    """out/checkpoints/step_<step>: where the checkpoint of `step` lives once complete."""
+    return Path(out) / "checkpoints" / f"step_{step:08d}"
+
+
 def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict, meta: dict, keep: int = 2) -> Path:
     """Write out/checkpoints/step_<step> atomically and point `latest` at it; keep the newest `keep`."""
-    root = Path(root) / "checkpoints"
+    final = checkpoint_dir(root, step)
+    root, name = final.parent, final.name
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:08d}"
-    final = root / name
     tmp = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -35,6 +35,7 @@ from vigface.errors import BackendUnavailableError, VigfaceError
 from vigface.eval.prototypes import PAPER_FIG3B, plot_prototype_similarity, prototype_stats
 from vigface.eval.verification import verify_embeddings
 from vigface.fr.checkpoint import (
+    checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
     load_optimizer_state,
@@ -162,6 +163,7 @@ class _Run:
         self.opt_backbone = _optimizer(config, self.backbone_params)
         self.opt_head = _optimizer(config, [self.head.weight])
         self.step = 0
+        self.saved_step = -1
         self.last_checkpoint: Path | None = None
         if resume:
             self._load(checkpoint)
@@ -191,6 +193,12 @@ class _Run:
         if changed:
             what = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(self.config, k)!r}" for k in changed)
             raise VigfaceError(f"--resume: {self.out} was trained with a different configuration ({what})")
+        if meta["world_size"] != self.world_size:
+            # Steps, batches and prototype shards are all laid out for the original world size.
+            raise VigfaceError(
+                f"--resume: {folder} was written by a run on {meta['world_size']} process(es); "
+                f"resume it with the same number (this run has {self.world_size})"
+            )
         prefix = "backbone."
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         self.backbone.load_state_dict(state)
@@ -205,7 +213,7 @@ class _Run:
             return t[lo:hi] if t.ndim and t.shape[0] == rows else t
 
         load_optimizer_state(self.opt_head, ["weight"], "opt.head.", tensors, scalars, transform=shard)
-        self.step = int(meta["step"])
+        self.step = self.saved_step = int(meta["step"])
         self.last_checkpoint = folder
         if self.is_main:  # drop metric lines past the checkpoint (logged before the interruption)
             metrics = self.out / "metrics.jsonl"
@@ -245,11 +253,12 @@ class _Run:
             _check_finite(torch.tensor(self.step), self.last_checkpoint, what="weights became non-finite at")
         tensors, meta = self._state()
         if self.is_main:
-            self.last_checkpoint = save_checkpoint(
-                self.out, self.step, tensors, meta, self.config.keep_checkpoints
-            )
+            save_checkpoint(self.out, self.step, tensors, meta, self.config.keep_checkpoints)
         if self.world_size > 1:
             dist.barrier()
+        # Known on every rank, so decisions that depend on it agree across ranks.
+        self.saved_step = self.step
+        self.last_checkpoint = checkpoint_dir(self.out, self.step)
 
     # ---- logging and evaluation --------------------------------------------------------------
 
@@ -361,7 +370,7 @@ class _Run:
                 if finished:
                     break
         bar.close()
-        if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:08d}"):
+        if self.saved_step != self.step:
             self.save()  # a resumed run that had nothing left to do still leaves its final state
         return self.export(last_val)
 
