@@ -2,6 +2,10 @@
 
     python bench/fr_toy_stage1.py                 # 500 ids x 20, IResNet-18 (width 16, 56x56), ~10 CPU min
     python bench/fr_toy_stage1.py --epochs 1      # quicker look
+    python bench/fr_toy_stage1.py --data runs/toy_small --ids 40 --per-id 8 --pairs 200 --val-ids 20 \
+        --width 8 --input-size 32 --embedding-dim 32 --num-virtual 20 --batch-size 16 --scale 16 \
+        --epochs 250 --val-every 50 --out bench/results/fr_toy_stage1_long.json
+                                                  # 5,000 steps of a tiny model: the ablation's collapse
 
 Trains the same model twice with k virtual prototypes, once with the virtual embeddings of
 eqs. 5-7 and once without (the paper's collapse ablation, Fig. 3a), and reports for each:
@@ -50,6 +54,7 @@ def run(args, virtual: bool) -> dict:
         workers=1,
         save_every=10**6,
         val=val,
+        val_every=args.val_every,
         progress=args.progress,
         seed=args.seed,
     )
@@ -78,6 +83,8 @@ def main() -> None:
     ap.add_argument("--work", default="runs/fr_toy_stage1", help="where the two runs write")
     ap.add_argument("--ids", type=int, default=500)
     ap.add_argument("--per-id", type=int, default=20)
+    ap.add_argument("--pairs", type=int, default=6000, help="pairs per .bin when the dataset is made")
+    ap.add_argument("--val-ids", type=int, default=200, help="held-out identities when the dataset is made")
     ap.add_argument("--arch", default="iresnet18")
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--input-size", type=int, default=56)
@@ -88,12 +95,18 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--val-every", type=int, default=1, help="epochs between verification runs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--out", default="bench/results/fr_toy_stage1.json")
     args = ap.parse_args()
     if not (Path(args.data) / "toy.json").exists():
-        make_toy_dataset(args.data, ToyConfig(ids=args.ids, per_id=args.per_id, seed=args.seed))
+        make_toy_dataset(
+            args.data,
+            ToyConfig(
+                ids=args.ids, per_id=args.per_id, seed=args.seed, pairs=args.pairs, val_ids=args.val_ids
+            ),
+        )
     result = {
         "benchmark": "fr_toy_stage1",
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "progress")},

@@ -243,3 +243,22 @@ def test_torchrun_two_gloo_processes(small_toy, tmp_path):
     assert steps.count(2) == 1  # rank 0 logs alone
     with pytest.raises(VigfaceError, match="2 process"):
         train_fr(tiny_config(small_toy, out, epochs=3), resume=True)
+
+
+@pytest.mark.slow
+def test_without_virtual_embeddings_virtual_prototypes_collapse(small_toy, tmp_path):
+    """The ablation of Fig. 3a run long enough (5,000 steps, ~5 CPU minutes per run): without eqs.
+    5-7 the virtual prototypes end near one point (V-V mean > 0.85), with them they stay spread."""
+    common = dict(
+        TINY, num_virtual=20, epochs=250, margin="cosface", lr=0.1, lr_steps=[1000], save_every=1000
+    )
+    final = {}
+    for virtual in (False, True):
+        out = tmp_path / f"virtual_{virtual}"
+        config = FRTrainConfig(
+            data=str(small_toy / "train.rec"), out=str(out), virtual_embeddings=virtual, **common
+        )
+        train_fr(config)
+        final[virtual] = _mean_offdiagonal_cosine(load_file(out / "prototypes.safetensors")["virtual"])
+    assert final[False] > 0.85, final
+    assert abs(final[True]) < 0.06, final

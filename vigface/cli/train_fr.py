@@ -46,7 +46,7 @@ HELP = {
     "channels_last": "NHWC activations (default: on for CUDA)",
     "compile": "torch.compile the backbone",
     "save_every": "checkpoint every N steps (and at the end)",
-    "val": "verification .bin files evaluated after every epoch",
+    "val": "verification .bin files evaluated every --val-every epochs and at the end",
     "device": "auto, cpu or cuda",
     "workers": "DataLoader decode processes",
 }

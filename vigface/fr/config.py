@@ -73,7 +73,8 @@ class FRTrainConfig:
     save_every: int = 1000  # steps
     keep_checkpoints: int = 2
     log_every: int = 10
-    val: list[str] = field(default_factory=list)  # verification .bin files evaluated every epoch
+    val: list[str] = field(default_factory=list)  # verification .bin files evaluated every val_every epochs
+    val_every: int = 1
     progress: bool = True
 
     def __post_init__(self):
@@ -90,7 +91,15 @@ class FRTrainConfig:
             bad("device", f"{self.device!r} is unknown; choose auto, cpu or cuda")
         if self.amp not in AMP_MODES:
             bad("amp", f"{self.amp!r} is unknown; choose one of {', '.join(AMP_MODES)}")
-        for name in ("batch_size", "epochs", "save_every", "keep_checkpoints", "log_every", "width"):
+        for name in (
+            "batch_size",
+            "epochs",
+            "save_every",
+            "keep_checkpoints",
+            "log_every",
+            "width",
+            "val_every",
+        ):
             if getattr(self, name) < 1:
                 bad(name, f"must be at least 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:

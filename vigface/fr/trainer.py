@@ -361,10 +361,17 @@ class _Run:
                     self.log(record)
                     bar.set_postfix(loss=record["loss"], lr=f"{lr:.3g}")
                     sums, count, t_log = {}, 0, now
-                if end_of_epoch and self.val_sets:
+                epochs_done = self.step // self.steps_per_epoch
+                if self.val_sets and ((end_of_epoch and epochs_done % c.val_every == 0) or finished):
                     last_val = self.evaluate()
-                    self.log({"step": self.step, "epoch": self.step // self.steps_per_epoch, "val": last_val})
-                    bar.write(f"epoch {self.step // self.steps_per_epoch}: {last_val}")
+                    self.log(
+                        {
+                            "step": self.step,
+                            "epoch": round(self.step / self.steps_per_epoch, 4),
+                            "val": last_val,
+                        }
+                    )
+                    bar.write(f"step {self.step} (epoch {self.step / self.steps_per_epoch:.2f}): {last_val}")
                 if saving:
                     self.save()
                 if finished:
