@@ -1,0 +1,102 @@
+"""The U-ViT / DiT denoiser with AdaLN, the attention dispatcher and the landmark pose image."""
+
+import math
+
+import pytest
+import torch
+
+from vigface.diffusion.attention import attention, attention_ref
+from vigface.diffusion.denoiser import AdaLNBlock, Denoiser, DenoiserConfig
+from vigface.diffusion.pose import landmark_image
+from vigface.errors import BackendUnavailableError, VigfaceError
+
+
+def tiny(arch="uvit", **kw):
+    return DenoiserConfig.preset("tiny", arch=arch, **kw)
+
+
+def _randomise_zero_layers(model):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.abs().sum():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+@pytest.mark.parametrize("arch", ["uvit", "dit"])
+def test_starts_at_zero_and_then_depends_on_every_condition(arch):
+    torch.manual_seed(0)
+    model = Denoiser(tiny(arch)).eval()
+    x = torch.randn(2, 3, 56, 56)
+    t = torch.tensor([3, 700])
+    cond, pose = torch.randn(2, 512), torch.rand(2, 5, 56, 56)
+    assert torch.equal(model(x, t, cond, pose), torch.zeros(2, 3, 56, 56))  # zero-init output layer
+    _randomise_zero_layers(model)
+    base = model(x, t, cond, pose)
+    assert base.shape == (2, 3, 56, 56)
+    for changed in (
+        model(x, t, torch.zeros_like(cond), pose),  # identity dropped (CFG's unconditional branch)
+        model(x, t, cond, torch.zeros_like(pose)),  # pose dropped
+        model(x, torch.tensor([4, 701]), cond, pose),  # another timestep
+        model(x.flip(-1), t, cond, pose),
+    ):
+        assert (changed - base).abs().max() > 1e-4
+    # rows are independent: sample 0 does not see sample 1
+    assert torch.allclose(model(x[:1], t[:1], cond[:1], pose[:1]), base[:1], atol=1e-5)
+
+
+def test_adaln_zero_block_is_the_identity_at_init():
+    block = AdaLNBlock(tiny("dit"))
+    x, c = torch.randn(2, 49, 128), torch.randn(2, 128)
+    assert torch.equal(block(x, c), x)
+
+
+def test_unpatchify_inverts_patchify():
+    model = Denoiser(tiny())
+    img = torch.randn(2, 3, 56, 56)
+    p = 8
+    tokens = img.view(2, 3, 7, p, 7, p).permute(0, 2, 4, 3, 5, 1).reshape(2, 49, p * p * 3)
+    assert torch.equal(model.unpatchify(tokens), img)
+
+
+@pytest.mark.parametrize("tokens", [49, 196, 785])
+def test_sdpa_attention_matches_the_formula(tokens):
+    g = torch.Generator().manual_seed(tokens)
+    q, k, v = (torch.randn(2, 3, tokens, 24, generator=g) for _ in range(3))
+    assert torch.allclose(attention(q, k, v, "sdpa"), attention_ref(q, k, v), atol=1e-5)
+
+
+def test_unavailable_backends_and_bad_configs_are_clear_errors():
+    q = torch.randn(1, 1, 4, 8)
+    for backend in ("triton", "flash", "xformers"):
+        with pytest.raises(BackendUnavailableError, match=backend):
+            attention(q, q, q, backend)
+    with pytest.raises(VigfaceError, match="odd depth"):
+        DenoiserConfig(depth=12)
+    with pytest.raises(VigfaceError, match="multiple of patch"):
+        DenoiserConfig(image_size=110, patch=4)
+    with pytest.raises(VigfaceError, match="size 'XL'"):
+        DenoiserConfig.preset("XL")
+    with pytest.raises(VigfaceError, match="pose condition"):
+        Denoiser(tiny())(torch.randn(1, 3, 56, 56), torch.tensor([1]), torch.randn(1, 512))
+
+
+def test_paper_size_has_784_tokens():
+    cfg = DenoiserConfig.preset("B")
+    assert cfg.tokens == 784 and cfg.width == 768 and cfg.depth == 13
+
+
+def test_landmark_image_blobs():
+    lm = torch.tensor([[[10.0, 20.0], [30.0, 20.0], [20.0, 30.0], [12.0, 40.0], [28.0, 40.0]]])
+    img = landmark_image(lm, 112)
+    assert img.shape == (1, 5, 112, 112)
+    for j, (x, y) in enumerate(lm[0].tolist()):
+        assert img[0, j, int(y), int(x)].item() == pytest.approx(1.0)  # peak on the landmark
+        # one pixel off: exp(-1 / (2 sigma^2)) with sigma = 2
+        assert img[0, j, int(y), int(x) + 1].item() == pytest.approx(math.exp(-1 / 8), rel=1e-6)
+    half = landmark_image(lm, 56)  # pixel centres at integers: x -> (x + 0.5) / 2 - 0.5, sigma 1
+    x, y = (10.0 + 0.5) / 2 - 0.5, (20.0 + 0.5) / 2 - 0.5
+    expected = math.exp(-((4 - x) ** 2 + (9 - y) ** 2) / 2)
+    assert half[0, 0, 9, 4].item() == pytest.approx(expected, rel=1e-5)
+    lm[0, 2] = float("nan")
+    assert landmark_image(lm, 56)[0, 2].abs().sum() == 0

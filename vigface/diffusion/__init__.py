@@ -1,0 +1,1 @@
+"""Stage 2: identity- and pose-conditioned pixel diffusion (schedules, samplers, denoiser)."""

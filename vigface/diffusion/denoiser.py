@@ -1,0 +1,199 @@
+"""The stage-2 denoiser: a pixel-space ViT with AdaLN conditioning, U-ViT or DiT layout.
+
+    x_t (N, 3, S, S) ++ pose image (N, 5, S, S)   -> patchify (p x p)  -> tokens (N, L, D), L = (S/p)^2
+    c = timestep_mlp(sinusoid(t)) + Linear(FR embedding)                   (N, D)
+    blocks: AdaLN-Zero  x += g1 * Attn(LN(x) (1 + s1) + b1);  x += g2 * MLP(LN(x) (1 + s2) + b2)
+            (s, b, g) = Linear(SiLU(c)) initialised to zero, so every block starts as the identity
+    uvit: depth = 2 n + 1 blocks: n "in" blocks, a middle block, n "out" blocks; out block i
+          first merges the matching in block's output: x = Linear([x, skip_i]) (long skips, §4.2)
+    dit:  depth plain blocks (the later version of the paper)
+    final: LN modulated by c, Linear(D -> p*p*3) zero-initialised -> unpatchify (N, 3, S, S)
+
+The output is the x0 estimate (or v, by the config's `prediction`). The unconditional model of
+classifier-free guidance is the same network with the FR embedding and the pose image zeroed.
+Sizes: `DENOISER_SIZES` ("tiny" for tests/CPU, "S", "B" = ViT-B/4 at 112x112, 784 tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vigface.diffusion.attention import attention
+from vigface.errors import VigfaceError
+
+ARCHS = ("uvit", "dit")
+PREDICTIONS = ("x0", "v")
+POSE_CHANNELS = 5
+
+# name: (width, depth, heads, patch, image size)
+DENOISER_SIZES = {
+    "tiny": (128, 5, 4, 8, 56),
+    "S": (512, 13, 8, 4, 112),
+    "B": (768, 13, 12, 4, 112),
+}
+
+
+@dataclass(frozen=True)
+class DenoiserConfig:
+    arch: str = "uvit"
+    image_size: int = 112
+    patch: int = 4
+    width: int = 768
+    depth: int = 13
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    cond_dim: int = 512  # the FR embedding's size
+    pose: bool = True  # 5 landmark channels beside x_t
+    prediction: str = "x0"
+    attention: str = "sdpa"
+
+    def __post_init__(self):
+        def bad(why):
+            raise VigfaceError(f"denoiser config: {why}")
+
+        if self.arch not in ARCHS:
+            bad(f"arch {self.arch!r} is unknown; choose one of {', '.join(ARCHS)}")
+        if self.prediction not in PREDICTIONS:
+            bad(f"prediction {self.prediction!r} is unknown; choose one of {', '.join(PREDICTIONS)}")
+        if self.image_size % self.patch:
+            bad(f"image_size {self.image_size} is not a multiple of patch {self.patch}")
+        if self.width % self.heads:
+            bad(f"width {self.width} is not a multiple of heads {self.heads}")
+        if self.arch == "uvit" and self.depth % 2 == 0:
+            bad(f"uvit needs an odd depth (n in-blocks, a middle block, n out-blocks), got {self.depth}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> DenoiserConfig:
+        if name not in DENOISER_SIZES:
+            raise VigfaceError(
+                f"denoiser size {name!r} is unknown; choose one of {', '.join(DENOISER_SIZES)}"
+            )
+        width, depth, heads, patch, size = DENOISER_SIZES[name]
+        return cls(
+            **{
+                "width": width,
+                "depth": depth,
+                "heads": heads,
+                "patch": patch,
+                "image_size": size,
+                **overrides,
+            }
+        )
+
+    @property
+    def tokens(self) -> int:
+        return (self.image_size // self.patch) ** 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of integer timesteps (N,) -> (N, dim), as in DDPM / DiT."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int, backend: str):
+        super().__init__()
+        self.heads, self.backend = heads, backend
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):  # (N, L, D)
+        n, length, d = x.shape
+        qkv = self.qkv(x).view(n, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = attention(qkv[0], qkv[1], qkv[2], self.backend)  # (N, H, L, D/H)
+        return self.proj(out.transpose(1, 2).reshape(n, length, d))
+
+
+class AdaLNBlock(nn.Module):
+    def __init__(self, config: DenoiserConfig, skip: bool = False):
+        super().__init__()
+        d = config.width
+        self.skip_linear = nn.Linear(2 * d, d) if skip else None
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(d, config.heads, config.attention)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        hidden = int(d * config.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        nn.init.zeros_(self.ada[1].weight)  # AdaLN-Zero: the block starts as the identity
+        nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x, c, skip=None):  # x (N, L, D), c (N, D)
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class Denoiser(nn.Module):
+    def __init__(self, config: DenoiserConfig):
+        super().__init__()
+        self.config = config
+        d, p = config.width, config.patch
+        in_channels = 3 + (POSE_CHANNELS if config.pose else 0)
+        self.patch_embed = nn.Conv2d(in_channels, d, p, p)
+        self.pos = nn.Parameter(torch.zeros(1, config.tokens, d))
+        nn.init.normal_(self.pos, std=0.02)
+        self.time_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+        self.cond_proj = nn.Linear(config.cond_dim, d)
+        if config.arch == "uvit":
+            n = config.depth // 2
+            self.in_blocks = nn.ModuleList(AdaLNBlock(config) for _ in range(n))
+            self.mid_block = AdaLNBlock(config)
+            self.out_blocks = nn.ModuleList(AdaLNBlock(config, skip=True) for _ in range(n))
+        else:
+            self.blocks = nn.ModuleList(AdaLNBlock(config) for _ in range(config.depth))
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.final = nn.Linear(d, p * p * 3)
+        for layer in (self.final_ada[1], self.final):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, pose: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x_t (N, 3, S, S), t (N,) int, cond (N, cond_dim), pose (N, 5, S, S) -> (N, 3, S, S)."""
+        cfg = self.config
+        if cfg.pose:
+            if pose is None:
+                raise VigfaceError("this denoiser was built with a pose condition: pass the landmark image")
+            x_t = torch.cat([x_t, pose.to(x_t.dtype)], dim=1)
+        x = self.patch_embed(x_t).flatten(2).transpose(1, 2) + self.pos  # (N, L, D)
+        c = self.time_mlp(timestep_embedding(t, 256).to(x.dtype)) + self.cond_proj(cond.to(x.dtype))  # (N, D)
+        if cfg.arch == "uvit":
+            skips = []
+            for block in self.in_blocks:
+                x = block(x, c)
+                skips.append(x)
+            x = self.mid_block(x, c)
+            for block in self.out_blocks:
+                x = block(x, c, skips.pop())
+        else:
+            for block in self.blocks:
+                x = block(x, c)
+        shift, scale = self.final_ada(c).chunk(2, dim=1)
+        x = self.final(modulate(self.final_norm(x), shift, scale))  # (N, L, p*p*3)
+        return self.unpatchify(x)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, p*p*3) -> (N, 3, S, S)
+        p, side = self.config.patch, self.config.image_size // self.config.patch
+        x = x.view(x.shape[0], side, side, p, p, 3)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], 3, side * p, side * p)
