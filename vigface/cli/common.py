@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import types
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
 
 from vigface.errors import VigfaceError
 
@@ -28,3 +33,67 @@ def run_command(prog: str, func, args) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def _base_type(hint):
+    """int | None -> (int, None); list[float] -> (list, float); bool -> (bool, None)."""
+    if isinstance(hint, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is list:
+        return list, typing.get_args(hint)[0]
+    return hint, None
+
+
+def config_parser(
+    prog: str, description: str, config_cls, help_texts: dict, choices: dict
+) -> argparse.ArgumentParser:
+    """A parser with one flag per field of the dataclass `config_cls` (--resume and --config too)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    hints = typing.get_type_hints(config_cls)
+    for f in fields(config_cls):
+        if hints[f.name] is dict:
+            continue  # free-form fields come from --config only
+        default = f.default if f.default is not MISSING else f.default_factory()
+        kind, item = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = {
+            "default": argparse.SUPPRESS,
+            "help": f"{help_texts.get(f.name, f.name.replace('_', ' '))} (default: {default})",
+        }
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif kind is list:
+            parser.add_argument(flag, type=item, nargs="*", **kwargs)
+        else:
+            parser.add_argument(flag, type=kind, choices=choices.get(f.name), **kwargs)
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
+    parser.add_argument("--config", help="a JSON file of config fields (flags override it)")
+    return parser
+
+
+def config_from_args(config_cls, args: argparse.Namespace, prog: str, required: tuple) -> tuple:
+    """(config, resume) from flags over --config over the run's own config.json when resuming."""
+    given = {k: v for k, v in vars(args).items() if k not in ("resume", "config")}
+    values: dict = {}
+    if args.config:
+        try:
+            values.update(json.loads(Path(args.config).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise VigfaceError(f"--config {args.config}: {exc}") from None
+    if args.resume:
+        out = given.get("out") or values.get("out")
+        if not out:
+            raise VigfaceError("--resume needs --out (the folder of the run to continue)")
+        saved = Path(out) / "config.json"
+        if not saved.is_file():
+            raise VigfaceError(f"--resume: {saved} does not exist; is {out} a {prog} output folder?")
+        values = {**json.loads(saved.read_text()), **values}
+    values.update(given)
+    for name in required:
+        if not values.get(name):
+            raise VigfaceError(f"--{name.replace('_', '-')} is required")
+    return config_cls.from_dict(values), args.resume

@@ -11,15 +11,9 @@ config.json and accepts only flags that do not change the computation (epochs, w
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import types
-import typing
-from dataclasses import MISSING, fields
-from pathlib import Path
 
-from vigface.cli.common import run_command
-from vigface.errors import VigfaceError
+from vigface.cli.common import config_from_args, config_parser, run_command
 from vigface.fr.config import AMP_MODES, OPTIMIZERS, FRTrainConfig
 from vigface.fr.iresnet import ARCHS
 from vigface.fr.margins import MARGINS
@@ -59,72 +53,14 @@ CHOICES = {
 }
 
 
-def _base_type(hint):
-    """int | None -> (int, None); list[float] -> (list, float); bool -> (bool, None)."""
-    if isinstance(hint, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    if typing.get_origin(hint) is list:
-        return list, typing.get_args(hint)[0]
-    return hint, None
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vigface-train-fr",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    hints = typing.get_type_hints(FRTrainConfig)
-    for f in fields(FRTrainConfig):
-        default = f.default if f.default is not MISSING else f.default_factory()
-        kind, item = _base_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        kwargs = {
-            "default": argparse.SUPPRESS,
-            "help": f"{HELP.get(f.name, f.name.replace('_', ' '))} (default: {default})",
-        }
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        elif kind is list:
-            parser.add_argument(flag, type=item, nargs="*", **kwargs)
-        else:
-            parser.add_argument(flag, type=kind, choices=CHOICES.get(f.name), **kwargs)
-    parser.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
-    )
-    parser.add_argument("--config", help="a JSON file of config fields (flags override it)")
-    return parser
-
-
-def _config_from_args(args: argparse.Namespace) -> tuple[FRTrainConfig, bool]:
-    given = {k: v for k, v in vars(args).items() if k not in ("resume", "config")}
-    values: dict = {}
-    if args.config:
-        try:
-            values.update(json.loads(Path(args.config).read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise VigfaceError(f"--config {args.config}: {exc}") from None
-    if args.resume:
-        out = given.get("out") or values.get("out")
-        if not out:
-            raise VigfaceError("--resume needs --out (the folder of the run to continue)")
-        saved = Path(out) / "config.json"
-        if not saved.is_file():
-            raise VigfaceError(
-                f"--resume: {saved} does not exist; is {out} a vigface-train-fr output folder?"
-            )
-        values = {**json.loads(saved.read_text()), **values}
-    values.update(given)
-    for required in ("data", "out"):
-        if not values.get(required):
-            raise VigfaceError(f"--{required} is required")
-    return FRTrainConfig.from_dict(values), args.resume
+    return config_parser("vigface-train-fr", __doc__.splitlines()[0], FRTrainConfig, HELP, CHOICES)
 
 
 def _train(args: argparse.Namespace) -> int:
     from vigface.fr.trainer import train_fr
 
-    config, resume = _config_from_args(args)
+    config, resume = config_from_args(FRTrainConfig, args, "vigface-train-fr", ("data", "out"))
     summary = train_fr(config, resume=resume)
     if summary.get("prototype_stats"):
         stats = summary["prototype_stats"]

@@ -22,7 +22,9 @@ def identity_features(fr_backbone: torch.nn.Module, images: torch.Tensor) -> tor
     """L2-normalised FR embeddings of images in [-1, 1], resized to the backbone's input size."""
     size = fr_backbone.config.input_size if hasattr(fr_backbone, "config") else 112
     if images.shape[-1] != size:
-        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        images = F.interpolate(
+            images, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
     return F.normalize(fr_backbone(images).float(), dim=1)
 
 
@@ -50,8 +52,12 @@ def diffusion_loss(
     fr_backbone: torch.nn.Module | None = None,
     identity_weight: float = 0.0,
     prediction: str = "x0",
+    target_features: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Mean loss over the batch and its parts (detached). All randomness is passed in (t, noise, drop)."""
+    """Mean loss over the batch and its parts (detached). All randomness is passed in (t, noise, drop).
+
+    `target_features`: f(x0) if the caller has it already (the trainer's condition is exactly it).
+    """
     cond, pose = drop_conditions(cond, pose, drop)
     x_t = schedule.q_sample(x0, t, noise)
     out = denoiser(x_t, t, cond, pose).float()
@@ -65,8 +71,10 @@ def diffusion_loss(
     parts = {"pixel": pixel.detach()}
     loss = pixel
     if fr_backbone is not None and identity_weight > 0:
-        with torch.no_grad():
-            f_real = identity_features(fr_backbone, x0)
+        f_real = target_features
+        if f_real is None:
+            with torch.no_grad():
+                f_real = identity_features(fr_backbone, x0)
         f_hat = identity_features(fr_backbone, x0_hat)
         ident = (f_hat - f_real).pow(2).sum(1).mean()
         parts["identity"] = ident.detach()

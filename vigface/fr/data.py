@@ -45,17 +45,19 @@ class DecodedImages(torch.utils.data.Dataset):
     (it rebuilds exceptions from a string and falls back to RuntimeError with a traceback).
     """
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, with_index: bool = False):
         self.dataset = dataset
+        self.with_index = with_index  # return (image, i) instead of (image, label)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int):
         try:
-            return self.dataset[i]
+            image, label = self.dataset[i]
         except VigfaceError as exc:
             return None, str(exc)
+        return image, (i if self.with_index else label)
 
 
 def collate_images(items) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,8 +9,12 @@ code computes the ordinary cross-entropy, which is what the tests compare it wit
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
+
+from vigface.errors import BackendUnavailableError
 
 
 def world() -> tuple[int, int]:
@@ -18,6 +22,21 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
+    """Join the torchrun process group if there is one; (rank, world_size, device)."""
+    want_cuda = device_pref in ("auto", "cuda")
+    cuda = want_cuda and torch.cuda.is_available()
+    if device_pref == "cuda" and not cuda:
+        raise BackendUnavailableError("device 'cuda' was requested but torch sees no CUDA device")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world_size = world()
+    return rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
 
 def shard_bounds(num_classes: int, world_size: int) -> list[tuple[int, int]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-STREAMS = {"virtual": 1, "flip": 2, "dropout": 3, "init": 4, "order": 5}
+STREAMS = {"virtual": 1, "flip": 2, "dropout": 3, "init": 4, "order": 5, "diffusion": 6}
 
 
 def step_seed(seed: int, step: int, stream: str, rank: int = 0) -> int:

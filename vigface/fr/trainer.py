@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from vigface.data.verification_bin import load_verification_pairs
-from vigface.errors import BackendUnavailableError, VigfaceError
+from vigface.errors import VigfaceError
 from vigface.eval.prototypes import PAPER_FIG3B, plot_prototype_similarity, prototype_stats
 from vigface.eval.verification import verify_embeddings
 from vigface.fr.checkpoint import (
@@ -50,7 +50,7 @@ from vigface.fr.data import (
     open_face_dataset,
     prepare_batch,
 )
-from vigface.fr.distributed import world
+from vigface.fr.distributed import setup_distributed
 from vigface.fr.embed import BACKBONE_META, BACKBONE_WEIGHTS, embed_images, file_sha256
 from vigface.fr.iresnet import build_backbone
 from vigface.fr.prototypes import VirtualPrototypeHead, gather_shards
@@ -59,21 +59,6 @@ from vigface.fr.rng import step_seed
 
 class NonFiniteLossError(VigfaceError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
-    """Join the torchrun process group if there is one; (rank, world_size, device)."""
-    want_cuda = device_pref in ("auto", "cuda")
-    cuda = want_cuda and torch.cuda.is_available()
-    if device_pref == "cuda" and not cuda:
-        raise BackendUnavailableError("device 'cuda' was requested but torch sees no CUDA device")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world_size = world()
-    return rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
 
 def lr_at(config: FRTrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -93,7 +78,7 @@ def _optimizer(config: FRTrainConfig, params: list) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _check_finite(
+def check_finite(
     bad_step: torch.Tensor, last_checkpoint: Path | None, what: str = "loss became NaN/inf at"
 ) -> None:
     first = int(bad_step.item())  # the only host sync, at log/save points
@@ -250,7 +235,7 @@ class _Run:
         if self.world_size > 1:  # prototype shards differ: every rank must take the same branch
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not bool(finite):
-            _check_finite(torch.tensor(self.step), self.last_checkpoint, what="weights became non-finite at")
+            check_finite(torch.tensor(self.step), self.last_checkpoint, what="weights became non-finite at")
         tensors, meta = self._state()
         if self.is_main:
             save_checkpoint(self.out, self.step, tensors, meta, self.config.keep_checkpoints)
@@ -349,7 +334,7 @@ class _Run:
                 finished = self.step >= self.total_steps
                 saving = self.step % c.save_every == 0 or finished
                 if self.step % c.log_every == 0 or end_of_epoch or saving:
-                    _check_finite(bad_step, self.last_checkpoint)
+                    check_finite(bad_step, self.last_checkpoint)
                     now = time.perf_counter()
                     record = {k: round(float(v) / count, 5) for k, v in sums.items()}
                     record.update(

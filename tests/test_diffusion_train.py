@@ -1,0 +1,81 @@
+"""The stage-2 trainer on the small toy world: learning, outputs, bit-exact resume, errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vigface.cli import train_diffusion as cli
+from vigface.diffusion.config import DiffusionTrainConfig
+from vigface.diffusion.denoiser import Denoiser, DenoiserConfig
+from vigface.diffusion.trainer import train_diffusion
+from vigface.errors import VigfaceError
+from vigface.fr.checkpoint import latest_checkpoint
+from vigface.fr.config import FRTrainConfig
+from vigface.fr.trainer import train_fr
+
+
+@pytest.fixture(scope="module")
+def fr_model(small_toy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fr_for_diffusion")
+    train_fr(
+        FRTrainConfig(
+            data=str(small_toy / "train.rec"), out=str(out), arch="iresnet18", width=8, input_size=32,
+            embedding_dim=32, num_virtual=10, batch_size=16, epochs=1, scale=16.0, workers=0, progress=False,
+        )
+    )  # fmt: skip
+    return out
+
+
+def tiny(small_toy, fr_model, out, **kw):
+    base = dict(
+        data=str(small_toy / "train.rec"), fr_model=str(fr_model), out=str(out), size="tiny", image_size=32,
+        batch_size=16, steps=40, lr=1e-3, workers=0, save_every=10, log_every=5, progress=False,
+    )  # fmt: skip
+    return DiffusionTrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_toy, fr_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("diffusion_full")
+    train_diffusion(tiny(small_toy, fr_model, out))
+    return out
+
+
+def test_learns_and_writes_its_outputs(uninterrupted, fr_model):
+    records = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(5, 41, 5))
+    assert records[-1]["loss"] < 0.6 * records[0]["loss"], records  # eq. 8 goes down
+    assert records[-1]["identity"] < records[0]["identity"]
+    meta = json.loads((uninterrupted / "denoiser.json").read_text())
+    fr_meta = json.loads((fr_model / "backbone.json").read_text())
+    assert meta["fr_sha256"] == fr_meta["sha256"] and meta["step"] == 40
+    model = Denoiser(DenoiserConfig(**meta["denoiser"]))
+    model.load_state_dict(load_file(uninterrupted / "denoiser.safetensors"))
+    assert model.config.cond_dim == 32  # follows the FR model's embedding width
+    out = model(torch.zeros(1, 3, 32, 32), torch.tensor([10]), torch.zeros(1, 32), torch.zeros(1, 5, 32, 32))
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_resume_is_bit_exact(uninterrupted, small_toy, fr_model, tmp_path):
+    out = tmp_path / "resumed"
+    train_diffusion(tiny(small_toy, fr_model, out, steps=25))  # stops mid-epoch (20 steps per epoch)
+    train_diffusion(tiny(small_toy, fr_model, out, workers=1), resume=True)
+    a = load_file(latest_checkpoint(out) / "state.safetensors")
+    b = load_file(latest_checkpoint(uninterrupted) / "state.safetensors")
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert torch.equal(
+        load_file(out / "denoiser.safetensors")["final.weight"],
+        load_file(uninterrupted / "denoiser.safetensors")["final.weight"],
+    )
+
+
+def test_errors(small_toy, fr_model, tmp_path, capsys):
+    with pytest.raises(VigfaceError, match="landmarks table not found"):
+        train_diffusion(tiny(small_toy, fr_model, tmp_path / "a", landmarks=str(tmp_path / "none.npy")))
+    with pytest.raises(VigfaceError, match="not a trained backbone folder"):
+        train_diffusion(tiny(small_toy, tmp_path, tmp_path / "b"))
+    assert cli.main(["--data", str(small_toy), "--out", str(tmp_path / "c")]) == 2
+    assert "--fr-model is required" in capsys.readouterr().err

@@ -1,0 +1,61 @@
+"""`vigface-train-diffusion`: the stage-2 denoiser, conditioned on a trained stage-1 FR model.
+
+    vigface-train-diffusion --data toy --fr-model runs/fr --out runs/diffusion --size tiny --steps 20000
+    torchrun --nproc_per_node 8 -m vigface.cli.train_diffusion --data ms1m --fr-model runs/fr --out runs/dm
+    vigface-train-diffusion --out runs/diffusion --resume
+
+Every flag is a field of `DiffusionTrainConfig` (vigface/diffusion/config.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vigface.cli.common import config_from_args, config_parser, run_command
+from vigface.diffusion.config import DiffusionTrainConfig
+from vigface.diffusion.denoiser import ARCHS, DENOISER_SIZES, PREDICTIONS
+from vigface.diffusion.schedule import SCHEDULES
+
+PROG = "vigface-train-diffusion"
+HELP = {
+    "data": "train.rec, a folder holding train.rec, or an image folder with landmarks in its manifest",
+    "landmarks": "(N, 5, 2) .npy of the images' landmarks (default: <rec stem>_landmarks.npy)",
+    "fr_model": "a vigface-train-fr output folder (its backbone gives the condition f(x0))",
+    "size": "denoiser size: tiny (CPU), S, B (ViT-B/4 at 112x112, the paper's)",
+    "image_size": "denoiser resolution (default: the size's own; images are area-resized)",
+    "pose": "feed the 5-landmark image beside x_t",
+    "identity_weight": "lambda of the identity term of eq. 8",
+    "drop_prob": "probability of dropping the condition (classifier-free guidance)",
+    "batch_size": "images per rank per step",
+}
+CHOICES = {
+    "size": tuple(DENOISER_SIZES),
+    "arch": ARCHS,
+    "prediction": PREDICTIONS,
+    "schedule": SCHEDULES,
+    "amp": ("auto", "bf16", "off"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return config_parser(PROG, __doc__.splitlines()[0], DiffusionTrainConfig, HELP, CHOICES)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from vigface.diffusion.trainer import train_diffusion
+
+    config, resume = config_from_args(DiffusionTrainConfig, args, PROG, ("data", "fr_model", "out"))
+    summary = train_diffusion(config, resume=resume)
+    print(f"step {summary['step']}: wrote {summary['out']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(PROG, _train, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Stage-2 training configuration, saved as JSON beside every checkpoint.
+
+Defaults follow the paper's §4.2 on a GPU: U-ViT-B/4 at 112x112 (784 tokens), x0 prediction,
+cosine schedule with T = 1000, condition dropped 10 % of the time, AdamW lr 1e-4, EMA 0.9999.
+For CPU runs: `--size tiny` (d128, 5 blocks, patch 8 at 56x56).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+from vigface.diffusion.denoiser import ARCHS, DENOISER_SIZES, PREDICTIONS, DenoiserConfig
+from vigface.diffusion.schedule import SCHEDULES, NoiseSchedule
+from vigface.errors import VigfaceError
+
+RESUMABLE_CHANGES = frozenset(
+    {"steps", "workers", "save_every", "keep_checkpoints", "log_every", "progress", "device"}
+)
+
+
+@dataclass
+class DiffusionTrainConfig:
+    data: str = ""  # train.rec (or a folder holding it, or an image folder with manifest landmarks)
+    landmarks: str | None = None  # (N, 5, 2) .npy in dataset order; default <rec stem>_landmarks.npy
+    fr_model: str = ""  # a vigface-train-fr output folder: the frozen backbone giving f(x0)
+    out: str = ""
+    # denoiser
+    size: str = "B"
+    arch: str = "uvit"
+    image_size: int | None = None  # None: the size preset's
+    pose: bool = True
+    prediction: str = "x0"
+    attention: str = "sdpa"
+    # diffusion
+    schedule: str = "cosine"
+    timesteps: int = 1000
+    identity_weight: float = 1.0  # lambda of eq. 8
+    drop_prob: float = 0.1  # condition dropout for classifier-free guidance
+    # optimisation
+    batch_size: int = 64  # per rank
+    steps: int = 100000
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    clip_grad: float = 1.0
+    ema_decay: float = 0.9999
+    amp: str = "auto"
+    seed: int = 0
+    device: str = "auto"
+    # bookkeeping
+    workers: int = 2
+    save_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # free-form notes carried into the checkpoint
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise VigfaceError(f"diffusion config: {name} {why}")
+
+        if self.size not in DENOISER_SIZES:
+            bad("size", f"{self.size!r} is unknown; choose one of {', '.join(DENOISER_SIZES)}")
+        if self.arch not in ARCHS:
+            bad("arch", f"{self.arch!r} is unknown; choose one of {', '.join(ARCHS)}")
+        if self.prediction not in PREDICTIONS:
+            bad("prediction", f"{self.prediction!r} is unknown; choose one of {', '.join(PREDICTIONS)}")
+        if self.schedule not in SCHEDULES:
+            bad("schedule", f"{self.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+        if self.amp not in ("auto", "bf16", "off"):
+            bad("amp", f"{self.amp!r} is unknown; choose auto, bf16 or off")
+        if self.device not in ("auto", "cpu", "cuda"):
+            bad("device", f"{self.device!r} is unknown; choose auto, cpu or cuda")
+        for name in ("batch_size", "steps", "save_every", "keep_checkpoints", "log_every", "timesteps"):
+            if getattr(self, name) < 1:
+                bad(name, f"must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "identity_weight", "clip_grad"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                bad(name, f"must be a finite number >= 0, got {value}")
+        if not 0 <= self.drop_prob < 1:
+            bad("drop_prob", f"must be in [0, 1), got {self.drop_prob}")
+        if not 0 <= self.ema_decay < 1:
+            bad("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        self.denoiser_config()
+
+    def denoiser_config(self) -> DenoiserConfig:
+        overrides = {
+            "arch": self.arch,
+            "pose": self.pose,
+            "prediction": self.prediction,
+            "attention": self.attention,
+        }
+        if self.image_size is not None:
+            overrides["image_size"] = self.image_size
+        return DenoiserConfig.preset(self.size, **overrides)
+
+    def noise_schedule(self) -> NoiseSchedule:
+        return NoiseSchedule(self.schedule, self.timesteps)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DiffusionTrainConfig:
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise VigfaceError(f"diffusion config: unknown field(s) {', '.join(unknown)}")
+        return cls(**data)
+
+    def changes_from(self, other: DiffusionTrainConfig) -> list[str]:
+        a, b = self.to_dict(), other.to_dict()
+        return [k for k in a if a[k] != b[k] and k not in RESUMABLE_CHANGES]

@@ -1,0 +1,294 @@
+"""Stage-2 trainer: the identity- and pose-conditioned denoiser on (x0, f(x0), landmarks) triples.
+
+Each step: decode a batch, normalise to [-1, 1] at the denoiser's resolution, rasterise the
+images' landmarks into the pose image, take the frozen FR backbone's normalised embedding
+f(x0) as the condition, draw t / noise / condition dropout from a (seed, step, rank) generator,
+and minimise eq. 8. An EMA of the weights is kept; it is what gets exported for sampling.
+
+Like the stage-1 trainer: one process or torchrun (DDP), atomic safetensors + JSON checkpoints,
+`resume=True` continues bit-for-bit on CPU, a non-finite loss stops the run without writing a
+checkpoint after it. Outputs: denoiser.safetensors (EMA weights) + denoiser.json (config, the FR
+model's sha256 and folder, step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from vigface.data.image_folder import ImageFolderDataset
+from vigface.diffusion.config import DiffusionTrainConfig
+from vigface.diffusion.denoiser import Denoiser
+from vigface.diffusion.loss import diffusion_loss, identity_features
+from vigface.diffusion.pose import landmark_image
+from vigface.errors import DataFormatError, VigfaceError
+from vigface.fr.checkpoint import (
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
+    optimizer_state,
+    save_checkpoint,
+)
+from vigface.fr.data import DecodedImages, GlobalBatchSampler, collate_images, open_face_dataset
+from vigface.fr.distributed import setup_distributed
+from vigface.fr.embed import load_backbone
+from vigface.fr.rng import step_generator, step_seed
+from vigface.fr.trainer import check_finite
+
+DENOISER_WEIGHTS = "denoiser.safetensors"
+DENOISER_META = "denoiser.json"
+
+
+def load_landmarks(config: DiffusionTrainConfig, dataset) -> np.ndarray:
+    """(N, 5, 2) float32 landmarks of the training images, in dataset order."""
+    if config.landmarks:
+        path = Path(config.landmarks)
+    elif isinstance(dataset, ImageFolderDataset):
+        if dataset.landmarks is None:
+            raise DataFormatError(dataset.root, "the manifest has no landmarks; pass --landmarks")
+        return dataset.landmarks
+    else:
+        rec = Path(dataset.rec_path)
+        path = rec.with_name(f"{rec.stem}_landmarks.npy")
+    if not path.is_file():
+        raise DataFormatError(path, "landmarks table not found (pass --landmarks, or --no-pose)")
+    table = np.load(path)
+    if table.shape != (len(dataset), 5, 2):
+        raise DataFormatError(
+            path, f"has shape {table.shape}, expected ({len(dataset)}, 5, 2) for {config.data}"
+        )
+    return table.astype(np.float32)
+
+
+class _Run:
+    def __init__(self, config: DiffusionTrainConfig, resume: bool):
+        self.config = c = config
+        self.out = Path(c.out)
+        self.rank, self.world_size, self.device = setup_distributed(c.device)
+        self.is_main = self.rank == 0
+        checkpoint = latest_checkpoint(self.out)
+        if resume and checkpoint is None:
+            raise VigfaceError(f"--resume: there is no checkpoint under {self.out / 'checkpoints'}")
+        if not resume and checkpoint is not None:
+            raise VigfaceError(f"{self.out} already holds checkpoints; pass --resume or choose another --out")
+        self.dataset = open_face_dataset(c.data)
+        if len(self.dataset) < c.batch_size * self.world_size:
+            raise VigfaceError(f"{c.data} has {len(self.dataset)} images, fewer than one global batch")
+        self.landmarks = torch.from_numpy(load_landmarks(c, self.dataset)) if c.pose else None
+        self.fr, self.fr_meta = load_backbone(c.fr_model, self.device)
+        self.fr.requires_grad_(False)
+        self.schedule = c.noise_schedule()
+        # The condition is the FR embedding, whatever width the stage-1 model has.
+        self.den_config = replace(c.denoiser_config(), cond_dim=self.fr.config.embedding_dim)
+        torch.manual_seed(step_seed(c.seed, 0, "init"))
+        self.denoiser = Denoiser(self.den_config).to(self.device)
+        self.ema = {k: v.detach().clone().float() for k, v in self.denoiser.state_dict().items()}
+        self.names = [n for n, _ in self.denoiser.named_parameters()]
+        self.opt = torch.optim.AdamW(self.denoiser.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        self.bf16 = c.amp == "bf16" or (c.amp == "auto" and self.device.type == "cuda")
+        self.step = 0
+        self.saved_step = -1
+        self.last_checkpoint: Path | None = None
+        if resume:
+            self._load(checkpoint)
+        elif self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
+            (self.out / "metrics.jsonl").write_text("")
+        self.model = self.denoiser
+        if self.world_size > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.denoiser, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def _load(self, folder: Path) -> None:
+        tensors, meta = load_checkpoint(folder)
+        saved = DiffusionTrainConfig.from_dict(meta["config"])
+        changed = self.config.changes_from(saved)
+        if changed:
+            what = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(self.config, k)!r}" for k in changed)
+            raise VigfaceError(f"--resume: {self.out} was trained with a different configuration ({what})")
+        if meta["world_size"] != self.world_size:
+            raise VigfaceError(
+                f"--resume: {folder} was written by {meta['world_size']} process(es); "
+                f"this run has {self.world_size}"
+            )
+        self.denoiser.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.ema = {k[4:]: v.to(self.device) for k, v in tensors.items() if k.startswith("ema.")}
+        load_optimizer_state(self.opt, self.names, "opt.", tensors, meta["optimizer_scalars"])
+        self.step = self.saved_step = int(meta["step"])
+        self.last_checkpoint = folder
+        if self.is_main:
+            metrics = self.out / "metrics.jsonl"
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
+            metrics.write_text("".join(line + "\n" for line in kept))
+
+    def save(self) -> None:
+        finite = (
+            torch.stack([torch.isfinite(p).all() for p in self.denoiser.parameters()]).all().to(torch.int32)
+        )
+        if self.world_size > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not bool(finite):
+            check_finite(torch.tensor(self.step), self.last_checkpoint, what="weights became non-finite at")
+        if self.is_main:
+            tensors = {f"model.{k}": v for k, v in self.denoiser.state_dict().items()}
+            tensors.update({f"ema.{k}": v for k, v in self.ema.items()})
+            opt_tensors, scalars = optimizer_state(self.opt, self.names, "opt.")
+            tensors.update(opt_tensors)
+            meta = {
+                "config": self.config.to_dict(),
+                "world_size": self.world_size,
+                "optimizer_scalars": scalars,
+            }
+            save_checkpoint(self.out, self.step, tensors, meta, self.config.keep_checkpoints)
+        if self.world_size > 1:
+            dist.barrier()
+        self.saved_step = self.step
+        self.last_checkpoint = checkpoint_dir(self.out, self.step)
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    def batch_inputs(self, images: torch.Tensor, index: torch.Tensor):
+        size = self.den_config.image_size
+        x0 = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        with torch.no_grad():
+            cond = identity_features(self.fr, x0)  # f(x0) from the full-resolution image
+        if x0.shape[-1] != size:
+            x0 = F.interpolate(x0, size=(size, size), mode="area")
+        pose = None
+        if self.landmarks is not None:
+            pose = landmark_image(self.landmarks[index].to(self.device), size, source_size=images.shape[1])
+        g = step_generator(self.config.seed, self.step, "diffusion", self.rank)
+        n = x0.shape[0]
+        t = torch.randint(0, self.schedule.num_steps, (n,), generator=g).to(self.device)
+        noise = torch.randn(x0.shape, generator=g).to(self.device)
+        drop = (torch.rand(n, generator=g) < self.config.drop_prob).to(self.device)
+        return x0, cond, pose, t, noise, drop
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        d = self.config.ema_decay
+        for k, v in self.denoiser.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.ema[k].mul_(d).add_(v.float(), alpha=1 - d)
+            else:
+                self.ema[k].copy_(v)
+
+    def train(self) -> dict:
+        c = self.config
+        bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        sums: dict = {}
+        count = 0
+        steps_per_epoch = len(self.dataset) // (c.batch_size * self.world_size)
+        bar = tqdm(
+            total=c.steps,
+            initial=self.step,
+            desc="train-diffusion",
+            unit="step",
+            disable=not (c.progress and self.is_main),
+        )
+        t_log = time.perf_counter()
+        while self.step < c.steps:
+            epoch = self.step // steps_per_epoch
+            sampler = GlobalBatchSampler(
+                len(self.dataset), c.batch_size, self.rank, self.world_size, c.seed, epoch,
+                first_step=self.step % steps_per_epoch,
+            )  # fmt: skip
+            loader = torch.utils.data.DataLoader(
+                DecodedImages(self.dataset, with_index=True),
+                batch_sampler=sampler,
+                num_workers=c.workers,
+                collate_fn=collate_images,
+                pin_memory=self.device.type == "cuda",
+            )
+            for images, index in loader:
+                if images is None:
+                    raise VigfaceError(index)
+                lr = c.lr * min(1.0, (self.step + 1) / c.warmup_steps) if c.warmup_steps else c.lr
+                for group in self.opt.param_groups:
+                    group["lr"] = lr
+                x0, cond, pose, t, noise, drop = self.batch_inputs(images, index)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    loss, parts = diffusion_loss(
+                        self.model, self.schedule, x0, cond, pose, t=t, noise=noise, drop=drop,
+                        fr_backbone=self.fr, identity_weight=c.identity_weight,
+                        prediction=c.prediction, target_features=cond,
+                    )  # fmt: skip
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), self.step, bad_step)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if c.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), c.clip_grad)
+                self.opt.step()
+                self.update_ema()
+                self.step += 1
+                for k, v in {"loss": loss.detach(), **parts}.items():
+                    sums[k] = sums.get(k, 0.0) + v.float()
+                count += 1
+                bar.update(1)
+                finished = self.step >= c.steps
+                saving = self.step % c.save_every == 0 or finished
+                if self.step % c.log_every == 0 or saving:
+                    check_finite(bad_step, self.last_checkpoint)
+                    now = time.perf_counter()
+                    record = {k: round(float(v) / count, 6) for k, v in sums.items()}
+                    record.update(
+                        step=self.step,
+                        lr=lr,
+                        images_per_s=round(count * c.batch_size * self.world_size / (now - t_log), 1),
+                    )
+                    if self.is_main:
+                        with open(self.out / "metrics.jsonl", "a") as f:
+                            f.write(json.dumps(record) + "\n")
+                    bar.set_postfix(loss=record["loss"])
+                    sums, count, t_log = {}, 0, now
+                if saving:
+                    self.save()
+                if finished:
+                    break
+        bar.close()
+        if self.saved_step != self.step:
+            self.save()
+        return self.export()
+
+    def export(self) -> dict:
+        summary = {"out": str(self.out), "step": self.step}
+        if not self.is_main:
+            return summary
+        weights = {k: v.detach().contiguous().cpu() for k, v in self.ema.items()}
+        tmp = self.out / f".{DENOISER_WEIGHTS}.tmp"
+        save_file(weights, tmp)
+        os.replace(tmp, self.out / DENOISER_WEIGHTS)
+        meta = {
+            "denoiser": self.den_config.to_dict(),
+            "schedule": {"kind": self.schedule.kind, "num_steps": self.schedule.num_steps},
+            "fr_model": str(Path(self.config.fr_model).resolve()),
+            "fr_sha256": self.fr_meta.get("sha256"),
+            "step": self.step,
+            "ema_decay": self.config.ema_decay,
+            "train_config": self.config.to_dict(),
+        }
+        tmp = self.out / f".{DENOISER_META}.tmp"
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, self.out / DENOISER_META)
+        return summary
+
+
+def train_diffusion(config: DiffusionTrainConfig, *, resume: bool = False) -> dict:
+    """Train (or resume) stage 2; returns {"out", "step"}."""
+    return _Run(config, resume).train()
