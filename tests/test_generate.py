@@ -1,0 +1,106 @@
+"""vigface-gen: sampling determinism, the shard layout, and kill -9 / resume byte-identity."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from vigface.cli import gen as gen_cli
+from vigface.data.recordio import FaceRecordDataset
+from vigface.diffusion.config import DiffusionTrainConfig
+from vigface.diffusion.sampling import FaceSampler
+from vigface.diffusion.trainer import train_diffusion
+from vigface.errors import BackendUnavailableError, VigfaceError
+from vigface.fr.config import FRTrainConfig
+from vigface.fr.trainer import train_fr
+from vigface.generate.dataset import GenerationConfig, generate_dataset
+
+
+@pytest.fixture(scope="module")
+def denoiser_dir(small_toy, tmp_path_factory):
+    fr = tmp_path_factory.mktemp("gen_fr")
+    train_fr(
+        FRTrainConfig(
+            data=str(small_toy / "train.rec"), out=str(fr), arch="iresnet18", width=8, input_size=32,
+            embedding_dim=32, num_virtual=6, batch_size=16, epochs=1, scale=16.0, workers=0, progress=False,
+        )
+    )  # fmt: skip
+    out = tmp_path_factory.mktemp("gen_denoiser")
+    train_diffusion(
+        DiffusionTrainConfig(
+            data=str(small_toy / "train.rec"), fr_model=str(fr), out=str(out), size="tiny", image_size=32,
+            batch_size=16, steps=10, lr=1e-3, workers=0, progress=False,
+        )
+    )  # fmt: skip
+    return out
+
+
+def gen_args(model, out) -> list[str]:
+    return ["--model", str(model), "--out", str(out), "--ids", "both", "--num-ids", "3", "--per-id", "4",
+            "--steps", "8", "--batch-size", "2", "--shard-size", "4", "--quiet"]  # fmt: skip
+
+
+def test_an_image_does_not_depend_on_its_batch(denoiser_dir):
+    sampler = FaceSampler.load(denoiser_dir)
+    cond = torch.nn.functional.normalize(
+        torch.randn(3, 32, generator=torch.Generator().manual_seed(0)), dim=1
+    )
+    pose = torch.rand(3, 5, 32, 32, generator=torch.Generator().manual_seed(1))
+    w = torch.tensor([0.5, 2.5, 2.5])
+    together = sampler.sample(cond, pose, w, [11, 12, 13], steps=6)
+    alone = sampler.sample(cond[1:2], pose[1:2], w[1:2], [12], steps=6)
+    assert together.dtype == np.uint8 and together.shape == (3, 32, 32, 3)
+    assert np.abs(together[1].astype(int) - alone[0].astype(int)).max() <= 1  # float rounding at most
+    assert not np.array_equal(together[0], together[1])
+    assert np.array_equal(sampler.sample(cond, pose, w, [11, 12, 13], steps=6), together)
+
+
+def test_layout_and_labels(denoiser_dir, tmp_path):
+    out = tmp_path / "gen"
+    assert gen_cli.main(gen_args(denoiser_dir, out)) == 0
+    data = FaceRecordDataset(out / "train.rec")
+    assert len(data) == 24 and data.num_classes == 6
+    assert data[0][0].shape == (112, 112, 3)
+    assert np.load(out / "train_landmarks.npy").shape == (24, 5, 2)
+    labels = json.loads((out / "generation.json").read_text())["labels"]
+    assert labels["0"] == ["real", 0] and labels["3"] == ["virtual", 0]
+    assert len((out / "shards.jsonl").read_text().splitlines()) == 6
+
+
+def test_kill_and_rerun_is_byte_identical(denoiser_dir, tmp_path):
+    full = tmp_path / "full"
+    generate_dataset(GenerationConfig(model=str(denoiser_dir), out=str(full), ids="both", num_ids=3, per_id=4,
+                                      steps=8, batch_size=2, shard_size=4, progress=False))  # fmt: skip
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "vigface.cli.gen", *gen_args(denoiser_dir, out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list((out / "shards").glob("shard_*"))) >= 2:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "generation finished before it could be killed"
+    assert not (out / "train.rec").exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for name in ("train.rec", "train.idx", "train_landmarks.npy", "shards.jsonl"):
+        assert (out / name).read_bytes() == (full / name).read_bytes(), name
+    assert not list((out / "shards").glob(".tmp-*"))
+
+
+def test_errors(denoiser_dir, tmp_path, capsys):
+    with pytest.raises(BackendUnavailableError, match="engine 'trt' is not available"):
+        FaceSampler.load(denoiser_dir, engine="trt")
+    with pytest.raises(VigfaceError, match="100 virtual identities asked for"):
+        generate_dataset(
+            GenerationConfig(model=str(denoiser_dir), out=str(tmp_path / "x"), num_ids=100, progress=False)
+        )
+    assert gen_cli.main(["--model", str(tmp_path), "--out", str(tmp_path / "y")]) == 2
+    assert "not a trained denoiser folder" in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""Dataset generation: sharded, resumable, atomic shard files, manifest."""

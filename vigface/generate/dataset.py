@@ -1,0 +1,306 @@
+"""Generate a face dataset of real and/or virtual identities, shard by shard, resumably.
+
+    out/shards/shard_00000/   data.rec, data.idx, landmarks.npy, meta.json   (appears by atomic rename)
+    out/train.rec/.idx        all shards merged, identity ranges in record 0 (format=rec)
+    out/<label>/<n>.jpg       the same as an image folder + manifest.jsonl   (format=folder)
+    out/train_landmarks.npy   the pose landmarks each image was generated with (output frame)
+    out/shards.jsonl          one line per shard: name, images, sha256 of data.rec
+    out/generation.json       the config and the label -> (kind, prototype index) map
+
+Everything about image i is a function of the config: its identity, its pose landmarks, its seed
+(hence x_T), the batch it is sampled in (shards are cut into fixed batches). A shard directory is
+written under a temporary name and renamed when complete, so after `kill -9` a rerun finds the
+finished shards, regenerates the rest, and produces byte-identical files with no image lost or
+duplicated. With torchrun, rank r generates shards r, r + W, r + 2W, ...; rank 0 merges.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from vigface.data.align import ARCFACE_TEMPLATE_112
+from vigface.data.files import fsync_dir
+from vigface.data.image_folder import ImageFolderWriter
+from vigface.data.images import encode_image
+from vigface.data.recordio import FaceRecordDataset, FaceRecordWriter
+from vigface.diffusion.cfg import DEFAULT_W_REAL, DEFAULT_W_VIRTUAL
+from vigface.diffusion.pose import landmark_image
+from vigface.diffusion.sampling import ENGINES, SAMPLERS, FaceSampler
+from vigface.errors import DataFormatError, VigfaceError
+from vigface.fr.distributed import setup_distributed
+from vigface.fr.rng import step_seed
+
+# The paper's datasets: (identities, images per identity).
+PRESETS = {"S": (10_000, 50), "B": (60_000, 20), "L": (120_000, 50)}
+KINDS = ("real", "virtual", "both")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    model: str  # a vigface-train-diffusion output folder
+    out: str
+    ids: str = "virtual"
+    num_ids: int | None = None  # per kind; None: the preset's, else every prototype of that kind
+    per_id: int | None = None
+    preset: str | None = None
+    prototypes: str | None = None  # default: prototypes.safetensors of the FR model the denoiser used
+    pose: str = "dataset"  # dataset | frontal | a (M, 5, 2) .npy in the 112x112 aligned frame
+    landmarks: str | None = None  # the table `pose=dataset` draws from (default: the training set's)
+    w_real: float = DEFAULT_W_REAL
+    w_virtual: float = DEFAULT_W_VIRTUAL
+    steps: int = 100
+    sampler: str = "ddim"
+    engine: str = "eager"
+    format: str = "rec"
+    output_size: int = 112
+    quality: int = 95
+    batch_size: int = 64
+    shard_size: int = 1024  # images per shard (a multiple of batch_size keeps batches whole)
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise VigfaceError(f"generation: --{name.replace('_', '-')} {why}")
+
+        if self.ids not in KINDS:
+            bad("ids", f"{self.ids!r} is unknown; choose one of {', '.join(KINDS)}")
+        if self.preset is not None and self.preset not in PRESETS:
+            bad("preset", f"{self.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+        if self.sampler not in SAMPLERS:
+            bad("sampler", f"{self.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+        if self.engine not in ENGINES:
+            bad("engine", f"{self.engine!r} is unknown; choose one of {', '.join(ENGINES)}")
+        if self.format not in ("rec", "folder"):
+            bad("format", f"{self.format!r} is unknown; choose rec or folder")
+        for name in ("steps", "batch_size", "shard_size", "output_size"):
+            if getattr(self, name) < 1:
+                bad(name, f"must be at least 1, got {getattr(self, name)}")
+        for name in ("num_ids", "per_id"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                bad(name, f"must be at least 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _images_per_id(config: GenerationConfig) -> int:
+    if config.per_id is not None:
+        return config.per_id
+    return PRESETS[config.preset][1] if config.preset else 20
+
+
+def plan_jobs(config: GenerationConfig, num_real: int, num_virtual: int) -> list[tuple[int, str, int, int]]:
+    """Every image to make, in output order: (label, kind, prototype index, image index)."""
+    wanted = (
+        config.num_ids
+        if config.num_ids is not None
+        else (PRESETS[config.preset][0] if config.preset else None)
+    )
+    kinds = ("real", "virtual") if config.ids == "both" else (config.ids,)
+    jobs, label = [], 0
+    for kind in kinds:
+        available = num_real if kind == "real" else num_virtual
+        count = available if wanted is None else wanted
+        if count > available:
+            raise VigfaceError(
+                f"generation: {count} {kind} identities asked for, the FR model has {available}"
+            )
+        for proto in range(count):
+            jobs += [(label, kind, proto, image) for image in range(_images_per_id(config))]
+            label += 1
+    if not jobs:
+        raise VigfaceError("generation: nothing to generate (no identities of the requested kind)")
+    return jobs
+
+
+def _job_seed(config: GenerationConfig, kind: str, proto: int, image: int) -> int:
+    return (
+        step_seed(config.seed, proto * 1_000_003 + image, "diffusion", rank=1 if kind == "virtual" else 0)
+        % 2**63
+    )
+
+
+def _pose_landmarks(config: GenerationConfig, table: np.ndarray | None, jobs: list) -> np.ndarray:
+    """(len(jobs), 5, 2) landmarks in the 112x112 aligned frame, one drawn per image from its seed."""
+    if config.pose == "frontal" or table is None:
+        return np.repeat(ARCFACE_TEMPLATE_112[None].astype(np.float32), len(jobs), axis=0)
+    rows = [
+        np.random.default_rng(_job_seed(config, kind, p, i)).integers(len(table)) for _, kind, p, i in jobs
+    ]
+    return table[np.asarray(rows)].astype(np.float32)
+
+
+def _load_pose_table(config: GenerationConfig, train_config: dict) -> np.ndarray | None:
+    if config.pose == "frontal":
+        return None
+    if config.pose != "dataset":
+        path = Path(config.pose)
+    elif config.landmarks:
+        path = Path(config.landmarks)
+    else:
+        data = Path(train_config.get("data", ""))
+        rec = data / "train.rec" if data.is_dir() else data
+        path = (
+            Path(train_config["landmarks"])
+            if train_config.get("landmarks")
+            else rec.with_name(f"{rec.stem}_landmarks.npy")
+        )
+    if not path.is_file():
+        raise DataFormatError(path, "pose landmarks not found (pass --landmarks FILE or --pose frontal)")
+    table = np.load(path)
+    if table.ndim != 3 or table.shape[1:] != (5, 2) or not len(table):
+        raise DataFormatError(path, f"has shape {table.shape}, expected (M, 5, 2) landmarks")
+    return table
+
+
+class _Generator:
+    def __init__(self, config: GenerationConfig):
+        self.config = c = config
+        self.rank, self.world_size, self.device = setup_distributed(c.device)
+        self.sampler = FaceSampler.load(c.model, self.device, c.engine)
+        train_config = self.sampler.meta.get("train_config", {})
+        proto_path = (
+            Path(c.prototypes)
+            if c.prototypes
+            else Path(self.sampler.meta.get("fr_model", "")) / "prototypes.safetensors"
+        )
+        if not proto_path.is_file():
+            raise DataFormatError(proto_path, "prototypes not found (pass --prototypes)")
+        protos = load_file(proto_path)
+        self.prototypes = {k: F.normalize(protos[k].float(), dim=1) for k in ("real", "virtual")}
+        self.jobs = plan_jobs(c, len(self.prototypes["real"]), len(self.prototypes["virtual"]))
+        self.table = _load_pose_table(c, train_config) if self.sampler.config.pose else None
+        self.out = Path(c.out)
+        self.shard_root = self.out / "shards"
+        self.num_shards = (len(self.jobs) + c.shard_size - 1) // c.shard_size
+        self._check_or_write_plan()
+
+    def _check_or_write_plan(self) -> None:
+        plan = {"config": {k: v for k, v in self.config.to_dict().items() if k not in ("device", "progress")},
+                "images": len(self.jobs), "shards": self.num_shards}  # fmt: skip
+        path = self.out / "generation.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("plan") != plan:
+                raise VigfaceError(f"{self.out} holds a generation with other settings; choose another --out")
+            return
+        if self.rank == 0:
+            self.shard_root.mkdir(parents=True, exist_ok=True)
+            labels = {}
+            for label, kind, proto, _ in self.jobs:
+                labels.setdefault(str(label), [kind, proto])
+            tmp = self.out / ".generation.json.tmp"
+            tmp.write_text(json.dumps({"plan": plan, "labels": labels}, indent=2))
+            os.replace(tmp, path)
+        if self.world_size > 1:
+            dist.barrier()
+
+    def shard_dir(self, k: int) -> Path:
+        return self.shard_root / f"shard_{k:05d}"
+
+    def make_shard(self, k: int) -> None:
+        c = self.config
+        jobs = self.jobs[k * c.shard_size : (k + 1) * c.shard_size]
+        landmarks = _pose_landmarks(c, self.table, jobs)
+        tmp = self.shard_root / f".tmp-shard_{k:05d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        size = self.sampler.config.image_size
+        with FaceRecordWriter(tmp / "data.rec", fmt="jpeg", quality=c.quality) as writer:
+            for lo in range(0, len(jobs), c.batch_size):
+                batch = jobs[lo : lo + c.batch_size]
+                cond = torch.stack([self.prototypes[kind][p] for _, kind, p, _ in batch])
+                pose = (
+                    landmark_image(torch.from_numpy(landmarks[lo : lo + len(batch)]), size)
+                    if self.sampler.config.pose
+                    else None
+                )
+                w = torch.tensor([c.w_real if kind == "real" else c.w_virtual for _, kind, _, _ in batch])
+                seeds = [_job_seed(c, kind, p, i) for _, kind, p, i in batch]
+                images = self.sampler.sample(cond, pose, w, seeds, steps=c.steps, sampler=c.sampler)
+                if size != c.output_size:
+                    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+                    x = F.interpolate(x, size=(c.output_size, c.output_size), mode="bicubic", antialias=True)
+                    images = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+                for (label, *_), image in zip(batch, images, strict=True):
+                    writer.add(encode_image(image, "jpeg", c.quality), label)
+        np.save(tmp / "landmarks.npy", landmarks * (c.output_size / 112.0))
+        (tmp / "meta.json").write_text(
+            json.dumps({"shard": k, "first_image": k * c.shard_size, "images": len(jobs)})
+        )
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.rename(tmp, self.shard_dir(k))  # the shard exists only once it is complete
+        fsync_dir(self.shard_root)
+
+    def run(self) -> dict:
+        mine = [k for k in range(self.num_shards) if k % self.world_size == self.rank]
+        for stale in self.shard_root.glob(".tmp-shard_*"):
+            if self.world_size == 1:  # a killed run's partial shard; with several ranks each cleans its own
+                shutil.rmtree(stale, ignore_errors=True)
+        todo = [k for k in mine if not (self.shard_dir(k) / "meta.json").is_file()]
+        bar = tqdm(
+            total=len(mine),
+            initial=len(mine) - len(todo),
+            desc="shards",
+            disable=not (self.config.progress and self.rank == 0),
+        )
+        for k in todo:
+            self.make_shard(k)
+            bar.update(1)
+        bar.close()
+        if self.world_size > 1:
+            dist.barrier()
+        if self.rank == 0:
+            self.merge()
+        return {
+            "out": str(self.out),
+            "images": len(self.jobs),
+            "shards": self.num_shards,
+            "generated": len(todo),
+        }
+
+    def merge(self) -> None:
+        """Shards -> train.rec (or an image folder) + landmarks + shards.jsonl, each by atomic rename."""
+        c = self.config
+        lines, tables = [], []
+        writer = (
+            FaceRecordWriter(self.out / "train.rec")
+            if c.format == "rec"
+            else ImageFolderWriter(self.out, overwrite=True)
+        )
+        with writer:
+            for k in range(self.num_shards):
+                shard = self.shard_dir(k)
+                data = FaceRecordDataset(shard / "data.rec")
+                for i in range(len(data)):
+                    payload, label = data.encoded(i)
+                    writer.add(payload, label)
+                tables.append(np.load(shard / "landmarks.npy"))
+                digest = hashlib.sha256((shard / "data.rec").read_bytes()).hexdigest()
+                lines.append(json.dumps({"shard": shard.name, "images": len(data), "sha256": digest}))
+                data.close()
+        np.save(self.out / ".train_landmarks.tmp.npy", np.concatenate(tables))
+        os.replace(self.out / ".train_landmarks.tmp.npy", self.out / "train_landmarks.npy")
+        (self.out / ".shards.jsonl.tmp").write_text("".join(line + "\n" for line in lines))
+        os.replace(self.out / ".shards.jsonl.tmp", self.out / "shards.jsonl")
+
+
+def generate_dataset(config: GenerationConfig) -> dict:
+    """Generate (or finish generating) the dataset described by `config`."""
+    return _Generator(config).run()
