@@ -104,3 +104,25 @@ def test_errors(denoiser_dir, tmp_path, capsys):
         )
     assert gen_cli.main(["--model", str(tmp_path), "--out", str(tmp_path / "y")]) == 2
     assert "not a trained denoiser folder" in capsys.readouterr().err
+
+
+def test_pose_file_and_frontal(denoiser_dir, tmp_path):
+    frontal_face = [[38.3, 51.7], [73.5, 51.5], [56.0, 71.7], [41.5, 92.4], [70.7, 92.2]]
+    turned_face = [[30.0, 50.0], [60.0, 45.0], [40.0, 70.0], [35.0, 90.0], [62.0, 88.0]]
+    table = np.array([frontal_face, turned_face], dtype=np.float32)
+    np.save(tmp_path / "poses.npy", table)
+    common = dict(
+        model=str(denoiser_dir), ids="virtual", num_ids=2, per_id=3, steps=2, batch_size=6, progress=False
+    )
+    generate_dataset(GenerationConfig(out=str(tmp_path / "file"), pose=str(tmp_path / "poses.npy"), **common))
+    used = np.load(tmp_path / "file" / "train_landmarks.npy")
+    assert used.shape == (6, 5, 2)
+    assert all(any(np.allclose(row, t) for t in table) for row in used)  # every pose drawn from the file
+    generate_dataset(GenerationConfig(out=str(tmp_path / "frontal"), pose="frontal", **common))
+    frontal = np.load(tmp_path / "frontal" / "train_landmarks.npy")
+    assert np.allclose(frontal, frontal[0]) and np.allclose(frontal[0], table[0], atol=0.1)
+    with pytest.raises(VigfaceError, match="expected \\(M, 5, 2\\)"):
+        np.save(tmp_path / "bad.npy", np.zeros((3, 4)))
+        generate_dataset(
+            GenerationConfig(out=str(tmp_path / "bad"), pose=str(tmp_path / "bad.npy"), **common)
+        )
