@@ -33,12 +33,14 @@ from vigface.diffusion.loss import diffusion_loss, identity_features
 from vigface.diffusion.pose import landmark_image
 from vigface.errors import DataFormatError, VigfaceError
 from vigface.fr.checkpoint import (
+    check_resumable,
     checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
     load_optimizer_state,
     optimizer_state,
     save_checkpoint,
+    trim_metrics,
 )
 from vigface.fr.data import DecodedImages, GlobalBatchSampler, collate_images, open_face_dataset
 from vigface.fr.distributed import setup_distributed
@@ -116,26 +118,14 @@ class _Run:
 
     def _load(self, folder: Path) -> None:
         tensors, meta = load_checkpoint(folder)
-        saved = DiffusionTrainConfig.from_dict(meta["config"])
-        changed = self.config.changes_from(saved)
-        if changed:
-            what = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(self.config, k)!r}" for k in changed)
-            raise VigfaceError(f"--resume: {self.out} was trained with a different configuration ({what})")
-        if meta["world_size"] != self.world_size:
-            raise VigfaceError(
-                f"--resume: {folder} was written by {meta['world_size']} process(es); "
-                f"this run has {self.world_size}"
-            )
+        check_resumable(self.config, meta, folder, self.world_size)
         self.denoiser.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         self.ema = {k[4:]: v.to(self.device) for k, v in tensors.items() if k.startswith("ema.")}
         load_optimizer_state(self.opt, self.names, "opt.", tensors, meta["optimizer_scalars"])
         self.step = self.saved_step = int(meta["step"])
         self.last_checkpoint = folder
         if self.is_main:
-            metrics = self.out / "metrics.jsonl"
-            lines = metrics.read_text().splitlines() if metrics.exists() else []
-            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
-            metrics.write_text("".join(line + "\n" for line in kept))
+            trim_metrics(self.out / "metrics.jsonl", self.step)
 
     def save(self) -> None:
         finite = (

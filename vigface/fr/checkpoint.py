@@ -120,3 +120,28 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[dict, dict]:
     except Exception as exc:  # safetensors raises its own SafetensorError on damaged files
         raise DataFormatError(folder / "state.safetensors", f"cannot be read: {exc}") from None
     return tensors, meta
+
+
+def check_resumable(config, meta: dict, folder: Path, world_size: int) -> None:
+    """Refuse a resume whose configuration or world size differs from the checkpoint's.
+
+    `config` is a training-config dataclass with `from_dict` and `changes_from` (the fields that
+    alter the computation); steps, batches and prototype shards are laid out for one world size.
+    """
+    saved = type(config).from_dict(meta["config"])
+    changed = config.changes_from(saved)
+    if changed:
+        what = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(config, k)!r}" for k in changed)
+        raise VigfaceError(f"--resume: {folder} was trained with a different configuration ({what})")
+    if meta["world_size"] != world_size:
+        raise VigfaceError(
+            f"--resume: {folder} was written by a run on {meta['world_size']} process(es); "
+            f"resume it with the same number (this run has {world_size})"
+        )
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop metric lines logged after `step` (the checkpoint a run resumes from) so none repeat."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))

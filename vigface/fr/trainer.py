@@ -35,12 +35,14 @@ from vigface.errors import VigfaceError
 from vigface.eval.prototypes import PAPER_FIG3B, plot_prototype_similarity, prototype_stats
 from vigface.eval.verification import verify_embeddings
 from vigface.fr.checkpoint import (
+    check_resumable,
     checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
     load_optimizer_state,
     optimizer_state,
     save_checkpoint,
+    trim_metrics,
 )
 from vigface.fr.config import FRTrainConfig
 from vigface.fr.data import (
@@ -173,17 +175,7 @@ class _Run:
 
     def _load(self, folder: Path) -> None:
         tensors, meta = load_checkpoint(folder)
-        saved = FRTrainConfig.from_dict(meta["config"])
-        changed = self.config.changes_from(saved)
-        if changed:
-            what = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(self.config, k)!r}" for k in changed)
-            raise VigfaceError(f"--resume: {self.out} was trained with a different configuration ({what})")
-        if meta["world_size"] != self.world_size:
-            # Steps, batches and prototype shards are all laid out for the original world size.
-            raise VigfaceError(
-                f"--resume: {folder} was written by a run on {meta['world_size']} process(es); "
-                f"resume it with the same number (this run has {self.world_size})"
-            )
+        check_resumable(self.config, meta, folder, self.world_size)
         prefix = "backbone."
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         self.backbone.load_state_dict(state)
@@ -200,11 +192,8 @@ class _Run:
         load_optimizer_state(self.opt_head, ["weight"], "opt.head.", tensors, scalars, transform=shard)
         self.step = self.saved_step = int(meta["step"])
         self.last_checkpoint = folder
-        if self.is_main:  # drop metric lines past the checkpoint (logged before the interruption)
-            metrics = self.out / "metrics.jsonl"
-            lines = metrics.read_text().splitlines() if metrics.exists() else []
-            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
-            metrics.write_text("".join(line + "\n" for line in kept))
+        if self.is_main:
+            trim_metrics(self.out / "metrics.jsonl", self.step)
 
     def _state(self) -> tuple[dict, dict]:
         """Every tensor of the run, prototypes and their optimizer state gathered (a collective)."""
