@@ -33,20 +33,23 @@ from vigface.diffusion.loss import diffusion_loss, identity_features
 from vigface.diffusion.pose import landmark_image
 from vigface.errors import DataFormatError, VigfaceError
 from vigface.fr.checkpoint import (
+    append_metrics,
+    check_finite,
     check_resumable,
+    check_weights_finite,
     checkpoint_dir,
-    latest_checkpoint,
     load_checkpoint,
     load_optimizer_state,
     optimizer_state,
+    resume_point,
     save_checkpoint,
+    start_run_folder,
     trim_metrics,
 )
 from vigface.fr.data import DecodedImages, GlobalBatchSampler, collate_images, open_face_dataset
-from vigface.fr.distributed import setup_distributed
+from vigface.fr.distributed import setup_distributed, wrap_ddp
 from vigface.fr.embed import load_backbone
 from vigface.fr.rng import step_generator, step_seed
-from vigface.fr.trainer import check_finite
 
 DENOISER_WEIGHTS = "denoiser.safetensors"
 DENOISER_META = "denoiser.json"
@@ -79,11 +82,7 @@ class _Run:
         self.out = Path(c.out)
         self.rank, self.world_size, self.device = setup_distributed(c.device)
         self.is_main = self.rank == 0
-        checkpoint = latest_checkpoint(self.out)
-        if resume and checkpoint is None:
-            raise VigfaceError(f"--resume: there is no checkpoint under {self.out / 'checkpoints'}")
-        if not resume and checkpoint is not None:
-            raise VigfaceError(f"{self.out} already holds checkpoints; pass --resume or choose another --out")
+        checkpoint = resume_point(self.out, resume)
         self.dataset = open_face_dataset(c.data)
         if len(self.dataset) < c.batch_size * self.world_size:
             raise VigfaceError(f"{c.data} has {len(self.dataset)} images, fewer than one global batch")
@@ -105,14 +104,8 @@ class _Run:
         if resume:
             self._load(checkpoint)
         elif self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
-            (self.out / "metrics.jsonl").write_text("")
-        self.model = self.denoiser
-        if self.world_size > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.denoiser, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
+            start_run_folder(self.out, c)
+        self.model = wrap_ddp(self.denoiser, self.device, self.world_size)
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -128,13 +121,7 @@ class _Run:
             trim_metrics(self.out / "metrics.jsonl", self.step)
 
     def save(self) -> None:
-        finite = (
-            torch.stack([torch.isfinite(p).all() for p in self.denoiser.parameters()]).all().to(torch.int32)
-        )
-        if self.world_size > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not bool(finite):
-            check_finite(torch.tensor(self.step), self.last_checkpoint, what="weights became non-finite at")
+        check_weights_finite(self.denoiser.parameters(), self.step, self.last_checkpoint, self.world_size)
         if self.is_main:
             tensors = {f"model.{k}": v for k, v in self.denoiser.state_dict().items()}
             tensors.update({f"ema.{k}": v for k, v in self.ema.items()})
@@ -243,8 +230,7 @@ class _Run:
                         images_per_s=round(count * c.batch_size * self.world_size / (now - t_log), 1),
                     )
                     if self.is_main:
-                        with open(self.out / "metrics.jsonl", "a") as f:
-                            f.write(json.dumps(record) + "\n")
+                        append_metrics(self.out, record)
                     bar.set_postfix(loss=record["loss"])
                     sums, count, t_log = {}, 0, now
                 if saving:

@@ -145,3 +145,57 @@ def trim_metrics(path: Path, step: int) -> None:
     lines = path.read_text().splitlines() if path.exists() else []
     kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def resume_point(out: str | os.PathLike, resume: bool) -> Path | None:
+    """The checkpoint a run continues from; refuses to resume nothing or to overwrite a run."""
+    checkpoint = latest_checkpoint(out)
+    if resume and checkpoint is None:
+        raise VigfaceError(f"--resume: there is no checkpoint under {Path(out) / 'checkpoints'}")
+    if not resume and checkpoint is not None:
+        raise VigfaceError(
+            f"{out} already holds checkpoints; pass --resume to continue that run or choose another --out"
+        )
+    return checkpoint
+
+
+def start_run_folder(out: Path, config) -> None:
+    """A new run's folder: config.json and an empty metrics.jsonl."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    (out / "metrics.jsonl").write_text("")
+
+
+def append_metrics(out: Path, record: dict) -> None:
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+class NonFiniteLossError(VigfaceError):
+    """The loss (or the weights) became NaN or infinite; the last good checkpoint is kept."""
+
+
+def check_finite(
+    bad_step: torch.Tensor, last_checkpoint: Path | None, what: str = "loss became NaN/inf at"
+) -> None:
+    """Raise NonFiniteLossError if `bad_step` (the first bad step, -1 if none) is set: the only host sync."""
+    first = int(bad_step.item())
+    if first >= 0:
+        kept = (
+            f"the last good checkpoint is {last_checkpoint}"
+            if last_checkpoint
+            else "no checkpoint was written yet"
+        )
+        raise NonFiniteLossError(
+            f"{what} step {first}; training stopped and {kept}. Lower --lr, add warmup, or check the data."
+        )
+
+
+def check_weights_finite(params, step: int, last_checkpoint: Path | None, world_size: int) -> None:
+    """Before a save: a finite loss does not guarantee finite weights (the update after it may overflow),
+    and a checkpoint must never hold inf/NaN. All ranks take the same branch (shards differ)."""
+    finite = torch.stack([torch.isfinite(p).all() for p in params]).all().to(torch.int32)
+    if world_size > 1:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    if not bool(finite):
+        check_finite(torch.tensor(step), last_checkpoint, what="weights became non-finite at")

@@ -128,3 +128,11 @@ def sharded_cross_entropy(logits: torch.Tensor, target_index: torch.Tensor) -> t
     Every rank gets the same loss values; the gradient flows into its own logits only.
     """
     return _ShardedCrossEntropy.apply(logits.float(), target_index)
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device, world_size: int) -> torch.nn.Module:
+    """DistributedDataParallel around `module` when there are several ranks, else the module itself."""
+    if world_size == 1:
+        return module
+    device_ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)

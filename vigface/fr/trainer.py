@@ -35,13 +35,18 @@ from vigface.errors import VigfaceError
 from vigface.eval.prototypes import PAPER_FIG3B, plot_prototype_similarity, prototype_stats
 from vigface.eval.verification import verify_embeddings
 from vigface.fr.checkpoint import (
+    NonFiniteLossError,
+    append_metrics,
+    check_finite,
     check_resumable,
+    check_weights_finite,
     checkpoint_dir,
-    latest_checkpoint,
     load_checkpoint,
     load_optimizer_state,
     optimizer_state,
+    resume_point,
     save_checkpoint,
+    start_run_folder,
     trim_metrics,
 )
 from vigface.fr.config import FRTrainConfig
@@ -52,15 +57,11 @@ from vigface.fr.data import (
     open_face_dataset,
     prepare_batch,
 )
-from vigface.fr.distributed import setup_distributed
+from vigface.fr.distributed import setup_distributed, wrap_ddp
 from vigface.fr.embed import BACKBONE_META, BACKBONE_WEIGHTS, embed_images, file_sha256
 from vigface.fr.iresnet import build_backbone
 from vigface.fr.prototypes import VirtualPrototypeHead, gather_shards
 from vigface.fr.rng import step_seed
-
-
-class NonFiniteLossError(VigfaceError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 def lr_at(config: FRTrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -80,20 +81,7 @@ def _optimizer(config: FRTrainConfig, params: list) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def check_finite(
-    bad_step: torch.Tensor, last_checkpoint: Path | None, what: str = "loss became NaN/inf at"
-) -> None:
-    first = int(bad_step.item())  # the only host sync, at log/save points
-    if first >= 0:
-        kept = (
-            f"the last good checkpoint is {last_checkpoint}"
-            if last_checkpoint
-            else "no checkpoint was written yet"
-        )
-        raise NonFiniteLossError(
-            f"{what} step {first}; training stopped and {kept}. "
-            "Lower --lr, add --warmup-epochs, or check the data."
-        )
+__all__ = ["NonFiniteLossError", "train_fr"]
 
 
 class _Run:
@@ -104,14 +92,7 @@ class _Run:
         self.out = Path(config.out)
         self.rank, self.world_size, self.device = setup_distributed(config.device)
         self.is_main = self.rank == 0
-        checkpoint = latest_checkpoint(self.out)
-        if resume and checkpoint is None:
-            raise VigfaceError(f"--resume: there is no checkpoint under {self.out / 'checkpoints'}")
-        if not resume and checkpoint is not None:
-            raise VigfaceError(
-                f"{self.out} already holds checkpoints; "
-                "pass --resume to continue that run or choose another --out"
-            )
+        checkpoint = resume_point(self.out, resume)
         self.dataset = open_face_dataset(config.data)
         self.num_real = self.dataset.num_classes
         self.global_batch = config.batch_size * self.world_size
@@ -155,15 +136,9 @@ class _Run:
         if resume:
             self._load(checkpoint)
         elif self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-            (self.out / "metrics.jsonl").write_text("")
+            start_run_folder(self.out, config)
 
-        model = self.backbone
-        if self.world_size > 1:
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
+        model = wrap_ddp(self.backbone, self.device, self.world_size)
         self.model = torch.compile(model) if config.compile else model
         self.val_sets = {}
         if self.is_main:
@@ -217,14 +192,8 @@ class _Run:
         return tensors, meta
 
     def save(self) -> None:
-        # A finite loss does not guarantee finite weights (the update after it may overflow): a
-        # checkpoint must never hold inf/NaN, so check the weights once per save.
-        finite = torch.stack([torch.isfinite(p).all() for p in (*self.backbone_params, self.head.weight)])
-        finite = finite.all().to(torch.int32)
-        if self.world_size > 1:  # prototype shards differ: every rank must take the same branch
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not bool(finite):
-            check_finite(torch.tensor(self.step), self.last_checkpoint, what="weights became non-finite at")
+        params = (*self.backbone_params, self.head.weight)
+        check_weights_finite(params, self.step, self.last_checkpoint, self.world_size)
         tensors, meta = self._state()
         if self.is_main:
             save_checkpoint(self.out, self.step, tensors, meta, self.config.keep_checkpoints)
@@ -238,8 +207,7 @@ class _Run:
 
     def log(self, record: dict) -> None:
         if self.is_main:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_metrics(self.out, record)
 
     def evaluate(self) -> dict:
         results = {}

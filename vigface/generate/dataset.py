@@ -128,10 +128,7 @@ def plan_jobs(config: GenerationConfig, num_real: int, num_virtual: int) -> list
 
 
 def _job_seed(config: GenerationConfig, kind: str, proto: int, image: int) -> int:
-    return (
-        step_seed(config.seed, proto * 1_000_003 + image, "diffusion", rank=1 if kind == "virtual" else 0)
-        % 2**63
-    )
+    return step_seed(config.seed, proto * 1_000_003 + image, "diffusion", rank=1 if kind == "virtual" else 0)
 
 
 def _pose_landmarks(config: GenerationConfig, table: np.ndarray | None, jobs: list) -> np.ndarray:
