@@ -1,6 +1,14 @@
 """Shared fixtures: one small toy-world dataset per test session (made in a few seconds)."""
 
+import os
+
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter. `triton.jit` reads this variable when
+# a kernel module is imported, so it is set here, before any test module imports vigface.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from vigface.data.toy_dataset import ToyConfig, make_toy_dataset
 
