@@ -15,6 +15,7 @@
 
 #include "build_info.h"
 #include "device.h"
+#include "guided_update.h"
 #include "similarity.h"
 #include "warp_affine.h"
 
@@ -101,6 +102,22 @@ void warp_affine_cuda(uintptr_t src_ptr, uintptr_t dst_ptr, uintptr_t matrices_p
 #endif
 }
 
+void guided_update_cuda(uintptr_t model_ptr, int model_dtype, uintptr_t w_ptr, uintptr_t x_ptr, uintptr_t prev_ptr,
+                        int64_t n, int64_t per_sample, float k_x, float k_m, float c_x, float c_0, float c_p,
+                        float lo, float hi, uintptr_t stream) {
+#ifdef VIGFACE_WITH_CUDA
+  const vigface::GuidedUpdateCoeffs coeffs{k_x, k_m, c_x, c_0, c_p, lo, hi};
+  py::gil_scoped_release release;
+  vigface::guided_update_cuda(reinterpret_cast<const void*>(model_ptr), model_dtype,
+                              reinterpret_cast<const float*>(w_ptr), reinterpret_cast<float*>(x_ptr),
+                              reinterpret_cast<float*>(prev_ptr), n, per_sample, coeffs, reinterpret_cast<void*>(stream));
+#else
+  (void)model_ptr, (void)model_dtype, (void)w_ptr, (void)x_ptr, (void)prev_ptr, (void)n, (void)per_sample;
+  (void)k_x, (void)k_m, (void)c_x, (void)c_0, (void)c_p, (void)lo, (void)hi, (void)stream;
+  throw std::runtime_error("vigface._C was built without CUDA (no nvcc at build time, or VIGFACE_CUDA=OFF)");
+#endif
+}
+
 int cuda_device_count() {
 #ifdef VIGFACE_WITH_CUDA
   return vigface::cuda_device_count();
@@ -164,4 +181,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream"),
         "CUDA warp on device pointers (uint8 src N*H*W*C, uint8 dst N*out_h*out_w*C, float32 matrices N*2*3), "
         "enqueued on the cudaStream_t `stream` (0 = default stream). Asynchronous.");
+  m.def("guided_update_cuda", &guided_update_cuda, py::arg("model_ptr"), py::arg("model_dtype"), py::arg("w_ptr"),
+        py::arg("x_ptr"), py::arg("prev_ptr"), py::arg("n"), py::arg("per_sample"), py::arg("k_x"), py::arg("k_m"),
+        py::arg("c_x"), py::arg("c_0"), py::arg("c_p"), py::arg("lo"), py::arg("hi"), py::arg("stream"),
+        "Fused CFG combine + x0 + DDIM/DPM-Solver++ update (csrc/guided_update.h) on device pointers: model "
+        "output (2n rows, dtype 0 float32 / 1 bfloat16 / 2 float16), float32 w (n), x and prev (n rows, updated in "
+        "place), enqueued on `stream`. Asynchronous; capturable in a CUDA graph.");
 }
