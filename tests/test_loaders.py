@@ -1,0 +1,342 @@
+"""vigface.data.loaders: torch vs DALI batches, rank sharding, alignment, corrupt images.
+
+References: `vigface.fr.data` (the trainers' GlobalBatchSampler + prepare_batch on images decoded by
+FaceRecordDataset), `align_faces` through the `vigface data align` command, and plain sets of indices.
+"""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from vigface.cli.main import main
+from vigface.data.image_folder import ImageFolderDataset, write_image_folder
+from vigface.data.loaders import CorruptImageWarning, FaceSource, make_loader
+from vigface.data.loaders.order import rank_batches, steps_per_epoch
+from vigface.data.recordio import FaceRecordDataset, FaceRecordWriter
+from vigface.data.toy_dataset import ToyConfig, make_toy_dataset
+from vigface.data.toyfaces import render_aligned, render_wild
+from vigface.errors import BackendUnavailableError, VigfaceError
+from vigface.fr.data import GlobalBatchSampler, prepare_batch
+
+N_IDS, PER_ID = 6, 4  # 24 images: batch 5 x 2 ranks leaves a remainder of 4
+ONE_LEVEL = 1 / 127.5 + 1e-5  # one intensity level in [-1, 1] units (+ float32 rounding)
+
+
+@pytest.fixture(scope="module")
+def aligned_rec(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aligned")
+    make_toy_dataset(out, ToyConfig(ids=N_IDS, per_id=PER_ID, seed=5, pairs=0), workers=1, progress=False)
+    return out / "train.rec"
+
+
+@pytest.fixture(scope="module")
+def wild_rec(tmp_path_factory):
+    """Unaligned 144x144 toy faces with train_landmarks.npy (the toy world's unaligned variant)."""
+    out = tmp_path_factory.mktemp("wild")
+    cfg = ToyConfig(ids=N_IDS, per_id=PER_ID, seed=6, pairs=0, unaligned=True)
+    make_toy_dataset(out, cfg, workers=1, progress=False)
+    return out / "train.rec"
+
+
+@pytest.fixture(scope="module")
+def wild_folder(tmp_path_factory):
+    """Unaligned PNG (lossless) image folder with landmarks in its manifest."""
+    root = tmp_path_factory.mktemp("wild_folder")
+    rendered = [render_wild(8, ident, k) for ident in range(3) for k in range(3)]
+    labels = [ident for ident in range(3) for _ in range(3)]
+    write_image_folder(root, [r[0] for r in rendered], labels, landmarks=[r[1] for r in rendered], fmt="png")
+    return root
+
+
+def _epoch(loader, epoch=0, first_step=0):
+    return list(loader.epoch(epoch, first_step))
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] NCHW -> uint8 NHWC (exact for values that came from uint8 as u / 127.5 - 1)."""
+    return torch.round((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+# --------------------------------------------------------------------------- torch loader = trainer path
+
+
+def test_torch_loader_reproduces_trainer_batches(aligned_rec):
+    """Same indices as GlobalBatchSampler and same tensors as prepare_batch, flips included."""
+    ds = FaceRecordDataset(aligned_rec)
+    loader = make_loader(aligned_rec, 4, loader="torch", seed=11, flip=True, workers=0, image_size=56)
+    spe = loader.steps_per_epoch
+    assert spe == len(ds) // 4
+    for epoch in (0, 1):
+        sampler = GlobalBatchSampler(len(ds), 4, 0, 1, 11, epoch)
+        batches = _epoch(loader, epoch)
+        assert [b.index.tolist() for b in batches] == list(sampler)
+        for t, (batch, indices) in enumerate(zip(batches, sampler, strict=True)):
+            images = torch.from_numpy(np.stack([ds[i][0] for i in indices]))
+            expected = prepare_batch(
+                images, step=epoch * spe + t, seed=11, rank=0, input_size=56, flip=True,
+                device=torch.device("cpu"), channels_last=False,
+            )  # fmt: skip
+            assert torch.equal(batch.images, expected)
+            assert batch.labels.tolist() == [ds[i][1] for i in indices]
+            assert batch.step == t
+
+
+def test_resume_from_a_step_gives_the_rest_of_the_epoch(aligned_rec):
+    loader = make_loader(aligned_rec, 5, loader="torch", seed=2, flip=True, workers=0, drop_last=False)
+    full = _epoch(loader, 3)
+    tail = _epoch(loader, 3, first_step=2)
+    assert [b.step for b in tail] == [b.step for b in full[2:]]
+    for a, b in zip(full[2:], tail, strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.index, b.index)
+
+
+def test_workers_do_not_change_batches(aligned_rec):
+    serial = _epoch(make_loader(aligned_rec, 5, loader="torch", flip=True, workers=0))
+    parallel = _epoch(make_loader(aligned_rec, 5, loader="torch", flip=True, workers=2))
+    assert len(serial) == len(parallel) == 4
+    for a, b in zip(serial, parallel, strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
+def test_bf16_channels_last_output(aligned_rec):
+    (batch, *_) = _epoch(
+        make_loader(aligned_rec, 3, loader="torch", dtype="bfloat16", channels_last=True, workers=0)
+    )
+    assert batch.images.dtype == torch.bfloat16 and batch.images.shape == (3, 3, 112, 112)
+    assert batch.images.is_contiguous(memory_format=torch.channels_last)
+    assert batch.images.min() >= -1 and batch.images.max() <= 1
+
+
+# --------------------------------------------------------------------------- rank sharding
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_two_ranks_read_every_record_exactly_once(aligned_rec, loader, epoch):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    n = N_IDS * PER_ID
+    per_rank = []
+    for rank in range(2):
+        ld = make_loader(aligned_rec, 5, loader=loader, rank=rank, world_size=2, drop_last=False, workers=0)
+        batches = _epoch(ld, epoch)
+        assert len(batches) == ld.steps_per_epoch == 3  # 2 full global batches + the remainder (4 = 2 + 2)
+        assert [len(b.index) for b in batches] == [5, 5, 2]
+        per_rank.append(np.concatenate([b.index.numpy() for b in batches]))
+    seen = np.concatenate(per_rank)
+    assert sorted(seen.tolist()) == list(range(n))  # each record once: none lost, none twice
+    labels = FaceRecordDataset(aligned_rec).labels
+    for rank in range(2):
+        ld = make_loader(aligned_rec, 5, loader=loader, rank=rank, world_size=2, drop_last=False, workers=0)
+        for b in _epoch(ld, epoch):
+            assert b.labels.tolist() == labels[b.index.numpy()].tolist()
+
+
+def test_sharding_plan_reference():
+    """rank_batches vs a plain-Python statement of the plan, drop_last both ways, odd sizes."""
+    for n, b, w in [(23, 4, 3), (7, 2, 4), (10, 5, 2), (1, 1, 1)]:
+        for drop_last in (True, False):
+            plans = [rank_batches(n, b, r, w, 9, 0, True, drop_last) for r in range(w)]
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(_order_seed(9, 0))).tolist()
+            g = b * w
+            full = n // g
+            for r in range(w):
+                expected = [order[t * g + r * b : t * g + (r + 1) * b] for t in range(full)]
+                if not drop_last and n % g:
+                    tail = order[full * g :]
+                    k, extra = divmod(len(tail), w)
+                    lo = r * k + min(r, extra)
+                    part = tail[lo : lo + k + (r < extra)]
+                    expected += [part] if part else []
+                assert [p.tolist() for p in plans[r]] == expected
+            seen = sorted(i for plan in plans for p in plan for i in p.tolist())
+            assert seen == (list(range(n)) if not drop_last else sorted(order[: full * g]))
+            assert steps_per_epoch(n, b, w, drop_last) == max(len(p) for p in plans)
+
+
+def _order_seed(seed, epoch):
+    from vigface.fr.rng import step_seed
+
+    return step_seed(seed, epoch, "order")
+
+
+# --------------------------------------------------------------------------- alignment
+
+
+def test_aligned_output_equals_vigface_data_align(wild_folder, tmp_path):
+    out = tmp_path / "aligned"
+    argv = [
+        "data",
+        "align",
+        "--images",
+        str(wild_folder),
+        "--out",
+        str(out),
+        "--image-format",
+        "png",
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    reference = ImageFolderDataset(out)  # PNG: what the command computed, losslessly
+    loader = make_loader(
+        wild_folder, 4, aligned=False, loader="torch", shuffle=False, drop_last=False, workers=0
+    )
+    got = {}
+    for batch in _epoch(loader):
+        for i, image in zip(batch.index.tolist(), _to_uint8(batch.images), strict=True):
+            got[i] = image.numpy()
+    assert sorted(got) == list(range(len(reference)))
+    for i in range(len(reference)):
+        np.testing.assert_array_equal(got[i], reference[i][0])  # bit for bit
+
+
+def test_landmarks_jsonl_by_record_key_equals_npy(wild_rec, tmp_path):
+    table = np.load(wild_rec.with_name("train_landmarks.npy"))
+    keys = FaceRecordDataset(wild_rec).image_keys.tolist()
+    jsonl = tmp_path / "lm.jsonl"
+    rows = [
+        json.dumps({"key": k, "landmarks": table[n].tolist()}) for n, k in reversed(list(enumerate(keys)))
+    ]
+    jsonl.write_text("\n".join(rows) + "\n")
+    source = FaceSource(wild_rec, landmarks=jsonl)
+    np.testing.assert_array_equal(source.landmarks, table)
+    a = _epoch(make_loader(wild_rec, 6, aligned=False, loader="torch", workers=0))
+    b = _epoch(make_loader(source, 6, aligned=False, loader="torch", workers=0))
+    assert all(torch.equal(x.images, y.images) for x, y in zip(a, b, strict=True))
+
+
+def test_unaligned_source_without_landmarks_is_a_clear_error(aligned_rec, tmp_path):
+    folder = tmp_path / "no_lm"
+    write_image_folder(folder, [render_aligned(1, 0, 0)[0]], [0])
+    with pytest.raises(VigfaceError, match="no landmarks"):
+        make_loader(folder, 1, aligned=False, loader="torch")
+    lonely = tmp_path / "lonely.rec"
+    with FaceRecordWriter(lonely) as w:
+        w.add(render_aligned(1, 0, 0)[0], 0)
+    with pytest.raises(VigfaceError, match="landmarks"):
+        make_loader(lonely, 1, aligned=False, loader="torch")
+
+
+# --------------------------------------------------------------------------- torch vs DALI
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+def test_torch_and_dali_cpu_give_the_same_batches(aligned_rec, wild_rec, aligned):
+    pytest.importorskip("nvidia.dali")
+    rec = aligned_rec if aligned else wild_rec
+    kw = dict(aligned=aligned, seed=4, flip=True, drop_last=False, workers=2)
+    for epoch in (0, 1):
+        ref = _epoch(make_loader(rec, 5, loader="torch", **kw), epoch)
+        dali = _epoch(make_loader(rec, 5, loader="dali", **kw), epoch)
+        assert len(ref) == len(dali) == 5
+        for a, b in zip(ref, dali, strict=True):
+            assert torch.equal(a.labels, b.labels) and torch.equal(a.index, b.index)
+            assert a.images.shape == b.images.shape == (len(a.index), 3, 112, 112)
+            diff = (a.images - b.images).abs()
+            assert diff.max() <= ONE_LEVEL
+            if aligned:  # same libjpeg-turbo decode, no warp: equal up to float rounding
+                assert diff.max() < 1e-5
+
+
+def test_dali_alignment_matches_vigface_data_align(wild_folder, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    out = tmp_path / "aligned"
+    align_argv = ["data", "align", "--images", str(wild_folder), "--out", str(out), "--image-format", "png"]
+    assert main([*align_argv, "--quiet"]) == 0
+    reference = ImageFolderDataset(out)
+    loader = make_loader(wild_folder, 9, aligned=False, loader="dali", shuffle=False, workers=1)
+    (batch,) = _epoch(loader)
+    got = _to_uint8(batch.images).numpy().astype(int)
+    expected = np.stack([reference[i][0] for i in batch.index.tolist()]).astype(int)
+    assert np.abs(got - expected).max() <= 1
+    assert np.mean(got != expected) < 0.01  # DALI's float weights round differently on a few pixels
+
+
+# --------------------------------------------------------------------------- corrupt images
+
+
+@pytest.fixture(scope="module")
+def corrupt_rec(tmp_path_factory, aligned_rec):
+    """The aligned toy set with three bad payloads: truncated, garbage after a JPEG marker, bit-flipped."""
+    ds = FaceRecordDataset(aligned_rec)
+    path = tmp_path_factory.mktemp("corrupt") / "train.rec"
+    bad = {3: "truncated", 10: "garbage", 17: "flipped"}
+    with FaceRecordWriter(path) as w:
+        for i in range(len(ds)):
+            data, label = ds.encoded(i)
+            if bad.get(i) == "truncated":
+                data = data[: len(data) // 2]
+            elif bad.get(i) == "garbage":
+                data = b"\xff\xd8\xff" + bytes(range(256)) * 4
+            elif bad.get(i) == "flipped":
+                data = data[:600] + bytes(x ^ 0x5A for x in data[600:1200]) + data[1200:]
+            w.add(data, label)
+    return path, sorted(bad)
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_corrupt_images_are_skipped_counted_and_listed(corrupt_rec, loader):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    path, bad = corrupt_rec
+    ld = make_loader(path, 5, loader=loader, drop_last=False, shuffle=False, workers=2)
+    with pytest.warns(CorruptImageWarning, match="skipped 3 corrupt images") as record:
+        batches = _epoch(ld)
+    message = str(record[0].message)
+    for i in bad:
+        assert f"image {i}:" in message
+    seen = np.concatenate([b.index.numpy() for b in batches]).tolist()
+    assert seen == [i for i in range(N_IDS * PER_ID) if i not in bad]
+    assert sorted(ld.corrupt.skipped) == bad
+    assert [len(b.index) for b in batches] == [4, 5, 4, 4, 4]  # batches shrink, the epoch goes on
+
+
+def test_torch_and_dali_skip_the_same_corrupt_images(corrupt_rec):
+    pytest.importorskip("nvidia.dali")
+    path, _ = corrupt_rec
+    with pytest.warns(CorruptImageWarning):
+        ref = _epoch(make_loader(path, 5, loader="torch", flip=True, workers=0))
+    with pytest.warns(CorruptImageWarning):
+        dali = _epoch(make_loader(path, 5, loader="dali", flip=True, workers=1))
+    for a, b in zip(ref, dali, strict=True):
+        assert torch.equal(a.index, b.index)
+        assert (a.images - b.images).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_a_dataset_where_everything_fails_is_a_clear_error(tmp_path, loader):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    path = tmp_path / "broken.rec"
+    with FaceRecordWriter(path) as w:
+        for i in range(6):
+            w.add(b"\xff\xd8\xff" + bytes([i]) * 50, i // 3)
+    ld = make_loader(path, 4, loader=loader, drop_last=False, workers=0)
+    with pytest.raises(VigfaceError, match="every image this rank read in epoch 0 failed"):
+        _epoch(ld)
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def test_bad_arguments_are_clear_errors(aligned_rec):
+    with pytest.raises(VigfaceError, match="loader must be one of"):
+        make_loader(aligned_rec, 4, loader="opencv")
+    with pytest.raises(VigfaceError, match="batch_size must be a positive integer"):
+        make_loader(aligned_rec, 0, loader="torch")
+    with pytest.raises(VigfaceError, match=r"rank must be an integer in \[0, 2\)"):
+        make_loader(aligned_rec, 4, loader="torch", rank=2, world_size=2)
+    with pytest.raises(VigfaceError, match="dtype must be one of"):
+        make_loader(aligned_rec, 4, loader="torch", dtype="int8")
+    with pytest.raises(VigfaceError, match="not a .rec file"):
+        make_loader(aligned_rec.with_suffix(".txt"), 4, loader="torch")
+
+
+def test_dali_missing_is_named(aligned_rec, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # import nvidia.dali now raises ImportError
+    with pytest.raises(BackendUnavailableError, match=r"vigface\[dali\]"):
+        make_loader(aligned_rec, 4, loader="dali")
+    assert make_loader(aligned_rec, 4, loader="auto").name == "torch"
