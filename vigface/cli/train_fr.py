@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from vigface.cli.common import config_from_args, config_parser, run_command
-from vigface.fr.config import AMP_MODES, OPTIMIZERS, FRTrainConfig
+from vigface.fr.config import AMP_MODES, LOSSES, OPTIMIZERS, FRTrainConfig
 from vigface.fr.iresnet import ARCHS
 from vigface.fr.margins import MARGINS
 
@@ -31,6 +31,8 @@ HELP = {
     "virtual_embeddings": "train W_V with virtual embeddings (eqs. 5-7); "
     "--no-virtual-embeddings is the collapse ablation",
     "sigma_alpha": "EMA weight of the current batch's sigma (eq. 7)",
+    "loss": "margin-softmax implementation: fused (Triton, no B x C logits) or reference "
+    "(materialised logits); auto: fused on CUDA, reference elsewhere",
     "batch_size": "images per rank per step",
     "max_steps": "stop after this many steps (default: epochs x steps per epoch)",
     "lr_steps": "epochs at which the lr is multiplied by --lr-decay",
@@ -49,6 +51,7 @@ CHOICES = {
     "margin": MARGINS,
     "optimizer": OPTIMIZERS,
     "amp": AMP_MODES,
+    "loss": LOSSES,
     "device": ("auto", "cpu", "cuda"),
 }
 

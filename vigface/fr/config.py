@@ -16,6 +16,7 @@ from vigface.fr.margins import MARGINS, MarginConfig
 
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("auto", "bf16", "off")
+LOSSES = ("auto", "fused", "reference")  # margin-softmax implementation (same loss)
 
 # Fields a resumed run may change: they do not alter the computation of any step.
 RESUMABLE_CHANGES = frozenset(
@@ -29,6 +30,7 @@ RESUMABLE_CHANGES = frozenset(
         "val",
         "progress",
         "device",
+        "loss",
     }
 )
 
@@ -50,6 +52,7 @@ class FRTrainConfig:
     num_virtual: int = 0  # k virtual prototypes W_V
     virtual_embeddings: bool = True  # False: the collapse ablation (W_V without eqs. 5-7)
     sigma_alpha: float = 0.9
+    loss: str = "auto"  # auto: fused Triton kernels on CUDA, the materialised reference elsewhere
     # optimisation
     batch_size: int = 128  # per rank
     epochs: int = 25
@@ -89,6 +92,8 @@ class FRTrainConfig:
             bad("optimizer", f"{self.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
         if self.device not in ("auto", "cpu", "cuda"):
             bad("device", f"{self.device!r} is unknown; choose auto, cpu or cuda")
+        if self.loss not in LOSSES:
+            bad("loss", f"{self.loss!r} is unknown; choose one of {', '.join(LOSSES)}")
         if self.amp not in AMP_MODES:
             bad("amp", f"{self.amp!r} is unknown; choose one of {', '.join(AMP_MODES)}")
         for name in (

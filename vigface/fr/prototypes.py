@@ -24,6 +24,11 @@ Design choices the paper leaves open, made here:
 - The B virtual ids and noise of step t are drawn from a generator seeded by (seed, t), the same
   on every rank; each rank computes all B virtual rows for its shard, so the result does not
   depend on the number of ranks.
+
+Two implementations of the same loss (`loss=`): "reference" materialises the (B, C_shard) logits
+below; "fused" (`vigface/kernels/margin_softmax.py`) applies the margin to the B target cosines
+here and lets Triton kernels do the softmax over classes blockwise, real and virtual rows in one
+call, never storing a (B, C) matrix.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vigface.errors import BackendUnavailableError, VigfaceError
 from vigface.fr.distributed import (
     all_reduce_sum,
     gather_rows,
@@ -42,6 +48,25 @@ from vigface.fr.distributed import (
 )
 from vigface.fr.margins import MarginConfig, MarginHead
 from vigface.fr.rng import step_generator
+
+HEAD_LOSSES = ("auto", "fused", "reference")
+
+
+def resolve_head_loss(choice: str, device: torch.device) -> str:
+    """'auto' -> 'fused' on CUDA, 'reference' elsewhere; an explicit 'fused' must be able to run."""
+    if choice not in HEAD_LOSSES:
+        raise VigfaceError(f"loss {choice!r} is unknown; choose one of {', '.join(HEAD_LOSSES)}")
+    if choice == "auto":
+        return "fused" if device.type == "cuda" else "reference"
+    if choice == "fused":
+        try:
+            from vigface.kernels.margin_softmax import fused_unavailable_reason
+        except ImportError as exc:  # Triton is missing (it ships with torch on Linux only)
+            raise BackendUnavailableError(f"loss 'fused' needs Triton: {exc}") from None
+        why = fused_unavailable_reason(device)
+        if why is not None:
+            raise BackendUnavailableError(f"loss 'fused' on {device}: {why}; use --loss reference")
+    return choice
 
 
 class VirtualPrototypeHead(nn.Module):
@@ -57,8 +82,12 @@ class VirtualPrototypeHead(nn.Module):
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        loss: str = "reference",
     ):
         super().__init__()
+        if loss not in ("fused", "reference"):
+            raise VigfaceError(f"head loss {loss!r} is unknown; choose fused or reference")
+        self.loss = loss
         if rank is None or world_size is None:
             rank, world_size = world()
         self.num_real, self.num_virtual, self.embedding_dim = num_real, num_virtual, embedding_dim
@@ -123,30 +152,73 @@ class VirtualPrototypeHead(nn.Module):
         scaler = None
         if self.margin.config.kind == "adaface":
             scaler = self.margin.adaface_scaler(e.norm(dim=1), update=self.training)
-        logits = self.margin.logits(e_hat @ w_hat.T, target, scaler)  # (B, C_shard)
-        loss_real = sharded_cross_entropy(logits, target).mean()
+        virtual = None
+        if self.virtual_embeddings:
+            if self.training:
+                self.update_sigma(self.batch_sigma(e_hat.detach(), target, w_hat.detach()))
+            virtual = self._virtual_rows(w_hat, step, batch)
+        if self.loss == "fused":
+            loss_real, loss_virtual = self._fused_losses(e_hat, w_hat, target, scaler, virtual)
+        else:
+            loss_real, loss_virtual = self._reference_losses(e_hat, w_hat, target, scaler, virtual)
         stats = {"loss_real": loss_real.detach()}
-        if not self.virtual_embeddings:
+        if virtual is None:
             return loss_real, stats
-
-        if self.training:
-            self.update_sigma(self.batch_sigma(e_hat.detach(), target, w_hat.detach()))
-        ids, noise = self.draw_virtual(step, batch)
-        ids, noise = ids.to(e.device), noise.to(e.device)
-        v_labels = self.num_real + ids
-        v_target = self._target_index(v_labels)
-        with torch.no_grad():  # eq. 5 on the unit sphere; each rank fills in the w_v[j] it owns
-            w_v = torch.zeros(batch, self.embedding_dim, device=e.device)
-            own = torch.nonzero(v_target >= 0)[:, 0]
-            w_v[own] = w_hat[v_target[own]]
-            f_virtual = F.normalize(all_reduce_sum(w_v) + noise * self.sigma, dim=1)
-        is_virtual_class = torch.arange(self.lo, self.hi, device=e.device) >= self.num_real
-        w_for_virtual = torch.where(is_virtual_class[:, None], w_hat, w_hat.detach())
-        v_logits = self.margin.logits(f_virtual @ w_for_virtual.T, v_target, None)
-        loss_virtual = sharded_cross_entropy(v_logits, v_target).mean()
         stats["loss_virtual"] = loss_virtual.detach()
         stats["sigma_mean"] = self.sigma.mean()
         return loss_real + loss_virtual, stats
+
+    def _virtual_rows(self, w_hat: torch.Tensor, step: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 5 on the unit sphere: (B, d) virtual embeddings (constants) and their target columns."""
+        ids, noise = self.draw_virtual(step, batch)
+        ids, noise = ids.to(w_hat.device), noise.to(w_hat.device)
+        v_target = self._target_index(self.num_real + ids)
+        with torch.no_grad():  # each rank fills in the w_v[j] it owns
+            w_v = torch.zeros(batch, self.embedding_dim, device=w_hat.device)
+            own = torch.nonzero(v_target >= 0)[:, 0]
+            w_v[own] = w_hat[v_target[own]]
+            f_virtual = F.normalize(all_reduce_sum(w_v) + noise * self.sigma, dim=1)
+        return f_virtual, v_target
+
+    def _virtual_class_mask(self, device: torch.device) -> torch.Tensor:
+        return torch.arange(self.lo, self.hi, device=device) >= self.num_real  # (C_shard,)
+
+    def _reference_losses(self, e_hat, w_hat, target, scaler, virtual):
+        """Both cross-entropies from materialised (B, C_shard) logits."""
+        logits = self.margin.logits(e_hat @ w_hat.T, target, scaler)  # (B, C_shard)
+        loss_real = sharded_cross_entropy(logits, target).mean()
+        if virtual is None:
+            return loss_real, None
+        f_virtual, v_target = virtual
+        is_virtual_class = self._virtual_class_mask(e_hat.device)
+        w_for_virtual = torch.where(is_virtual_class[:, None], w_hat, w_hat.detach())
+        v_logits = self.margin.logits(f_virtual @ w_for_virtual.T, v_target, None)
+        return loss_real, sharded_cross_entropy(v_logits, v_target).mean()
+
+    def _fused_losses(self, e_hat, w_hat, target, scaler, virtual):
+        """Both cross-entropies from one call of the fused kernels; margins on the B target cosines."""
+        from vigface.kernels.margin_softmax import margin_cross_entropy
+
+        s = self.margin.config.scale
+        batch = e_hat.shape[0]
+        col = target.clamp_min(0)  # rows owned by another rank get a placeholder, masked there
+        target_logit = s * self.margin.target_cosine((e_hat * w_hat[col]).sum(1), scaler)
+        rows, targets, logits = e_hat, target, target_logit
+        if virtual is not None:
+            f_virtual, v_target = virtual
+            v_col = v_target.clamp_min(0)
+            w_t = w_hat[v_col]  # the virtual part reaches W_V only (Fig. 2)
+            w_t = torch.where(self._virtual_class_mask(e_hat.device)[v_col][:, None], w_t, w_t.detach())
+            v_logit = s * self.margin.target_cosine((f_virtual * w_t).sum(1), None)
+            rows = torch.cat([e_hat, f_virtual])
+            targets = torch.cat([target, v_target])
+            logits = torch.cat([target_logit, v_logit])
+        first_virtual_col = min(max(self.num_real - self.lo, 0), self.hi - self.lo)
+        per_row = margin_cross_entropy(
+            rows, w_hat, targets, logits, s, num_real_rows=batch, first_virtual_col=first_virtual_col
+        )
+        loss_virtual = per_row[batch:].mean() if virtual is not None else None
+        return per_row[:batch].mean(), loss_virtual
 
     # ---- the whole matrix, for checkpoints and reports ---------------------------------------
 

@@ -60,7 +60,7 @@ from vigface.fr.data import (
 from vigface.fr.distributed import setup_distributed, wrap_ddp
 from vigface.fr.embed import BACKBONE_META, BACKBONE_WEIGHTS, embed_images, file_sha256
 from vigface.fr.iresnet import build_backbone
-from vigface.fr.prototypes import VirtualPrototypeHead, gather_shards
+from vigface.fr.prototypes import VirtualPrototypeHead, gather_shards, resolve_head_loss
 from vigface.fr.rng import step_seed
 
 
@@ -124,6 +124,7 @@ class _Run:
             seed=config.seed,
             rank=self.rank,
             world_size=self.world_size,
+            loss=resolve_head_loss(config.loss, self.device),
         ).to(self.device)
         named = [(n, p) for n, p in self.backbone.named_parameters() if p.requires_grad]
         self.backbone_names = [n for n, _ in named]

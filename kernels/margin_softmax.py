@@ -1,0 +1,597 @@
+"""Fused margin-softmax cross-entropy over (real + virtual) prototypes, without the N x C logits.
+
+For N rows e_i (unit embeddings, D wide) and C unit prototypes w_j (this rank's shard), the
+margin softmax of VIGFace's head (`vigface/fr/prototypes.py`, paper eq. 3) is
+
+    z_ij = s * <e_i, w_j>                    every class but the target
+    z_iy = t_i                               the target: s * margin(cos theta_iy), computed outside
+    loss_i = LSE_j(z_ij) - t_i,              LSE taken over the classes of *all* ranks
+
+The margin touches one cosine per row, so it stays in PyTorch (`MarginHead.target_cosine`, with
+insightface's theta + m > pi continuation, AdaFace included): the caller passes the target's
+logit t_i and this module only does what needs the N x C matrix, blockwise:
+
+    forward   per row block and class split: logit tiles by tl.dot, online max / sum-exp   (1 matmul)
+    backward  dW kernel: per class block, loop over rows, recompute tiles, dW += dZ^T E     (2 matmuls)
+              dE kernel: per row block x class split, recompute tiles, dE += dZ W          (2 matmuls)
+    with      dZ_ij = g_i * s * exp(z_ij - LSE_i) off the target, 0 on it (the target's
+              share, g_i * p_iy, goes back through t_i by autograd).
+
+Nothing of size N x C is ever stored: the forward keeps (max, sum-exp) per row and class split,
+the backward recomputes the logit tiles (as flash attention does). Memory model, fp32: the
+reference holds about five N x C fp32 tensors at its peak (cosines, margin logits, exp, saved
+probabilities, their gradient); the fused path holds O(N * splits + N * D) beside the C x D
+gradient of W that any implementation must write.
+
+Partial FC: with classes sharded over ranks every rank computes its local (max, sum-exp), then
+one all-reduce of the max and one of the rescaled sum give the global LSE; the backward needs no
+collective (each rank owns its W rows; the embedding gradient is summed by `gather_rows`).
+
+Virtual rows (VIGFace Fig. 2): rows [num_real_rows, N) are virtual embeddings, constants whose
+loss may train only the virtual prototypes, columns >= first_virtual_col. The kernels zero their
+dW share for real columns and compute no dE for them, so real and virtual rows go in one call and
+W is read once for both.
+
+`margin_cross_entropy_ref` is the plain PyTorch reference (materialised logits, the head's own
+`sharded_cross_entropy`): the test oracle, the CPU path and the benchmark baseline.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+from vigface.errors import BackendUnavailableError, VigfaceError
+from vigface.fr.distributed import sharded_cross_entropy, world
+
+# `triton.jit` reads TRITON_INTERPRET when this module is imported, so that is when it counts.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+IMPLS = ("fused", "reference")
+
+
+# ---- tuning (pinned; one place) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MarginSoftmaxTuning:
+    block_n: int  # rows per logit tile
+    block_c: int  # classes per logit tile
+    block_d: int  # embedding chunk of each logit dot
+    block_c_grad_w: int  # classes per dW program
+    block_d_grad_w: int  # embedding slice of a dW accumulator: block_c_grad_w x this fp32 values live
+    block_d_grad_e: int  # embedding slice of a dE accumulator: block_n x this fp32 values live
+    programs: int  # aim for about this many programs when splitting the classes (0: 4 x SMs)
+    num_warps: int
+
+
+# GPU: a first guess sized like flash-attention's backward tiles (64 x 128 fp32 accumulators),
+# not tuned; tuning needs the GPU run this issue has pending. A dW slice narrower than D means its
+# logit tiles are recomputed D / block_d_grad_w times; 256 keeps that to 2x at D = 512.
+GPU_TUNING = MarginSoftmaxTuning(
+    block_n=64,
+    block_c=128,
+    block_d=64,
+    block_c_grad_w=64,
+    block_d_grad_w=256,
+    block_d_grad_e=128,
+    programs=0,
+    num_warps=8,
+)
+# Interpreter (CPU tests): small tiles so test shapes cover several blocks, class splits and
+# ragged edges; the interpreter's cost is per block operation, so small shapes stay fast.
+INTERPRETER_TUNING = MarginSoftmaxTuning(
+    block_n=16,
+    block_c=32,
+    block_d=16,
+    block_c_grad_w=32,
+    block_d_grad_w=32,
+    block_d_grad_e=32,
+    programs=4,
+    num_warps=4,
+)
+
+
+def default_tuning(device: torch.device) -> MarginSoftmaxTuning:
+    return GPU_TUNING if device.type == "cuda" else INTERPRETER_TUNING
+
+
+# ---- backend choice -----------------------------------------------------------------------------
+
+
+def fused_unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on `device` (None when they can)."""
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and INTERPRETED:
+        return None
+    if device.type == "cpu":
+        return (
+            "the fused margin-softmax loss needs a CUDA device, or TRITON_INTERPRET=1 in the "
+            "environment before vigface.kernels is imported (Triton's CPU interpreter, slow: tests only)"
+        )
+    return f"the fused margin-softmax loss has no kernels for device type {device.type!r}"
+
+
+# ---- the reference: materialised logits ---------------------------------------------------------
+
+
+def margin_cross_entropy_ref(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    target_index: torch.Tensor,
+    target_logit: torch.Tensor,
+    scale: float,
+    *,
+    num_real_rows: int | None = None,
+    first_virtual_col: int = 0,
+) -> torch.Tensor:
+    """Per-row loss (N,) fp32 from the full (N, C) logit matrix, as the head computes it."""
+    n = rows.shape[0]
+    r = n if num_real_rows is None else num_real_rows
+    cols = torch.arange(weight.shape[0], device=weight.device)
+    # Virtual rows are constants and reach only the virtual columns' prototypes (Fig. 2).
+    w_virtual = torch.where((cols >= first_virtual_col)[:, None], weight, weight.detach())
+    cos = torch.cat([rows[:r] @ weight.T, rows[r:].detach() @ w_virtual.T]).float()  # (N, C)
+    has = target_index >= 0
+    onehot = torch.zeros_like(cos, dtype=torch.bool)
+    onehot.scatter_(1, target_index.clamp_min(0)[:, None], has[:, None])
+    logits = torch.where(onehot, target_logit.float()[:, None], scale * cos)
+    return sharded_cross_entropy(logits, target_index)
+
+
+# ---- kernels ------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _logit_tile(
+    rows_ptr,
+    weight_ptr,
+    offs_n,
+    offs_c,
+    N,
+    C,
+    D,
+    stride_r,
+    stride_w,
+    scale,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
+):
+    """s * <e_n, w_c> for a (BLOCK_N, BLOCK_C) tile, fp32; zero outside [0, N) x [0, C)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    row_base = rows_ptr + offs_n.to(tl.int64)[:, None] * stride_r
+    col_base = weight_ptr + offs_c.to(tl.int64)[:, None] * stride_w
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        e = tl.load(row_base + offs_d[None, :], mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.0)
+        w = tl.load(col_base + offs_d[None, :], mask=(offs_c[:, None] < C) & (offs_d[None, :] < D), other=0.0)
+        if WIDEN:  # see WIDEN in the launchers
+            acc = tl.dot(e.to(tl.float32), tl.trans(w).to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(e, tl.trans(w), acc, input_precision=PRECISION)
+    return scale * acc
+
+
+@triton.jit
+def _lse_forward_kernel(
+    rows_ptr,
+    weight_ptr,
+    target_ptr,
+    target_logit_ptr,
+    max_out_ptr,
+    sum_out_ptr,
+    N,
+    C,
+    D,
+    stride_r,
+    stride_w,
+    scale,
+    cols_per_split,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
+):
+    """Per (row block, class split): running max and sum of exp(z - max) over the split's classes."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_n < N
+    target = tl.load(target_ptr + offs_n, mask=row_ok, other=-1)
+    target_logit = tl.load(target_logit_ptr + offs_n, mask=row_ok, other=0.0).to(tl.float32)
+    c_lo = split * cols_per_split
+    c_hi = tl.minimum(c_lo + cols_per_split, C)
+    run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        z = _logit_tile(
+            rows_ptr, weight_ptr, offs_n, offs_c, N, C, D, stride_r, stride_w, scale,
+            BLOCK_N, BLOCK_C, BLOCK_D, PRECISION, WIDEN,
+        )  # fmt: skip
+        z = tl.where(offs_c[None, :] == target[:, None], target_logit[:, None], z)
+        z = tl.where(offs_c[None, :] < c_hi, z, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(z, axis=1))  # finite: every tile has a live column
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        run_max = new_max
+    tl.store(max_out_ptr + split * N + offs_n, run_max, mask=row_ok)
+    tl.store(sum_out_ptr + split * N + offs_n, run_sum, mask=row_ok)
+
+
+@triton.jit
+def _grad_logit_tile(
+    z,
+    offs_n,
+    offs_c,
+    target,
+    lse,
+    grad,
+    N,
+    C,
+    scale,
+    num_real_rows,
+    first_virtual_col,
+):
+    """dLSE/dcos on a tile: g * s * softmax, zero on the target column, edges and Fig. 2's cut."""
+    d_cos = (grad * scale)[:, None] * tl.exp(z - lse[:, None])
+    live = (offs_n[:, None] < N) & (offs_c[None, :] < C) & (offs_c[None, :] != target[:, None])
+    trains = (offs_n[:, None] < num_real_rows) | (offs_c[None, :] >= first_virtual_col)
+    return tl.where(live & trains, d_cos, 0.0)
+
+
+@triton.jit
+def _grad_weight_kernel(
+    rows_ptr,
+    weight_ptr,
+    target_ptr,
+    lse_ptr,
+    grad_ptr,
+    grad_w_ptr,
+    N,
+    C,
+    D,
+    stride_r,
+    stride_w,
+    scale,
+    num_real_rows,
+    first_virtual_col,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DW: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
+):
+    """dW[c block, d slice] = sum over all rows of dZ^T E; each program owns its rows of dW."""
+    pid_c = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_dw = pid_d * BLOCK_DW + tl.arange(0, BLOCK_DW)
+    acc = tl.zeros((BLOCK_C, BLOCK_DW), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        row_ok = offs_n < N
+        target = tl.load(target_ptr + offs_n, mask=row_ok, other=-1)
+        lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0)
+        grad = tl.load(grad_ptr + offs_n, mask=row_ok, other=0.0)
+        z = _logit_tile(
+            rows_ptr, weight_ptr, offs_n, offs_c, N, C, D, stride_r, stride_w, scale,
+            BLOCK_N, BLOCK_C, BLOCK_D, PRECISION, WIDEN,
+        )  # fmt: skip
+        d_cos = _grad_logit_tile(
+            z, offs_n, offs_c, target, lse, grad, N, C, scale, num_real_rows, first_virtual_col
+        )
+        e = tl.load(
+            rows_ptr + offs_n.to(tl.int64)[:, None] * stride_r + offs_dw[None, :],
+            mask=row_ok[:, None] & (offs_dw[None, :] < D),
+            other=0.0,
+        )
+        d_cos = tl.trans(d_cos).to(e.dtype)  # rounded to the input dtype, as the reference's autograd does
+        if WIDEN:
+            acc = tl.dot(d_cos.to(tl.float32), e.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(d_cos, e, acc, input_precision=PRECISION)
+    out = grad_w_ptr + offs_c.to(tl.int64)[:, None] * D + offs_dw[None, :]
+    tl.store(out, acc, mask=(offs_c[:, None] < C) & (offs_dw[None, :] < D))
+
+
+@triton.jit
+def _grad_rows_kernel(
+    rows_ptr,
+    weight_ptr,
+    target_ptr,
+    lse_ptr,
+    grad_ptr,
+    grad_e_ptr,
+    N,
+    C,
+    D,
+    stride_r,
+    stride_w,
+    scale,
+    cols_per_split,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
+):
+    """Partial dE[split, row block, d slice] = sum over the split's classes of dZ W (real rows only)."""
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_de = pid_d * BLOCK_DE + tl.arange(0, BLOCK_DE)
+    row_ok = offs_n < N
+    target = tl.load(target_ptr + offs_n, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0)
+    grad = tl.load(grad_ptr + offs_n, mask=row_ok, other=0.0)
+    c_lo = split * cols_per_split
+    c_hi = tl.minimum(c_lo + cols_per_split, C)
+    acc = tl.zeros((BLOCK_N, BLOCK_DE), dtype=tl.float32)
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        z = _logit_tile(
+            rows_ptr, weight_ptr, offs_n, offs_c, N, C, D, stride_r, stride_w, scale,
+            BLOCK_N, BLOCK_C, BLOCK_D, PRECISION, WIDEN,
+        )  # fmt: skip
+        # Every row here is real (N = num_real_rows), so Fig. 2's cut does not apply.
+        d_cos = _grad_logit_tile(z, offs_n, offs_c, target, lse, grad, N, c_hi, scale, N, 0)
+        w = tl.load(
+            weight_ptr + offs_c.to(tl.int64)[:, None] * stride_w + offs_de[None, :],
+            mask=(offs_c[:, None] < c_hi) & (offs_de[None, :] < D),
+            other=0.0,
+        )
+        d_cos = d_cos.to(w.dtype)
+        if WIDEN:
+            acc = tl.dot(d_cos.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(d_cos, w, acc, input_precision=PRECISION)
+    out = grad_e_ptr + (split * N + offs_n.to(tl.int64))[:, None] * D + offs_de[None, :]
+    tl.store(out, acc, mask=row_ok[:, None] & (offs_de[None, :] < D))
+
+
+# ---- launchers ----------------------------------------------------------------------------------
+
+
+def _dot_modes(dtype: torch.dtype, device: torch.device) -> tuple[str, bool]:
+    """(PRECISION: input_precision for fp32 operands, WIDEN: widen 16-bit operands to fp32).
+
+    WIDEN exists for Triton 3.9's interpreter, which stores bf16 as uint16 and multiplies those
+    integers in tl.dot. 16-bit x 16-bit products are exact in fp32, so the widened dot is the
+    tensor-core dot up to summation order; on a GPU WIDEN is False and bf16 goes to tl.dot.
+    """
+    if dtype == torch.float32:
+        # Follow PyTorch's own matmul setting, so fused and reference round alike.
+        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 and device.type == "cuda" else "ieee"
+        return precision, False
+    return "tf32", device.type != "cuda"  # input_precision is not used for 16-bit operands
+
+
+def _class_splits(num_rows_blocks: int, num_classes: int, block_c: int, programs: int, device) -> int:
+    """Columns per split (a multiple of block_c) so that row blocks x splits ~ `programs`."""
+    if programs <= 0:
+        programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    col_blocks = triton.cdiv(num_classes, block_c)
+    splits = max(1, min(col_blocks, programs // max(num_rows_blocks, 1)))
+    return triton.cdiv(col_blocks, splits) * block_c
+
+
+def combine_lse(maxes: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """LSE (N,) from (P, N) partial maxima and sums of exp(z - max) over P disjoint class sets."""
+    top = maxes.amax(0)
+    total = (sums * torch.exp(maxes - top)).sum(0)
+    return top + torch.log(total)
+
+
+def lse_partials(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    target_index: torch.Tensor,
+    target_logit: torch.Tensor,
+    scale: float,
+    tuning: MarginSoftmaxTuning,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This shard's (max, sum of exp(z - max)) per row, (N,) each, by the forward kernel."""
+    n, d = rows.shape
+    c = weight.shape[0]
+    if c == 0:  # an empty shard adds nothing to the sum
+        return rows.new_full((n,), float("-inf"), dtype=torch.float32), rows.new_zeros(n, dtype=torch.float32)
+    precision, widen = _dot_modes(rows.dtype, rows.device)
+    grid_n = triton.cdiv(n, tuning.block_n)
+    cols_per_split = _class_splits(grid_n, c, tuning.block_c, tuning.programs, rows.device)
+    splits = triton.cdiv(c, cols_per_split)
+    maxes = torch.empty(splits, n, device=rows.device, dtype=torch.float32)
+    sums = torch.empty(splits, n, device=rows.device, dtype=torch.float32)
+    _lse_forward_kernel[(grid_n, splits)](
+        rows, weight, target_index, target_logit, maxes, sums,
+        n, c, d, rows.stride(0), weight.stride(0), float(scale), cols_per_split,
+        BLOCK_N=tuning.block_n, BLOCK_C=tuning.block_c, BLOCK_D=tuning.block_d,
+        PRECISION=precision, WIDEN=widen, num_warps=tuning.num_warps,
+    )  # fmt: skip
+    if splits == 1:
+        return maxes[0], sums[0]
+    top = maxes.amax(0)
+    return top, (sums * torch.exp(maxes - top)).sum(0)
+
+
+def lse_backward(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    target_index: torch.Tensor,
+    lse: torch.Tensor,
+    grad_lse: torch.Tensor,
+    scale: float,
+    num_real_rows: int,
+    first_virtual_col: int,
+    tuning: MarginSoftmaxTuning,
+    *,
+    need_rows: bool = True,
+    need_weight: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """fp32 gradients of sum_i g_i LSE_i for this shard, off the target column: (N, D), (C, D)."""
+    n, d = rows.shape
+    c = weight.shape[0]
+    precision, widen = _dot_modes(rows.dtype, rows.device)
+    grad_rows = grad_weight = None
+    if need_weight:
+        grad_weight = torch.zeros(c, d, device=rows.device, dtype=torch.float32)
+        if c > 0:
+            grid = (triton.cdiv(c, tuning.block_c_grad_w), triton.cdiv(d, tuning.block_d_grad_w))
+            _grad_weight_kernel[grid](
+                rows, weight, target_index, lse, grad_lse, grad_weight,
+                n, c, d, rows.stride(0), weight.stride(0), float(scale), num_real_rows, first_virtual_col,
+                BLOCK_N=tuning.block_n, BLOCK_C=tuning.block_c_grad_w, BLOCK_D=tuning.block_d,
+                BLOCK_DW=tuning.block_d_grad_w, PRECISION=precision, WIDEN=widen, num_warps=tuning.num_warps,
+            )  # fmt: skip
+    if need_rows:
+        grad_rows = torch.zeros(n, d, device=rows.device, dtype=torch.float32)
+        if c > 0 and num_real_rows > 0:
+            grid_n = triton.cdiv(num_real_rows, tuning.block_n)
+            grid_d = triton.cdiv(d, tuning.block_d_grad_e)
+            cols_per_split = _class_splits(grid_n * grid_d, c, tuning.block_c, tuning.programs, rows.device)
+            splits = triton.cdiv(c, cols_per_split)
+            # Partial sums per class split, added here: deterministic, unlike atomics; splits x R x D fp32.
+            parts = torch.empty(splits, num_real_rows, d, device=rows.device, dtype=torch.float32)
+            _grad_rows_kernel[(grid_n, grid_d, splits)](
+                rows, weight, target_index, lse, grad_lse, parts,
+                num_real_rows, c, d, rows.stride(0), weight.stride(0), float(scale), cols_per_split,
+                BLOCK_N=tuning.block_n, BLOCK_C=tuning.block_c, BLOCK_D=tuning.block_d,
+                BLOCK_DE=tuning.block_d_grad_e, PRECISION=precision, WIDEN=widen, num_warps=tuning.num_warps,
+            )  # fmt: skip
+            grad_rows[:num_real_rows] = parts.sum(0)
+    return grad_rows, grad_weight
+
+
+# ---- autograd -----------------------------------------------------------------------------------
+
+
+def _all_reduce(x: torch.Tensor, op) -> torch.Tensor:
+    if world()[1] > 1:
+        dist.all_reduce(x, op=op)
+    return x
+
+
+class _MarginLSE(torch.autograd.Function):
+    """Global LSE_i over all ranks' classes, the target column's logit replaced by t_i."""
+
+    @staticmethod
+    def forward(
+        ctx, rows, weight, target_index, target_logit, scale, num_real_rows, first_virtual_col, tuning
+    ):  # noqa: E501
+        row_max, row_sum = lse_partials(rows, weight, target_index, target_logit, scale, tuning)
+        top = _all_reduce(row_max.clone(), dist.ReduceOp.MAX)
+        total = _all_reduce(row_sum * torch.exp(row_max - top), dist.ReduceOp.SUM)
+        lse = top + torch.log(total)
+        ctx.save_for_backward(rows, weight, target_index, target_logit, lse)
+        ctx.config = (scale, num_real_rows, first_virtual_col, tuning)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse):
+        rows, weight, target_index, target_logit, lse = ctx.saved_tensors
+        scale, num_real_rows, first_virtual_col, tuning = ctx.config
+        grad_lse = grad_lse.float().contiguous()
+        grad_rows, grad_weight = lse_backward(
+            rows, weight, target_index, lse, grad_lse, scale, num_real_rows, first_virtual_col, tuning,
+            need_rows=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
+        )  # fmt: skip
+        grad_target = None
+        if ctx.needs_input_grad[3]:  # dLSE/dt_i = softmax at the target, where this rank owns it
+            p_target = torch.exp(target_logit.float() - lse)
+            grad_target = torch.where(target_index >= 0, grad_lse * p_target, 0.0).to(target_logit.dtype)
+        if grad_rows is not None:
+            grad_rows = grad_rows.to(rows.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_rows, grad_weight, None, grad_target, None, None, None, None
+
+
+def _check_inputs(rows, weight, target_index, target_logit, scale, num_real_rows, first_virtual_col):
+    if rows.ndim != 2 or weight.ndim != 2:
+        raise VigfaceError(
+            f"margin_cross_entropy: rows and weight must be 2-D, "
+            f"got {tuple(rows.shape)} and {tuple(weight.shape)}"
+        )
+    n, d = rows.shape
+    if weight.shape[1] != d:
+        raise VigfaceError(f"margin_cross_entropy: weight has width {weight.shape[1]}, rows have {d}")
+    if rows.dtype != weight.dtype or rows.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise VigfaceError(
+            f"margin_cross_entropy: rows and weight must share one of float32/bfloat16/float16, "
+            f"got {rows.dtype} and {weight.dtype}"
+        )
+    if target_index.shape != (n,) or target_index.dtype not in (torch.int64, torch.int32):
+        raise VigfaceError(
+            f"margin_cross_entropy: target_index must be an integer tensor of shape ({n},), "
+            f"got {target_index.dtype} {tuple(target_index.shape)}"
+        )
+    if target_logit.shape != (n,):
+        raise VigfaceError(
+            f"margin_cross_entropy: target_logit must have shape ({n},), got {tuple(target_logit.shape)}"
+        )
+    devices = {t.device for t in (rows, weight, target_index, target_logit)}
+    if len(devices) != 1:
+        raise VigfaceError(f"margin_cross_entropy: inputs are on several devices {sorted(map(str, devices))}")
+    if not scale > 0:
+        raise VigfaceError(f"margin_cross_entropy: scale must be positive, got {scale}")
+    if not 0 <= num_real_rows <= n:
+        raise VigfaceError(f"margin_cross_entropy: num_real_rows must be in [0, {n}], got {num_real_rows}")
+    if first_virtual_col < 0:
+        raise VigfaceError(f"margin_cross_entropy: first_virtual_col must be >= 0, got {first_virtual_col}")
+
+
+def margin_cross_entropy(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    target_index: torch.Tensor,
+    target_logit: torch.Tensor,
+    scale: float,
+    *,
+    num_real_rows: int | None = None,
+    first_virtual_col: int = 0,
+    impl: str = "fused",
+    tuning: MarginSoftmaxTuning | None = None,
+) -> torch.Tensor:
+    """Per-row margin-softmax cross-entropy (N,) fp32; a collective over ranks when W > 1.
+
+    rows (N, D): unit embeddings, real rows first; weight (C, D): this rank's unit prototypes;
+    target_index (N,): the target's column in this shard, -1 where another rank owns it;
+    target_logit (N,): s * margin cosine of the target (read where target_index >= 0);
+    rows [num_real_rows, N) are virtual: constants that train only columns >= first_virtual_col.
+    """
+    num_real_rows = rows.shape[0] if num_real_rows is None else num_real_rows
+    _check_inputs(rows, weight, target_index, target_logit, scale, num_real_rows, first_virtual_col)
+    if impl == "reference":
+        return margin_cross_entropy_ref(
+            rows, weight, target_index, target_logit, scale,
+            num_real_rows=num_real_rows, first_virtual_col=first_virtual_col,
+        )  # fmt: skip
+    if impl != "fused":
+        raise VigfaceError(f"margin_cross_entropy: impl {impl!r} is unknown; choose {' or '.join(IMPLS)}")
+    why = fused_unavailable_reason(rows.device)
+    if why is not None:
+        raise BackendUnavailableError(why)
+    if rows.shape[0] == 0:
+        return rows.new_zeros(0, dtype=torch.float32)
+    tuning = tuning or default_tuning(rows.device)
+    target_index = target_index.contiguous()
+    lse = _MarginLSE.apply(
+        rows.contiguous(), weight.contiguous(), target_index, target_logit.float().contiguous(),
+        float(scale), num_real_rows, first_virtual_col, tuning,
+    )  # fmt: skip
+    # The target term: only the owning rank holds t_i; every rank gets the same loss value, and the
+    # gradient -g_i flows into the owner's t_i only (as in `sharded_cross_entropy`).
+    local = torch.where(target_index >= 0, target_logit.float(), 0.0)
+    total = _all_reduce(local.detach().clone(), dist.ReduceOp.SUM)
+    return lse - (local + (total - local.detach()))
