@@ -68,7 +68,7 @@ def test_sdpa_attention_matches_the_formula(tokens):
 
 def test_unavailable_backends_and_bad_configs_are_clear_errors():
     q = torch.randn(1, 1, 4, 8)
-    for backend in ("triton", "flash", "xformers"):
+    for backend in ("flash", "xformers"):  # triton: tests/test_kernels_attention.py
         with pytest.raises(BackendUnavailableError, match=backend):
             attention(q, q, q, backend)
     with pytest.raises(VigfaceError, match="odd depth"):

@@ -12,6 +12,11 @@
 The output is the x0 estimate (or v, by the config's `prediction`). The unconditional model of
 classifier-free guidance is the same network with the FR embedding and the pose image zeroed.
 Sizes: `DENOISER_SIZES` ("tiny" for tests/CPU, "S", "B" = ViT-B/4 at 112x112, 784 tokens).
+
+Fast paths (same weights, same state dict): `attention` picks the attention backend (see
+vigface.diffusion.attention); `adaln="triton"` runs the LayerNorm + modulate steps as the fused
+kernels of vigface.kernels.adaln, the attention branch's gated residual fused with the MLP
+branch's LayerNorm + modulate; "auto" = triton for CUDA tensors, the reference elsewhere.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vigface.diffusion.attention import attention
-from vigface.errors import VigfaceError
+from vigface.diffusion.attention import BACKENDS, attention
+from vigface.errors import BackendUnavailableError, VigfaceError
 
 ARCHS = ("uvit", "dit")
 PREDICTIONS = ("x0", "v")
+ADALN = ("reference", "triton", "auto")
 POSE_CHANNELS = 5
 
 # name: (width, depth, heads, patch, image size)
@@ -51,6 +57,7 @@ class DenoiserConfig:
     pose: bool = True  # 5 landmark channels beside x_t
     prediction: str = "x0"
     attention: str = "sdpa"
+    adaln: str = "reference"  # a runtime choice: checkpoints load under every value
 
     def __post_init__(self):
         def bad(why):
@@ -60,6 +67,10 @@ class DenoiserConfig:
             bad(f"arch {self.arch!r} is unknown; choose one of {', '.join(ARCHS)}")
         if self.prediction not in PREDICTIONS:
             bad(f"prediction {self.prediction!r} is unknown; choose one of {', '.join(PREDICTIONS)}")
+        if self.attention not in BACKENDS:
+            bad(f"attention {self.attention!r} is unknown; choose one of {', '.join(BACKENDS)}")
+        if self.adaln not in ADALN:
+            bad(f"adaln {self.adaln!r} is unknown; choose one of {', '.join(ADALN)}")
         if self.image_size % self.patch:
             bad(f"image_size {self.image_size} is not a multiple of patch {self.patch}")
         if self.width % self.heads:
@@ -106,6 +117,19 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+def fused_adaln_kernels(choice: str, x: torch.Tensor):
+    """The vigface.kernels.adaln module when `choice` selects the fused kernels for x, else None."""
+    if choice == "reference" or (choice == "auto" and not x.is_cuda):
+        return None
+    try:
+        from vigface.kernels import adaln
+    except ImportError as exc:
+        if choice == "auto":
+            return None
+        raise BackendUnavailableError(f"adaln='triton' needs the triton package ({exc})") from None
+    return adaln
+
+
 class SelfAttention(nn.Module):
     def __init__(self, width: int, heads: int, backend: str):
         super().__init__()
@@ -133,11 +157,17 @@ class AdaLNBlock(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         nn.init.zeros_(self.ada[1].weight)  # AdaLN-Zero: the block starts as the identity
         nn.init.zeros_(self.ada[1].bias)
+        self.adaln = config.adaln
 
     def forward(self, x, c, skip=None):  # x (N, L, D), c (N, D)
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)  # each (N, D)
+        fused = fused_adaln_kernels(self.adaln, x)
+        if fused is not None:  # 2 fused passes instead of 2 LayerNorms + 5 element-wise passes
+            h = fused.adaln_modulate(x, shift1, scale1, self.norm1.eps)
+            x, h = fused.gated_residual_adaln(x, self.attn(h), gate1, shift2, scale2, self.norm2.eps)
+            return torch.addcmul(x, gate2[:, None], self.mlp(h))
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
@@ -190,7 +220,11 @@ class Denoiser(nn.Module):
             for block in self.blocks:
                 x = block(x, c)
         shift, scale = self.final_ada(c).chunk(2, dim=1)
-        x = self.final(modulate(self.final_norm(x), shift, scale))  # (N, L, p*p*3)
+        fused = fused_adaln_kernels(cfg.adaln, x)
+        if fused is not None:
+            x = self.final(fused.adaln_modulate(x, shift, scale, self.final_norm.eps))  # (N, L, p*p*3)
+        else:
+            x = self.final(modulate(self.final_norm(x), shift, scale))  # (N, L, p*p*3)
         return self.unpatchify(x)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, p*p*3) -> (N, 3, S, S)
