@@ -3,25 +3,26 @@
 For N rows e_i (unit embeddings, D wide) and C unit prototypes w_j (this rank's shard), the
 margin softmax of VIGFace's head (`vigface/fr/prototypes.py`, paper eq. 3) is
 
-    z_ij = s * <e_i, w_j>                    every class but the target
-    z_iy = t_i                               the target: s * margin(cos theta_iy), computed outside
-    loss_i = LSE_j(z_ij) - t_i,              LSE taken over the classes of *all* ranks
+    z_ij = s * cos_ij,  cos_ij = <e_i, w_j>    every class but the target y_i
+    z_iy = t_i = s * margin(cos_iy)            the target (ArcFace / CosFace / AdaFace / ...)
+    loss_i = LSE_j(z_ij) - t_i                 LSE over the classes of *all* ranks
 
-The margin touches one cosine per row, so it stays in PyTorch (`MarginHead.target_cosine`, with
-insightface's theta + m > pi continuation, AdaFace included): the caller passes the target's
-logit t_i and this module only does what needs the N x C matrix, blockwise:
+`margin` is any elementwise function of the target cosine, here `MarginHead.target_cosine` with
+insightface's theta + m > pi continuation: it touches N values, so it runs in PyTorch and its
+derivative comes from autograd on those N values. What needs the N x C matrix runs blockwise:
 
-    forward   per row block and class split: logit tiles by tl.dot, online max / sum-exp   (1 matmul)
-    backward  dW kernel: per class block, loop over rows, recompute tiles, dW += dZ^T E     (2 matmuls)
-              dE kernel: per row block x class split, recompute tiles, dE += dZ W          (2 matmuls)
-    with      dZ_ij = g_i * s * exp(z_ij - LSE_i) off the target, 0 on it (the target's
-              share, g_i * p_iy, goes back through t_i by autograd).
+    forward   per (row block, class split): logit tiles by tl.dot, online max / sum-exp      1 matmul
+    backward  dW kernel: per class block, loop over rows, recompute tiles, dW += dZ^T E      2 matmuls
+              dE kernel: per (row block, class split), recompute tiles, dE += dZ W          2 matmuls
+    with      dZ_ij = g_i * s * exp(z_ij - LSE_i) off the target, 0 on it; the target's
+              g_i (p_iy - 1) margin'(cos_iy) is added in fp32 beside the kernels' sums.
 
-Nothing of size N x C is ever stored: the forward keeps (max, sum-exp) per row and class split,
-the backward recomputes the logit tiles (as flash attention does). Memory model, fp32: the
-reference holds about five N x C fp32 tensors at its peak (cosines, margin logits, exp, saved
-probabilities, their gradient); the fused path holds O(N * splits + N * D) beside the C x D
-gradient of W that any implementation must write.
+Nothing of size N x C is stored: the forward keeps (max, sum-exp) per row and class split, the
+backward recomputes logit tiles (as flash attention does). Memory model (fp32): the reference
+holds about five N x C fp32 tensors at its peak (cosines, margin logits, exp, saved
+probabilities, their gradient); the fused path holds O(N x (splits + D)) beside the C x D
+gradient of W that every implementation writes. Time model: 5 N x C x D matmuls instead of 3,
+but no N x C memory traffic (the reference makes about 15 passes over N x C fp32).
 
 Partial FC: with classes sharded over ranks every rank computes its local (max, sum-exp), then
 one all-reduce of the max and one of the rescaled sum give the global LSE; the backward needs no
@@ -33,12 +34,13 @@ dW share for real columns and compute no dE for them, so real and virtual rows g
 W is read once for both.
 
 `margin_cross_entropy_ref` is the plain PyTorch reference (materialised logits, the head's own
-`sharded_cross_entropy`): the test oracle, the CPU path and the benchmark baseline.
+`sharded_cross_entropy`): the test oracle and the benchmark baseline.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +54,8 @@ from vigface.fr.distributed import sharded_cross_entropy, world
 # `triton.jit` reads TRITON_INTERPRET when this module is imported, so that is when it counts.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 IMPLS = ("fused", "reference")
+# The margin: target cosines (N,) fp32 -> margin cosines (N,), elementwise and differentiable.
+MarginFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 # ---- tuning (pinned; one place) -----------------------------------------------------------------
@@ -120,17 +124,22 @@ def fused_unavailable_reason(device: torch.device) -> str | None:
 # ---- the reference: materialised logits ---------------------------------------------------------
 
 
+def plain_margin(cos: torch.Tensor) -> torch.Tensor:
+    """No margin: the target keeps its cosine (plain normalised softmax)."""
+    return cos
+
+
 def margin_cross_entropy_ref(
     rows: torch.Tensor,
     weight: torch.Tensor,
     target_index: torch.Tensor,
-    target_logit: torch.Tensor,
     scale: float,
+    margin: MarginFn = plain_margin,
     *,
     num_real_rows: int | None = None,
     first_virtual_col: int = 0,
 ) -> torch.Tensor:
-    """Per-row loss (N,) fp32 from the full (N, C) logit matrix, as the head computes it."""
+    """Per-row loss (N,) fp32 from the full (N, C) logit matrix, as the head's reference path."""
     n = rows.shape[0]
     r = n if num_real_rows is None else num_real_rows
     cols = torch.arange(weight.shape[0], device=weight.device)
@@ -138,9 +147,11 @@ def margin_cross_entropy_ref(
     w_virtual = torch.where((cols >= first_virtual_col)[:, None], weight, weight.detach())
     cos = torch.cat([rows[:r] @ weight.T, rows[r:].detach() @ w_virtual.T]).float()  # (N, C)
     has = target_index >= 0
+    col = target_index.clamp_min(0)
+    target_logit = scale * margin(cos.gather(1, col[:, None])[:, 0])
     onehot = torch.zeros_like(cos, dtype=torch.bool)
-    onehot.scatter_(1, target_index.clamp_min(0)[:, None], has[:, None])
-    logits = torch.where(onehot, target_logit.float()[:, None], scale * cos)
+    onehot.scatter_(1, col[:, None], has[:, None])
+    logits = torch.where(onehot, target_logit[:, None], scale * cos)
     return sharded_cross_entropy(logits, target_index)
 
 
@@ -482,42 +493,59 @@ def _all_reduce(x: torch.Tensor, op) -> torch.Tensor:
     return x
 
 
-class _MarginLSE(torch.autograd.Function):
-    """Global LSE_i over all ranks' classes, the target column's logit replaced by t_i."""
+class _MarginCrossEntropy(torch.autograd.Function):
+    """Per-row loss LSE_i - t_i over all ranks' classes; kernels for the N x C part."""
 
     @staticmethod
-    def forward(
-        ctx, rows, weight, target_index, target_logit, scale, num_real_rows, first_virtual_col, tuning
-    ):  # noqa: E501
+    def forward(ctx, rows, weight, target_index, scale, margin, num_real_rows, first_virtual_col, tuning):
+        n = rows.shape[0]
+        owned = target_index >= 0
+        col = target_index.clamp_min(0)  # rows owned by another rank get a placeholder, masked below
+        cos_t = (rows.float() * weight[col].float()).sum(1) if weight.shape[0] else rows.new_zeros(n).float()
+        target_logit = (scale * margin(cos_t)).float()
         row_max, row_sum = lse_partials(rows, weight, target_index, target_logit, scale, tuning)
         top = _all_reduce(row_max.clone(), dist.ReduceOp.MAX)
-        total = _all_reduce(row_sum * torch.exp(row_max - top), dist.ReduceOp.SUM)
-        lse = top + torch.log(total)
-        ctx.save_for_backward(rows, weight, target_index, target_logit, lse)
-        ctx.config = (scale, num_real_rows, first_virtual_col, tuning)
-        return lse
+        lse = top + torch.log(_all_reduce(row_sum * torch.exp(row_max - top), dist.ReduceOp.SUM))
+        # Only the owning rank holds t_i; the sum over ranks gives every rank the same loss.
+        target_total = _all_reduce(torch.where(owned, target_logit, 0.0), dist.ReduceOp.SUM)
+        ctx.save_for_backward(rows, weight, target_index, cos_t, target_logit, lse)
+        ctx.config = (scale, margin, num_real_rows, first_virtual_col, tuning)
+        return lse - target_total
 
     @staticmethod
-    def backward(ctx, grad_lse):
-        rows, weight, target_index, target_logit, lse = ctx.saved_tensors
-        scale, num_real_rows, first_virtual_col, tuning = ctx.config
-        grad_lse = grad_lse.float().contiguous()
+    def backward(ctx, grad_loss):
+        rows, weight, target_index, cos_t, target_logit, lse = ctx.saved_tensors
+        scale, margin, num_real_rows, first_virtual_col, tuning = ctx.config
+        need_rows, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_loss = grad_loss.float().contiguous()
         grad_rows, grad_weight = lse_backward(
-            rows, weight, target_index, lse, grad_lse, scale, num_real_rows, first_virtual_col, tuning,
-            need_rows=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
+            rows, weight, target_index, lse, grad_loss, scale, num_real_rows, first_virtual_col, tuning,
+            need_rows=need_rows, need_weight=need_weight,
         )  # fmt: skip
-        grad_target = None
-        if ctx.needs_input_grad[3]:  # dLSE/dt_i = softmax at the target, where this rank owns it
-            p_target = torch.exp(target_logit.float() - lse)
-            grad_target = torch.where(target_index >= 0, grad_lse * p_target, 0.0).to(target_logit.dtype)
-        if grad_rows is not None:
-            grad_rows = grad_rows.to(rows.dtype)
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_rows, grad_weight, None, grad_target, None, None, None, None
+        # The target column, in fp32 beside the kernels' sums so a 16-bit gradient is rounded once:
+        # d loss_i / d cos_iy = g_i (p_iy - 1) * s * margin'(cos_iy), on the rank that owns y_i.
+        n = rows.shape[0]
+        owned = target_index >= 0
+        with torch.enable_grad():
+            c = cos_t.detach().requires_grad_()
+            (slope,) = torch.autograd.grad(margin(c).sum(), c)
+        p_target = torch.exp(target_logit - lse)
+        d_cos_t = torch.where(owned, grad_loss * (p_target - 1.0) * scale * slope, 0.0)  # (N,)
+        col = target_index.clamp_min(0)
+        is_real = torch.arange(n, device=rows.device) < num_real_rows
+        if need_rows and weight.shape[0] > 0:
+            d_rows = torch.where(is_real, d_cos_t, 0.0)  # virtual rows are constants
+            grad_rows += d_rows[:, None] * weight[col].float()
+        if need_weight and weight.shape[0] > 0:
+            trains = is_real | (col >= first_virtual_col)  # Fig. 2: virtual rows reach W_V only
+            d_weight = torch.where(trains, d_cos_t, 0.0)[:, None] * rows.float()
+            grad_weight.index_add_(0, col, d_weight)
+        grad_rows = grad_rows.to(rows.dtype) if need_rows else None
+        grad_weight = grad_weight.to(weight.dtype) if need_weight else None
+        return grad_rows, grad_weight, None, None, None, None, None, None
 
 
-def _check_inputs(rows, weight, target_index, target_logit, scale, num_real_rows, first_virtual_col):
+def _check_inputs(rows, weight, target_index, scale, num_real_rows, first_virtual_col):
     if rows.ndim != 2 or weight.ndim != 2:
         raise VigfaceError(
             f"margin_cross_entropy: rows and weight must be 2-D, "
@@ -536,11 +564,7 @@ def _check_inputs(rows, weight, target_index, target_logit, scale, num_real_rows
             f"margin_cross_entropy: target_index must be an integer tensor of shape ({n},), "
             f"got {target_index.dtype} {tuple(target_index.shape)}"
         )
-    if target_logit.shape != (n,):
-        raise VigfaceError(
-            f"margin_cross_entropy: target_logit must have shape ({n},), got {tuple(target_logit.shape)}"
-        )
-    devices = {t.device for t in (rows, weight, target_index, target_logit)}
+    devices = {t.device for t in (rows, weight, target_index)}
     if len(devices) != 1:
         raise VigfaceError(f"margin_cross_entropy: inputs are on several devices {sorted(map(str, devices))}")
     if not scale > 0:
@@ -555,8 +579,8 @@ def margin_cross_entropy(
     rows: torch.Tensor,
     weight: torch.Tensor,
     target_index: torch.Tensor,
-    target_logit: torch.Tensor,
     scale: float,
+    margin: MarginFn = plain_margin,
     *,
     num_real_rows: int | None = None,
     first_virtual_col: int = 0,
@@ -567,14 +591,14 @@ def margin_cross_entropy(
 
     rows (N, D): unit embeddings, real rows first; weight (C, D): this rank's unit prototypes;
     target_index (N,): the target's column in this shard, -1 where another rank owns it;
-    target_logit (N,): s * margin cosine of the target (read where target_index >= 0);
+    margin: target cosines -> margin cosines, elementwise (e.g. `MarginHead.target_cosine`);
     rows [num_real_rows, N) are virtual: constants that train only columns >= first_virtual_col.
     """
     num_real_rows = rows.shape[0] if num_real_rows is None else num_real_rows
-    _check_inputs(rows, weight, target_index, target_logit, scale, num_real_rows, first_virtual_col)
+    _check_inputs(rows, weight, target_index, scale, num_real_rows, first_virtual_col)
     if impl == "reference":
         return margin_cross_entropy_ref(
-            rows, weight, target_index, target_logit, scale,
+            rows, weight, target_index, scale, margin,
             num_real_rows=num_real_rows, first_virtual_col=first_virtual_col,
         )  # fmt: skip
     if impl != "fused":
@@ -584,14 +608,7 @@ def margin_cross_entropy(
         raise BackendUnavailableError(why)
     if rows.shape[0] == 0:
         return rows.new_zeros(0, dtype=torch.float32)
-    tuning = tuning or default_tuning(rows.device)
-    target_index = target_index.contiguous()
-    lse = _MarginLSE.apply(
-        rows.contiguous(), weight.contiguous(), target_index, target_logit.float().contiguous(),
-        float(scale), num_real_rows, first_virtual_col, tuning,
+    return _MarginCrossEntropy.apply(
+        rows.contiguous(), weight.contiguous(), target_index.contiguous(), float(scale), margin,
+        num_real_rows, first_virtual_col, tuning or default_tuning(rows.device),
     )  # fmt: skip
-    # The target term: only the owning rank holds t_i; every rank gets the same loss value, and the
-    # gradient -g_i flows into the owner's t_i only (as in `sharded_cross_entropy`).
-    local = torch.where(target_index >= 0, target_logit.float(), 0.0)
-    total = _all_reduce(local.detach().clone(), dist.ReduceOp.SUM)
-    return lse - (local + (total - local.detach()))

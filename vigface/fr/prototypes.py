@@ -196,26 +196,24 @@ class VirtualPrototypeHead(nn.Module):
         return loss_real, sharded_cross_entropy(v_logits, v_target).mean()
 
     def _fused_losses(self, e_hat, w_hat, target, scaler, virtual):
-        """Both cross-entropies from one call of the fused kernels; margins on the B target cosines."""
+        """Both cross-entropies from one call of the fused kernels (real rows, then virtual rows)."""
         from vigface.kernels.margin_softmax import margin_cross_entropy
 
-        s = self.margin.config.scale
         batch = e_hat.shape[0]
-        col = target.clamp_min(0)  # rows owned by another rank get a placeholder, masked there
-        target_logit = s * self.margin.target_cosine((e_hat * w_hat[col]).sum(1), scaler)
-        rows, targets, logits = e_hat, target, target_logit
+        rows, targets = e_hat, target
         if virtual is not None:
             f_virtual, v_target = virtual
-            v_col = v_target.clamp_min(0)
-            w_t = w_hat[v_col]  # the virtual part reaches W_V only (Fig. 2)
-            w_t = torch.where(self._virtual_class_mask(e_hat.device)[v_col][:, None], w_t, w_t.detach())
-            v_logit = s * self.margin.target_cosine((f_virtual * w_t).sum(1), None)
-            rows = torch.cat([e_hat, f_virtual])
-            targets = torch.cat([target, v_target])
-            logits = torch.cat([target_logit, v_logit])
-        first_virtual_col = min(max(self.num_real - self.lo, 0), self.hi - self.lo)
+            rows, targets = torch.cat([e_hat, f_virtual]), torch.cat([target, v_target])
+            if scaler is not None:  # virtual rows have no feature norm: AdaFace's g = 0 there
+                scaler = torch.cat([scaler, torch.zeros_like(scaler)])
         per_row = margin_cross_entropy(
-            rows, w_hat, targets, logits, s, num_real_rows=batch, first_virtual_col=first_virtual_col
+            rows,
+            w_hat,
+            targets,
+            self.margin.config.scale,
+            lambda cos: self.margin.target_cosine(cos, scaler),
+            num_real_rows=batch,
+            first_virtual_col=min(max(self.num_real - self.lo, 0), self.hi - self.lo),
         )
         loss_virtual = per_row[batch:].mean() if virtual is not None else None
         return per_row[:batch].mean(), loss_virtual
