@@ -100,6 +100,20 @@ INTERPRETER_TUNING = MarginSoftmaxTuning(
 )
 
 
+# Interpreter at benchmark sizes (D = 512, C >= 10k): whole-D tiles, no class splits, so the
+# interpreter runs few, large numpy block operations. For CPU benchmarks only.
+INTERPRETER_LARGE_TUNING = MarginSoftmaxTuning(
+    block_n=64,
+    block_c=512,
+    block_d=512,
+    block_c_grad_w=512,
+    block_d_grad_w=512,
+    block_d_grad_e=512,
+    programs=1,
+    num_warps=4,
+)
+
+
 def default_tuning(device: torch.device) -> MarginSoftmaxTuning:
     return GPU_TUNING if device.type == "cuda" else INTERPRETER_TUNING
 
@@ -142,10 +156,12 @@ def margin_cross_entropy_ref(
     """Per-row loss (N,) fp32 from the full (N, C) logit matrix, as the head's reference path."""
     n = rows.shape[0]
     r = n if num_real_rows is None else num_real_rows
-    cols = torch.arange(weight.shape[0], device=weight.device)
-    # Virtual rows are constants and reach only the virtual columns' prototypes (Fig. 2).
-    w_virtual = torch.where((cols >= first_virtual_col)[:, None], weight, weight.detach())
-    cos = torch.cat([rows[:r] @ weight.T, rows[r:].detach() @ w_virtual.T]).float()  # (N, C)
+    cos = rows[:r] @ weight.T  # (R, C)
+    if r < n:  # virtual rows are constants and reach only the virtual columns' prototypes (Fig. 2)
+        cols = torch.arange(weight.shape[0], device=weight.device)
+        w_virtual = torch.where((cols >= first_virtual_col)[:, None], weight, weight.detach())
+        cos = torch.cat([cos, rows[r:].detach() @ w_virtual.T])
+    cos = cos.float()  # (N, C)
     has = target_index >= 0
     col = target_index.clamp_min(0)
     target_logit = scale * margin(cos.gather(1, col[:, None])[:, 0])
@@ -414,6 +430,7 @@ def lse_partials(
     tuning: MarginSoftmaxTuning,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This shard's (max, sum of exp(z - max)) per row, (N,) each, by the forward kernel."""
+    rows, weight = rows.contiguous(), weight.contiguous()  # the kernels assume unit inner strides
     n, d = rows.shape
     c = weight.shape[0]
     if c == 0:  # an empty shard adds nothing to the sum
@@ -451,6 +468,7 @@ def lse_backward(
     need_weight: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """fp32 gradients of sum_i g_i LSE_i for this shard, off the target column: (N, D), (C, D)."""
+    rows, weight = rows.contiguous(), weight.contiguous()  # the kernels assume unit inner strides
     n, d = rows.shape
     c = weight.shape[0]
     precision, widen = _dot_modes(rows.dtype, rows.device)
