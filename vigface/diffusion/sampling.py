@@ -1,7 +1,11 @@
 """Sampling faces from a trained denoiser: load it, condition on prototypes, guide, decode to uint8.
 
-    sampler = FaceSampler.load("runs/diffusion")
+    sampler = FaceSampler.load("runs/diffusion", device="cuda", engine="cudagraph")
     images = sampler.sample(cond, pose, w, seeds)      # uint8 (N, S, S, 3)
+
+The sampling loop runs in an engine (vigface.engines: eager | compile | cudagraph | onnx | trt |
+auto); the images come out in the same format whichever runs it. `load` finds the artifacts
+vigface-export wrote into <model>/engines/ (denoiser.onnx, denoiser.plan, each with its sidecar).
 
 Deterministic per image: x_T comes from a generator seeded by that image's own seed, and the
 samplers offered here (DDIM with eta = 0, DPM-Solver++(2M)) add no noise afterwards, so an image
@@ -18,33 +22,46 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from vigface.diffusion.cfg import guided_x0
-from vigface.diffusion.ddim import ddim_sample
 from vigface.diffusion.denoiser import Denoiser, DenoiserConfig
-from vigface.diffusion.dpm_solver import dpm_solver_pp_sample
 from vigface.diffusion.schedule import NoiseSchedule
+from vigface.engines import ENGINES, create_engine
+from vigface.engines.fused_update import SAMPLERS
 from vigface.errors import BackendUnavailableError, DataFormatError, VigfaceError
 
-SAMPLERS = ("ddim", "dpm++")
-ENGINES = ("eager", "compile", "cudagraph", "onnx", "trt")
+__all__ = ["ENGINES", "SAMPLERS", "FaceSampler", "engine_artifacts"]
+
+
+def engine_artifacts(model_dir: str | os.PathLike) -> dict:
+    """Where vigface-export puts its outputs for a model folder (they may not exist)."""
+    root = Path(model_dir) / "engines"
+    return {"onnx": root / "denoiser.onnx", "trt": root / "denoiser.plan"}
 
 
 class FaceSampler:
-    def __init__(self, denoiser: Denoiser, schedule: NoiseSchedule, meta: dict | None = None):
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        schedule: NoiseSchedule,
+        meta: dict | None = None,
+        engine: str = "eager",
+        precision: str | None = None,
+        **engine_options,
+    ):
         self.denoiser = denoiser.eval()
         self.schedule = schedule
         self.meta = meta or {}
+        device = next(denoiser.parameters()).device
+        self.engine = create_engine(engine, self.denoiser, schedule, device, precision, **engine_options)
 
     @classmethod
     def load(
-        cls, model_dir: str | os.PathLike, device: str | torch.device = "cpu", engine: str = "eager"
+        cls,
+        model_dir: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        engine: str = "eager",
+        precision: str | None = None,
     ) -> FaceSampler:
-        if engine != "eager":
-            if engine in ENGINES:
-                raise BackendUnavailableError(
-                    f"engine {engine!r} is not available yet (it comes with the engines issue); "
-                    "use --engine eager"
-                )
+        if engine not in ENGINES:
             raise BackendUnavailableError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
         model_dir = Path(model_dir)
         meta_path, weights = model_dir / "denoiser.json", model_dir / "denoiser.safetensors"
@@ -63,7 +80,12 @@ class FaceSampler:
             model.load_state_dict(load_file(weights))
         except Exception as exc:  # safetensors' own error type, or a shape mismatch
             raise DataFormatError(weights, f"cannot be loaded into the described denoiser: {exc}") from None
-        return cls(model.to(device), schedule, meta)
+        artifacts, options = engine_artifacts(model_dir), {}
+        if engine in ("trt", "auto") and (engine == "trt" or artifacts["trt"].is_file()):
+            options["plan"] = artifacts["trt"]
+        if engine == "onnx" and artifacts["onnx"].is_file():
+            options["onnx_path"] = artifacts["onnx"]
+        return cls(model.to(device), schedule, meta, engine, precision, **options)
 
     @property
     def config(self) -> DenoiserConfig:
@@ -89,27 +111,6 @@ class FaceSampler:
         """uint8 (N, S, S, 3) faces for conditions (N, d), pose images (N, 5, S, S), guidance w (N,)."""
         if sampler not in SAMPLERS:
             raise VigfaceError(f"sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
-        device = next(self.denoiser.parameters()).device
-        cond = cond.to(device, torch.float32)
-        pose = None if pose is None else pose.to(device)
-        w = w.to(device, torch.float32)
-        x_T = self.initial_noise(seeds).to(device)
-
-        def predict(x_t, t):
-            def denoise(x, tt, c):
-                p = None
-                if pose is not None:  # the unconditional half sees a zero pose image, as in training
-                    p = torch.cat([pose, torch.zeros_like(pose)])
-                out = self.denoiser(x, tt, c, p).float()
-                if self.config.prediction == "v":
-                    out = self.schedule.x0_from_v(x, tt, out)
-                return out
-
-            return guided_x0(denoise, x_t, t, cond, w).clamp(-1, 1)
-
-        if sampler == "ddim":
-            x0 = ddim_sample(predict, x_T, self.schedule, steps)
-        else:
-            x0 = dpm_solver_pp_sample(predict, x_T, self.schedule, steps)
+        x0 = self.engine.sample(cond, pose, w, sampler=sampler, steps=steps, x_T=self.initial_noise(seeds))
         images = ((x0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1).cpu().numpy()

@@ -1,0 +1,276 @@
+"""Sampling engines against eager: denoise per precision, whole sampling loops, auto, vigface-gen.
+
+Engines that need a GPU (cudagraph; compile with Inductor at speed) are tested on CUDA only
+(`cuda` marker); on CPU their clear "not available" errors are tested instead.
+"""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vigface.cli import gen as gen_cli
+from vigface.data.recordio import FaceRecordDataset
+from vigface.diffusion.denoiser import Denoiser, DenoiserConfig
+from vigface.diffusion.sampling import FaceSampler
+from vigface.diffusion.schedule import NoiseSchedule
+from vigface.engines import create_engine
+from vigface.engines.base import Engine
+from vigface.engines.eager import EagerEngine
+from vigface.engines.fp8 import Fp8Linear, fp8_linear_ref
+from vigface.errors import BackendUnavailableError, VigfaceError
+
+SCHEDULE = NoiseSchedule("cosine", 1000)
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+# |engine - eager fp32| on the denoiser output (|out| ~ 1), per precision of the engine
+TOLERANCE = {"fp32": 1e-4, "bf16": 6e-2, "fp16": 1e-2, "fp8": 1.5e-1}
+
+
+def tiny_denoiser(prediction="x0", pose=True, seed=0) -> Denoiser:
+    torch.manual_seed(seed)
+    config = DenoiserConfig.preset(
+        "tiny", width=64, depth=3, image_size=32, cond_dim=32, prediction=prediction, pose=pose
+    )
+    model = Denoiser(config).eval()
+    with torch.no_grad():  # the zero-initialised AdaLN/output layers would make every engine agree trivially
+        for p in model.parameters():
+            if not p.abs().sum():
+                p.normal_(0, 0.05)
+    return model
+
+
+def inputs(model, n, seed=1, device="cpu"):
+    g, s = torch.Generator().manual_seed(seed), model.config.image_size
+    x = torch.randn(n, 3, s, s, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    cond = torch.nn.functional.normalize(torch.randn(n, model.config.cond_dim, generator=g), dim=1)
+    pose = torch.rand(n, 5, s, s, generator=g) if model.config.pose else None
+    return [None if v is None else v.to(device) for v in (x, t, cond, pose)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_denoiser()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_eager_denoise_is_the_module(model, precision):
+    engine = create_engine("eager", model, SCHEDULE, "cpu", precision)
+    x, t, cond, pose = inputs(model, 3)
+    with torch.no_grad():
+        want = model(x, t, cond, pose)
+    got = engine.denoise(x, t, cond, pose)
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max() <= TOLERANCE[precision]
+    if precision == "fp32":
+        assert torch.equal(got, want)
+    assert next(model.parameters()).dtype == torch.float32  # the caller's model is never cast
+
+
+def test_compile_denoise_matches_eager(model):
+    # backend "eager": Dynamo's full-graph capture (a graph break would be an error) without
+    # Inductor's code generation, which takes over a minute per shape on 2 CPU cores (that path
+    # is the slow test below). One batch size: dynamic=False compiles once per shape.
+    engine = create_engine("compile", model, SCHEDULE, "cpu", "fp32", backend="eager")
+    x, t, cond, pose = inputs(model, 3)
+    err = (
+        engine.denoise(x, t, cond, pose) - create_engine("eager", model, SCHEDULE).denoise(x, t, cond, pose)
+    ).abs()
+    assert err.max().item() <= TOLERANCE["fp32"]
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_compile_fp8_denoise_is_within_the_fp8_tolerance(model, compiled):
+    engine = create_engine("compile", model, SCHEDULE, "cpu", "fp8", backend="eager")
+    # the block linears (qkv, proj, 2 MLP; skip merges in the 2 out blocks) are e4m3 now
+    assert (
+        sum(isinstance(m, Fp8Linear) for m in engine.model.modules())
+        == 4 * model.config.depth + model.config.depth // 2
+    )
+    x, t, cond, pose = inputs(model, 3)
+    run = engine.denoise if compiled else (lambda *a: engine.model(*a).float())
+    with torch.no_grad():
+        err = (run(x, t, cond, pose) - model(x, t, cond, pose)).abs().max().item()
+    assert 1e-4 < err <= TOLERANCE["fp8"], err  # changed by fp8 rounding, but only that much
+
+
+@pytest.mark.slow
+def test_compile_with_inductor_matches_eager(model):
+    engine = create_engine("compile", model, SCHEDULE, "cpu", "fp32")
+    x, t, cond, pose = inputs(model, 2)
+    err = (
+        engine.denoise(x, t, cond, pose) - create_engine("eager", model, SCHEDULE).denoise(x, t, cond, pose)
+    ).abs()
+    assert err.max() <= TOLERANCE["fp32"]
+
+
+@pytest.mark.parametrize("shape", [(7, 64), (3, 5, 128)])
+def test_fp8_linear_matches_its_dequantised_reference(shape):
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(shape[-1], 48)
+    x = torch.randn(*shape, generator=g)
+    got = Fp8Linear(linear)(x)
+    ref = fp8_linear_ref(x, linear.weight, linear.bias)
+    exact = linear(x)
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)  # same quantisation, float32 product
+    rel = ((got - exact).norm() / exact.norm()).item()
+    assert 1e-3 < rel < 0.1, rel  # e4m3 has 3 mantissa bits: a few % error, never zero
+
+
+class SteppedEager(EagerEngine):
+    """Eager's denoise in the base engine's loop (what compile / onnx / trt run around theirs)."""
+
+    sample = Engine.sample
+
+
+@pytest.mark.parametrize("sampler,steps,prediction", [("ddim", 8, "x0"), ("dpm++", 5, "v")])
+def test_stepped_loop_matches_the_eager_reference_samplers(sampler, steps, prediction):
+    """The loop every non-eager engine runs (denoise + fused update) against eager's reference loop."""
+    model = tiny_denoiser(prediction)
+    eager = create_engine("eager", model, SCHEDULE)
+    stepped = SteppedEager(model, SCHEDULE)
+    _, _, cond, pose = inputs(model, 3)
+    w = torch.tensor([0.5, 2.5, 2.5])
+    x_T = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    want = eager.sample(cond, pose, w, sampler=sampler, steps=steps, x_T=x_T)
+    got = stepped.sample(cond, pose, w, sampler=sampler, steps=steps, x_T=x_T)
+    assert want.abs().max() <= 1 and want.std() > 0.05
+    assert (got - want).abs().max() <= 1e-4
+
+
+def test_sample_input_errors(model):
+    engine = create_engine("eager", model, SCHEDULE)
+    _, _, cond, pose = inputs(model, 2)
+    with pytest.raises(VigfaceError, match="cond must have shape"):
+        engine.sample(cond[:, :5], pose, 1.0, steps=2)
+    with pytest.raises(VigfaceError, match="pose must have shape"):
+        engine.sample(cond, None, 1.0, steps=2)
+    with pytest.raises(VigfaceError, match="w must be"):
+        engine.sample(cond, pose, torch.ones(3), steps=2)
+    with pytest.raises(VigfaceError, match="sampler 'euler'"):
+        engine.sample(cond, pose, 1.0, steps=2, sampler="euler")
+    with pytest.raises(VigfaceError, match="engine 'jax' is unknown"):
+        create_engine("jax", model, SCHEDULE)
+    with pytest.raises(VigfaceError, match="precision 'fp8' is not offered"):
+        create_engine("eager", model, SCHEDULE, "cpu", "fp8")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU-only errors")
+def test_gpu_engines_say_what_is_missing(model):
+    with pytest.raises(BackendUnavailableError, match="'cudagraph' needs a CUDA device"):
+        create_engine("cudagraph", model, SCHEDULE, "cpu")
+
+
+def test_auto_picks_an_engine_that_starts_and_logs_it(model, caplog):
+    pytest.importorskip("onnxruntime")
+    with caplog.at_level(logging.INFO, logger="vigface.engines"):
+        engine = create_engine("auto", model, SCHEDULE, "cpu", exporter="legacy")
+    assert engine.name == "onnx" and "engine auto -> onnx" in caplog.text
+    # a precision onnx does not offer falls through to eager, which does
+    assert create_engine("auto", model, SCHEDULE, "cpu", "bf16", exporter="legacy").name == "eager"
+
+
+# -- GPU ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cudagraph_denoise_matches_eager(model, precision):
+    engine = create_engine("cudagraph", model, SCHEDULE, "cuda", precision)
+    eager = create_engine("eager", model, SCHEDULE, "cuda")
+    for n in (1, 6, 6):  # the third call replays the graph captured by the second
+        x, t, cond, pose = inputs(model, n, seed=n, device="cuda")
+        err = (engine.denoise(x, t, cond, pose) - eager.denoise(x, t, cond, pose)).abs().max().item()
+        assert err <= TOLERANCE[precision], err
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("sampler,steps", [("ddim", 100), ("dpm++", 20)])
+def test_cudagraph_images_equal_eager_images(model, sampler, steps):
+    eager = create_engine("eager", model, SCHEDULE, "cuda")
+    graph = create_engine("cudagraph", model, SCHEDULE, "cuda")
+    _, _, cond, pose = inputs(model, 4, device="cuda")
+    w = torch.tensor([0.5, 2.5, 2.5, 1.0], device="cuda")
+    for seed in (0, 1):  # the second batch replays the captured loop with new inputs
+        x_T = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).cuda()
+
+        def images(engine, x_T=x_T):
+            x0 = engine.sample(cond, pose, w, sampler=sampler, steps=steps, x_T=x_T)
+            return ((x0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+        a, b = images(eager), images(graph)
+        diff = (a.int() - b.int()).abs()
+        assert diff.max() <= 1 and (diff == 0).float().mean() >= 0.99
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_compile_inductor_on_cuda_matches_eager(model):
+    engine = create_engine("compile", model, SCHEDULE, "cuda", "bf16", mode="default")
+    x, t, cond, pose = inputs(model, 4, device="cuda")
+    eager = create_engine("eager", model, SCHEDULE, "cuda")
+    assert (engine.denoise(x, t, cond, pose) - eager.denoise(x, t, cond, pose)).abs().max() <= TOLERANCE[
+        "bf16"
+    ]
+
+
+# -- vigface-gen through an engine -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A denoiser folder as vigface-train-diffusion writes it (random weights), and its FR prototypes."""
+    root = tmp_path_factory.mktemp("engines_model")
+    fr, dm = root / "fr", root / "dm"
+    fr.mkdir()
+    dm.mkdir()
+    g = torch.Generator().manual_seed(0)
+    save_file({"real": torch.randn(2, 32, generator=g), "virtual": torch.randn(2, 32, generator=g)},
+              str(fr / "prototypes.safetensors"))  # fmt: skip
+    model = tiny_denoiser()
+    save_file(model.state_dict(), str(dm / "denoiser.safetensors"))
+    meta = {"denoiser": model.config.to_dict(), "schedule": {"kind": "cosine", "num_steps": 1000},
+            "fr_model": str(fr), "train_config": {}}  # fmt: skip
+    (dm / "denoiser.json").write_text(json.dumps(meta))
+    return dm
+
+
+def test_vigface_gen_engine_onnx_writes_the_same_dataset_format(model_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    common = ["--model", str(model_dir), "--ids", "both", "--per-id", "2", "--steps", "4",
+              "--pose", "frontal", "--batch-size", "4", "--shard-size", "4", "--quiet"]  # fmt: skip
+    from vigface.cli import export as export_cli
+
+    # export once (TorchScript exporter: seconds on 2 cores); gen then loads <model>/engines/denoiser.onnx
+    assert export_cli.main(["--model", str(model_dir), "--exporter", "legacy"]) == 0
+    outs = {}
+    for engine in ("eager", "onnx"):
+        outs[engine] = tmp_path / engine
+        assert gen_cli.main([*common, "--out", str(outs[engine]), "--engine", engine]) == 0
+    a, b = (FaceRecordDataset(outs[e] / "train.rec") for e in ("eager", "onnx"))
+    assert len(a) == len(b) == 8 and np.array_equal(a.labels, b.labels)
+    assert sorted(p.name for p in outs["eager"].iterdir()) == sorted(p.name for p in outs["onnx"].iterdir())
+    for i in range(len(a)):
+        ia, ib = a[i][0].astype(int), b[i][0].astype(int)
+        assert ia.shape == ib.shape == (112, 112, 3)
+        assert np.abs(ia - ib).mean() < 1.0  # JPEG of images equal up to float rounding
+    plan = json.loads((outs["onnx"] / "generation.json").read_text())["plan"]["config"]
+    assert plan["engine"] == "onnx"
+
+
+def test_face_sampler_trt_without_tensorrt_is_a_clear_error(model_dir):
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(BackendUnavailableError, match="TensorRT is not installed"):
+        FaceSampler.load(model_dir, engine="trt")

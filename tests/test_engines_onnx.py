@@ -1,0 +1,117 @@
+"""ONNX export round trip on CPU: opset, dynamic batch, inputs; onnxruntime against torch; vigface-export."""
+
+import json
+
+import pytest
+import torch
+from test_engines import SCHEDULE, TOLERANCE, inputs, model_dir, tiny_denoiser  # noqa: F401  (fixture)
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from vigface.cli import export as export_cli  # noqa: E402
+from vigface.engines import create_engine  # noqa: E402
+from vigface.engines.export import export_onnx, onnxruntime_max_error  # noqa: E402
+from vigface.errors import VigfaceError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported():
+    """The tiny denoiser exported once. The TorchScript exporter: seconds, where the dynamo one
+    (the default when onnxscript is installed) takes ~20-40 s on 2 cores; that one is the slow test."""
+    model = tiny_denoiser()
+    data, exporter = export_onnx(model, exporter="legacy")
+    return model, data, exporter
+
+
+@pytest.mark.slow
+def test_default_exporter_is_dynamo_and_round_trips():
+    pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
+    model = tiny_denoiser()
+    data, exporter = export_onnx(model)
+    assert exporter == "dynamo"  # tried first, and it works on this model
+    check_graph(data)
+    assert onnxruntime_max_error(data, model, batches=(1, 4)) <= TOLERANCE["fp32"]
+
+
+def run_ort(data, model, n, seed):
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    values = [v for v in inputs(model, n, seed) if v is not None]
+    names = [i.name for i in session.get_inputs()]
+    return session.run(["out"], {k: v.numpy() for k, v in zip(names, values, strict=True)})[0], values
+
+
+def check_graph(data):
+    graph = onnx.load_from_string(data)
+    onnx.checker.check_model(graph)
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert [i.name for i in graph.graph.input] == ["x_t", "t", "cond", "pose"]
+    elem = {i.name: i.type.tensor_type.elem_type for i in graph.graph.input}
+    assert elem["t"] == onnx.TensorProto.INT64 and elem["cond"] == onnx.TensorProto.FLOAT
+    for value in [*graph.graph.input, *graph.graph.output]:
+        first = value.type.tensor_type.shape.dim[0]
+        assert first.dim_param and not first.dim_value, f"{value.name}: batch axis is not dynamic"
+
+
+def test_graph_has_opset_17_plus_named_inputs_and_a_dynamic_batch(exported):
+    check_graph(exported[1])
+
+
+@pytest.mark.parametrize("n", [1, 3, 7])
+def test_onnxruntime_matches_torch_at_any_batch(exported, n):
+    model, data, _ = exported
+    got, values = run_ort(data, model, n, seed=n)
+    with torch.no_grad():
+        want = model(*values)
+    assert got.shape == tuple(want.shape)
+    assert torch.allclose(torch.from_numpy(got), want, atol=TOLERANCE["fp32"]), abs(got - want.numpy()).max()
+
+
+@pytest.mark.parametrize("prediction,pose", [("v", False)])
+def test_legacy_exporter_and_a_poseless_v_model(prediction, pose):
+    model = tiny_denoiser(prediction, pose)
+    data, exporter = export_onnx(model, exporter="legacy", opset=17)
+    assert exporter == "legacy"
+    assert [i.name for i in onnx.load_from_string(data).graph.input] == ["x_t", "t", "cond"]
+    assert onnxruntime_max_error(data, model, batches=(2, 5)) <= TOLERANCE["fp32"]
+
+
+def test_onnx_engine_denoise_and_sample_match_eager(exported):
+    model, _, _ = exported
+    engine = create_engine("onnx", model, SCHEDULE, "cpu", exporter="legacy")
+    eager = create_engine("eager", model, SCHEDULE)
+    x, t, cond, pose = inputs(model, 4)
+    assert (engine.denoise(x, t, cond, pose) - eager.denoise(x, t, cond, pose)).abs().max() <= TOLERANCE[
+        "fp32"
+    ]
+    w = torch.tensor([0.5, 2.5, 2.5, 1.0])
+    x_T = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for sampler, steps in (("ddim", 6), ("dpm++", 5)):
+        a = eager.sample(cond, pose, w, sampler=sampler, steps=steps, x_T=x_T)
+        b = engine.sample(cond, pose, w, sampler=sampler, steps=steps, x_T=x_T)
+        assert (a - b).abs().max() <= 1e-3
+
+
+def test_bad_export_arguments():
+    model = tiny_denoiser()
+    with pytest.raises(VigfaceError, match="opset must be >= 17"):
+        export_onnx(model, opset=16)
+    with pytest.raises(VigfaceError, match="exporter 'jit'"):
+        export_onnx(model, exporter="jit")
+
+
+def test_vigface_export_writes_a_checked_onnx_and_gen_refuses_other_weights(model_dir, tmp_path, capsys):  # noqa: F811
+    assert export_cli.main(["--model", str(model_dir), "--exporter", "legacy"]) == 0
+    path = model_dir / "engines" / "denoiser.onnx"
+    sidecar = json.loads((model_dir / "engines" / "denoiser.onnx.json").read_text())
+    assert path.is_file() and sidecar["exporter"] == "legacy"
+    assert 0 <= sidecar["onnxruntime_max_abs_diff"] <= TOLERANCE["fp32"]
+    assert "onnxruntime vs torch max |diff|" in capsys.readouterr().out
+    from vigface.diffusion.sampling import FaceSampler
+
+    sampler = FaceSampler.load(model_dir, engine="onnx")  # uses the exported file
+    assert sampler.engine.exporter == "legacy"
+    with pytest.raises(VigfaceError, match="model_sha256: built for"):  # other weights: refused
+        create_engine("onnx", tiny_denoiser(seed=9), SCHEDULE, "cpu", onnx_path=path)
+    assert export_cli.main(["--model", str(model_dir), "--precision", "bf16"]) == 2
+    assert "the onnx export is float32" in capsys.readouterr().err

@@ -1,0 +1,118 @@
+"""`vigface-export`: a trained denoiser -> ONNX (checked in onnxruntime) -> TensorRT engine.
+
+    vigface-export --model runs/dm                          # runs/dm/engines/denoiser.onnx (+ .json sidecar)
+    vigface-export --model runs/dm --format trt --precision bf16 --opt-batch 64 --max-batch 64
+                                                            # runs/dm/engines/denoiser.plan (+ .json sidecar)
+
+The ONNX graph (opset >= 17, dynamic batch, timestep and condition as inputs) is always compared
+with the PyTorch model in onnxruntime before anything is written. `vigface-gen --engine onnx|trt`
+then finds these files in <model>/engines/. A TensorRT engine is tied to the TensorRT version, the
+GPU and the weights that built it (all in its sidecar): build it on the machine that generates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from vigface.cli.common import positive_int, run_command
+from vigface.errors import BackendUnavailableError, VigfaceError
+
+PROG = "vigface-export"
+# |onnxruntime - torch| allowed for a float32 graph; measured ~1e-6 on the tiny model.
+ONNX_TOLERANCE = 1e-3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vigface.engines.export import DEFAULT_OPSET, EXPORTERS
+    from vigface.engines.trt import PRECISIONS, TYPINGS
+
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a vigface-train-diffusion output folder")
+    p.add_argument("--format", choices=["onnx", "trt"], default="onnx")
+    p.add_argument("--out", help="output file (default: <model>/engines/denoiser.onnx or .plan)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="trt only (onnx is fp32)")
+    p.add_argument("--opset", type=positive_int, default=DEFAULT_OPSET)
+    p.add_argument("--exporter", choices=EXPORTERS, default="auto", help="auto: dynamo, else TorchScript")
+    p.add_argument("--onnx", help="trt: build from this ONNX graph (e.g. one with fp8 Q/DQ nodes)")
+    p.add_argument("--typing", choices=TYPINGS, default="auto", help="trt: builder flags or strong typing")
+    p.add_argument("--min-batch", type=positive_int, default=1, help="trt profile, images per batch")
+    p.add_argument("--opt-batch", type=positive_int, default=64, help="trt profile, images per batch")
+    p.add_argument("--max-batch", type=positive_int, default=64, help="trt profile, images per batch")
+    p.add_argument("--workspace-gib", type=float, default=8.0, help="trt builder memory-pool limit")
+    p.add_argument("--timing-cache", help="trt timing cache file (read if present, then updated)")
+    p.add_argument("--device", default="cuda", help="trt: the GPU to build for")
+    return p
+
+
+def _export(args: argparse.Namespace) -> int:
+    from vigface.diffusion.sampling import FaceSampler, engine_artifacts
+    from vigface.engines.export import export_onnx, onnxruntime_max_error, state_sha256
+    from vigface.engines.sidecar import write_sidecar
+
+    if args.format == "onnx" and args.precision != "fp32":
+        raise VigfaceError("--precision: the onnx export is float32; reduced precision is for --format trt")
+    if args.onnx and args.format != "trt":
+        raise VigfaceError("--onnx is an input of --format trt")
+    sampler = FaceSampler.load(args.model, "cpu", "eager")
+    denoiser, model_sha = sampler.denoiser, state_sha256(sampler.denoiser)
+    artifacts = engine_artifacts(args.model)
+    out = Path(args.out) if args.out else artifacts[args.format]
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    typing = args.typing
+    if args.format == "trt":  # resolve "auto" now: strong typing needs a graph exported in that dtype
+        from vigface.engines.trt import import_tensorrt, resolve_typing
+
+        try:
+            typing = resolve_typing(import_tensorrt(), args.precision, typing)
+        except BackendUnavailableError:
+            pass  # reported by the build, after the ONNX graph is written and checked
+    if args.onnx:
+        onnx_bytes, exporter, checked = Path(args.onnx).read_bytes(), f"file {args.onnx}", None
+    else:
+        strong = args.format == "trt" and args.precision in ("bf16", "fp16") and typing == "strong"
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.precision] if strong else torch.float32
+        onnx_bytes, exporter = export_onnx(denoiser, opset=args.opset, exporter=args.exporter, dtype=dtype)
+        checked = None
+        if dtype == torch.float32:
+            checked = onnxruntime_max_error(onnx_bytes, denoiser)
+            if not checked <= ONNX_TOLERANCE:
+                raise VigfaceError(
+                    f"the exported ONNX graph differs from the model by {checked:.3g} in onnxruntime "
+                    f"(tolerance {ONNX_TOLERANCE}); not written"
+                )
+        diff = "not checked (reduced-precision graph)" if checked is None else f"{checked:.2e}"
+        print(f"ONNX ({exporter} exporter, opset {args.opset}): onnxruntime vs torch max |diff| = {diff}")
+    onnx_path = out if args.format == "onnx" else out.with_suffix(".onnx")
+    onnx_path.write_bytes(onnx_bytes)
+    write_sidecar(
+        onnx_path,
+        {"model_sha256": model_sha, "exporter": exporter, "opset": args.opset, "torch": torch.__version__,
+         "onnxruntime_max_abs_diff": checked},
+    )  # fmt: skip
+    print(f"wrote {onnx_path}")
+    if args.format == "onnx":
+        return 0
+
+    from vigface.engines.trt import build_trt_engine
+
+    plan = build_trt_engine(
+        onnx_bytes, out, config=denoiser.config, precision=args.precision, model_sha256=model_sha,
+        exporter=exporter, typing=typing, profiles=((args.min_batch, args.opt_batch, args.max_batch),),
+        workspace_gib=args.workspace_gib, timing_cache=args.timing_cache, device=args.device,
+    )  # fmt: skip
+    print(f"wrote {plan}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(PROG, _export, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

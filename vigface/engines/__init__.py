@@ -1,0 +1,80 @@
+"""Sampling engines: one interface (base.py), one file per engine, chosen by name.
+
+    engine = create_engine("cudagraph", denoiser, schedule, device="cuda", precision="bf16")
+    x0 = engine.sample(cond, pose, w, sampler="ddim", steps=100, x_T=noise)
+
+=========  ==============================================================  ===================
+name       what runs                                                       precisions
+=========  ==============================================================  ===================
+eager      the PyTorch module and the reference samplers (the baseline)    fp32 bf16 fp16
+compile    torch.compile (max-autotune on CUDA) + fused update per step    fp32 bf16 fp16 fp8
+cudagraph  the whole loop captured in one CUDA graph per (batch, steps)    fp32 bf16 fp16
+onnx       the exported graph in onnxruntime (CPU or CUDA EP)              fp32
+trt        a TensorRT 10 engine built by vigface-export (sidecar checked)  fp32 bf16 fp16 fp8
+auto       the first that can start here, in AUTO_ORDER                    the engine's default
+=========  ==============================================================  ===================
+
+Engine modules are imported only when chosen, so onnxruntime / TensorRT stay optional.
+`auto` order, by the sample_throughput measurements: on CUDA trt (when a plan for this model
+exists), cudagraph, eager (compile is left out of auto: its first call per batch size takes
+minutes); on CPU onnx (faster than eager in bench/results/sample_throughput_cpu.json), then eager.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+
+import torch
+
+from vigface.errors import BackendUnavailableError, VigfaceError
+
+log = logging.getLogger("vigface.engines")
+
+ENGINES = ("eager", "compile", "cudagraph", "onnx", "trt", "auto")
+_CLASSES = {
+    "eager": ("vigface.engines.eager", "EagerEngine"),
+    "compile": ("vigface.engines.compile", "CompileEngine"),
+    "cudagraph": ("vigface.engines.cudagraph", "CudaGraphEngine"),
+    "onnx": ("vigface.engines.onnx", "OnnxEngine"),
+    "trt": ("vigface.engines.trt", "TrtEngine"),
+}
+AUTO_ORDER = {"cuda": ("trt", "cudagraph", "eager"), "cpu": ("onnx", "eager")}
+
+
+def engine_class(name: str):
+    if name not in _CLASSES:
+        raise VigfaceError(f"engine {name!r} is unknown; choose one of {', '.join(ENGINES)}")
+    module, cls = _CLASSES[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def create_engine(name: str, denoiser, schedule, device="cpu", precision: str | None = None, **options):
+    """An engine by name; `options` go to that engine (e.g. plan= for trt, backend= for compile).
+
+    "auto" tries AUTO_ORDER for the device type and takes the first that starts, passing each the
+    options it accepts; trt is tried only when a `plan` option is given. An unavailable engine
+    raises BackendUnavailableError naming what is missing; "auto" logs what it skipped and chose.
+    """
+    device = torch.device(device)
+    if name != "auto":
+        kwargs = dict(options)
+        if precision is not None:
+            kwargs["precision"] = precision
+        return engine_class(name)(denoiser, schedule, device, **kwargs)
+    skipped = []
+    for candidate in AUTO_ORDER["cuda" if device.type == "cuda" else "cpu"]:
+        if candidate == "trt" and options.get("plan") is None:
+            skipped.append("trt: no engine plan for this model")
+            continue
+        accepted = inspect.signature(engine_class(candidate).__init__).parameters
+        kwargs = {k: v for k, v in options.items() if k in accepted}  # each engine takes its own options
+        try:
+            engine = create_engine(candidate, denoiser, schedule, device, precision, **kwargs)
+        except (BackendUnavailableError, VigfaceError) as exc:
+            skipped.append(f"{candidate}: {exc}")
+            continue
+        log.info("engine auto -> %s%s", candidate, "".join(f"\n  skipped {s}" for s in skipped))
+        return engine
+    raise BackendUnavailableError("engine auto: nothing could start:\n  " + "\n  ".join(skipped))

@@ -1,0 +1,93 @@
+"""fp8 (e4m3) linears for the compile engine: per-tensor scales and torch._scaled_mm.
+
+    y = (x / s_x).to(e4m3) @ (W / s_w).to(e4m3)^T * s_x * s_w + b,   s = amax / 448
+
+The weight is quantised once, with its own scale; the activation scale is its amax, computed on
+the device each call (no host sync, so it works inside torch.compile and CUDA graphs). 448 is the
+largest finite e4m3 value. `fp8_linear_ref` is the same quantisation with the product done in
+float32 on the dequantised values: the oracle the _scaled_mm path is tested against.
+
+On an H100 the e4m3 tensor cores run 2x the bf16 rate; on a CPU torch's _scaled_mm exists but is
+only for checking numbers. Only linears whose in and out widths are multiples of 16 (cuBLASLt's
+fp8 alignment) are converted, and only inside the transformer blocks: the AdaLN modulation, the
+timestep MLP and the output layer stay in the model's precision (small, and sensitive).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vigface.errors import BackendUnavailableError
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+
+
+def quantize_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor e4m3 quantisation: (x / s clamped to +-448 as e4m3, the float32 scale s)."""
+    scale = (x.detach().abs().amax().float() / E4M3_MAX).clamp_min(1e-12)
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The quantised linear in float32 on dequantised values (the oracle)."""
+    xq, sx = quantize_e4m3(x)
+    wq, sw = quantize_e4m3(weight)
+    y = (xq.float() * sx) @ (wq.float() * sw).t()
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def fp8_supported(device: torch.device) -> tuple[bool, str]:
+    """fp8 matmuls need Ada/Hopper tensor cores (sm_89+) on CUDA; torch's CPU _scaled_mm always works."""
+    if device.type == "cpu":
+        return True, "torch CPU _scaled_mm (numbers only, not speed)"
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if cap >= (8, 9):
+            return True, f"sm_{cap[0]}{cap[1]} fp8 tensor cores"
+        return False, f"fp8 matmuls need an sm_89+ GPU (Ada/Hopper); this one is sm_{cap[0]}{cap[1]}"
+    return False, f"fp8 is not offered on {device.type}"
+
+
+class Fp8Linear(nn.Module):
+    """nn.Linear with an e4m3 weight and per-call e4m3 activations through torch._scaled_mm."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight_q, weight_scale = quantize_e4m3(linear.weight)
+        self.register_buffer("weight_q", weight_q)  # (out, in) row-major: its .t() is column-major
+        self.register_buffer("weight_scale", weight_scale)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), False)
+        self.out_dtype = linear.weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        xq, x_scale = quantize_e4m3(x.reshape(-1, shape[-1]))
+        y = torch._scaled_mm(
+            xq, self.weight_q.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=self.out_dtype
+        )
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], y.shape[-1])
+
+
+def convertible(layer: nn.Linear) -> bool:
+    return layer.in_features % 16 == 0 and layer.out_features % 16 == 0
+
+
+def convert_block_linears_to_fp8(model: nn.Module) -> int:
+    """Swap the attention/MLP/skip linears of every AdaLN block for Fp8Linear, in place; returns the count."""
+    if not hasattr(torch, "_scaled_mm"):
+        raise BackendUnavailableError("fp8 linears need torch._scaled_mm, which this torch lacks")
+    count = 0
+    for block in model.modules():
+        if not hasattr(block, "ada"):  # AdaLN blocks (and the final layer, which has final_ada) only
+            continue
+        for name, child in list(block.named_modules()):
+            if name.startswith("ada") or not isinstance(child, nn.Linear) or not convertible(child):
+                continue
+            parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
+            setattr(parent, name.rpartition(".")[2], Fp8Linear(child))
+            count += 1
+    return count
