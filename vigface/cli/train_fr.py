@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from vigface.cli.common import config_from_args, config_parser, run_command
-from vigface.fr.config import AMP_MODES, LOSSES, OPTIMIZERS, FRTrainConfig
+from vigface.fr.config import AMP_MODES, LOADERS, LOSSES, OPTIMIZERS, FRTrainConfig
 from vigface.fr.iresnet import ARCHS
 from vigface.fr.margins import MARGINS
 
@@ -33,6 +33,8 @@ HELP = {
     "sigma_alpha": "EMA weight of the current batch's sigma (eq. 7)",
     "loss": "margin-softmax implementation: fused (Triton, no B x C logits) or reference "
     "(materialised logits); auto: fused on CUDA, reference elsewhere",
+    "loader": "data loader: torch (PIL in worker processes, the reference) or dali (NVIDIA DALI, "
+    "extra `dali`; same images and order, pixels within 1 level); auto: dali on CUDA when installed",
     "batch_size": "images per rank per step",
     "max_steps": "stop after this many steps (default: epochs x steps per epoch)",
     "lr_steps": "epochs at which the lr is multiplied by --lr-decay",
@@ -52,6 +54,7 @@ CHOICES = {
     "optimizer": OPTIMIZERS,
     "amp": AMP_MODES,
     "loss": LOSSES,
+    "loader": LOADERS,
     "device": ("auto", "cpu", "cuda"),
 }
 

@@ -17,6 +17,7 @@ from vigface.fr.margins import MARGINS, MarginConfig
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("auto", "bf16", "off")
 LOSSES = ("auto", "fused", "reference")  # margin-softmax implementation (same loss)
+LOADERS = ("torch", "dali", "auto")  # vigface.data.loaders backends
 
 # Fields a resumed run may change: they do not alter the computation of any step.
 RESUMABLE_CHANGES = frozenset(
@@ -68,6 +69,7 @@ class FRTrainConfig:
     amp: str = "auto"  # auto: bf16 on CUDA, off on CPU
     channels_last: bool | None = None  # None: on for CUDA
     compile: bool = False
+    loader: str = "torch"  # torch (reference) | dali (extra `dali`) | auto (dali on CUDA when installed)
     flip: bool = True
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda (under torchrun: cuda:<LOCAL_RANK>)
@@ -94,6 +96,8 @@ class FRTrainConfig:
             bad("device", f"{self.device!r} is unknown; choose auto, cpu or cuda")
         if self.loss not in LOSSES:
             bad("loss", f"{self.loss!r} is unknown; choose one of {', '.join(LOSSES)}")
+        if self.loader not in LOADERS:
+            bad("loader", f"{self.loader!r} is unknown; choose one of {', '.join(LOADERS)}")
         if self.amp not in AMP_MODES:
             bad("amp", f"{self.amp!r} is unknown; choose one of {', '.join(AMP_MODES)}")
         for name in (

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from vigface.data.loaders import make_loader
 from vigface.data.verification_bin import load_verification_pairs
 from vigface.errors import VigfaceError
 from vigface.eval.prototypes import PAPER_FIG3B, plot_prototype_similarity, prototype_stats
@@ -50,13 +51,6 @@ from vigface.fr.checkpoint import (
     trim_metrics,
 )
 from vigface.fr.config import FRTrainConfig
-from vigface.fr.data import (
-    DecodedImages,
-    GlobalBatchSampler,
-    collate_images,
-    open_face_dataset,
-    prepare_batch,
-)
 from vigface.fr.distributed import setup_distributed, wrap_ddp
 from vigface.fr.embed import BACKBONE_META, BACKBONE_WEIGHTS, embed_images, file_sha256
 from vigface.fr.iresnet import build_backbone
@@ -93,7 +87,17 @@ class _Run:
         self.rank, self.world_size, self.device = setup_distributed(config.device)
         self.is_main = self.rank == 0
         checkpoint = resume_point(self.out, resume)
-        self.dataset = open_face_dataset(config.data)
+        # Decoding, flips and normalisation: vigface.data.loaders (the "torch" loader computes
+        # exactly what the former DataLoader + prepare_batch did; --loader dali decodes in DALI).
+        self.channels_last = (
+            config.channels_last if config.channels_last is not None else self.device.type == "cuda"
+        )
+        self.loader = make_loader(
+            config.data, config.batch_size, loader=config.loader, rank=self.rank, world_size=self.world_size,
+            shuffle=True, seed=config.seed, drop_last=True, device=self.device, image_size=config.input_size,
+            flip=config.flip, workers=config.workers, channels_last=self.channels_last,
+        )  # fmt: skip
+        self.dataset = self.loader.source
         self.num_real = self.dataset.num_classes
         self.global_batch = config.batch_size * self.world_size
         if len(self.dataset) < self.global_batch:
@@ -108,9 +112,6 @@ class _Run:
 
         torch.manual_seed(step_seed(config.seed, 0, "init"))
         self.backbone = build_backbone(config.backbone_config()).to(self.device)
-        self.channels_last = (
-            config.channels_last if config.channels_last is not None else self.device.type == "cuda"
-        )
         if self.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self.bf16 = config.amp == "bf16" or (config.amp == "auto" and self.device.type == "cuda")
@@ -236,41 +237,13 @@ class _Run:
         t_log = time.perf_counter()
         while self.step < self.total_steps:
             epoch = self.step // self.steps_per_epoch
-            sampler = GlobalBatchSampler(
-                len(self.dataset),
-                c.batch_size,
-                self.rank,
-                self.world_size,
-                c.seed,
-                epoch,
-                first_step=self.step % self.steps_per_epoch,
-            )
-            loader = torch.utils.data.DataLoader(
-                DecodedImages(self.dataset),
-                batch_sampler=sampler,
-                num_workers=c.workers,
-                collate_fn=collate_images,
-                pin_memory=self.device.type == "cuda",
-            )
-            for images, labels in loader:
-                if images is None:
-                    raise VigfaceError(labels)
+            first_step = self.step % self.steps_per_epoch
+            for x, labels, _, _ in self.loader.epoch(epoch, first_step):
                 lr = lr_at(c, self.step, self.steps_per_epoch)
                 for opt in (self.opt_backbone, self.opt_head):
                     for group in opt.param_groups:
                         group["lr"] = lr
                 torch.manual_seed(step_seed(c.seed, self.step, "dropout", self.rank))
-                x = prepare_batch(
-                    images,
-                    step=self.step,
-                    seed=c.seed,
-                    rank=self.rank,
-                    input_size=c.input_size,
-                    flip=c.flip,
-                    device=self.device,
-                    channels_last=self.channels_last,
-                )
-                labels = labels.to(self.device, non_blocking=True)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     embeddings = self.model(x)
                 loss, stats = self.head(embeddings, labels, self.step)
