@@ -110,6 +110,19 @@ def test_bf16_channels_last_output(aligned_rec):
     assert batch.images.min() >= -1 and batch.images.max() <= 1
 
 
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_image_size_none_keeps_the_stored_size(wild_rec, loader):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    ds = FaceRecordDataset(wild_rec)
+    (batch, *_) = _epoch(make_loader(wild_rec, 3, loader=loader, image_size=None, shuffle=False, workers=0))
+    assert batch.images.shape == (3, 3, 144, 144)  # the unaligned frame, taken as it is
+    expected = torch.from_numpy(np.stack([ds[i][0] for i in range(3)])).permute(0, 3, 1, 2) / 127.5 - 1
+    assert (batch.images - expected).abs().max() < 1e-5
+    with pytest.raises(VigfaceError, match="image_size must be a positive integer"):
+        make_loader(wild_rec, 3, loader=loader, image_size=None, aligned=False)
+
+
 # --------------------------------------------------------------------------- rank sharding
 
 

@@ -31,7 +31,7 @@ class LoaderOptions:
     seed: int = 0
     drop_last: bool = True
     aligned: bool = True  # False: warp every image to the ArcFace template with its landmarks
-    image_size: int = 112  # output side; also the aligned crop's side when aligning
+    image_size: int | None = 112  # output side (None: as stored); the crop's side when aligning
     flip: bool = False  # mirror half of the images, drawn per (seed, step, rank)
     dtype: torch.dtype = torch.float32
     channels_last: bool = False
@@ -107,7 +107,8 @@ class FaceLoader:
                 self.corrupt.add(index, reason)
             if produced.images is None or len(produced.kept) == 0:
                 continue
-            x = resize_to(produced.images, o.image_size).to(o.dtype)
+            x = produced.images if o.image_size is None else resize_to(produced.images, o.image_size)
+            x = x.to(o.dtype)
             if o.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             index = torch.from_numpy(np.ascontiguousarray(produced.job.indices[produced.kept]))

@@ -74,7 +74,7 @@ class DaliLoader(FaceLoader):
         self._fn, self._types, self._Pipeline = import_dali()
         self.gpu = options.device.type == "cuda"
         self._pipe = None
-        self._template = arcface_template(options.image_size)
+        self._template = None if options.aligned else arcface_template(options.image_size)
 
     # ---- the pipeline ------------------------------------------------------------------------
 

@@ -66,7 +66,7 @@ def make_loader(
     drop_last: bool = True,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = torch.float32,
-    image_size: int = 112,
+    image_size: int | None = 112,
     flip: bool = False,
     workers: int = 2,
     channels_last: bool = False,
@@ -74,6 +74,7 @@ def make_loader(
     """A loader over a .rec (or a folder holding train.rec) or an image folder.
 
     aligned=True: the images are already aligned crops (resized to image_size if they differ);
+    image_size=None keeps the stored size (aligned sources only);
     aligned=False: each image is warped to the image_size x image_size ArcFace template with its
     5 landmarks (`landmarks` file, else <stem>_landmarks.npy/.jsonl beside the .rec, else the
     folder manifest), as `vigface data align` does. rank/world_size shard every epoch (each image
@@ -82,7 +83,8 @@ def make_loader(
     """
     batch_size = _positive("batch_size", batch_size)
     world_size = _positive("world_size", world_size)
-    image_size = _positive("image_size", image_size)
+    if image_size is not None or not aligned:
+        image_size = _positive("image_size", image_size)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise VigfaceError(f"make_loader: rank must be an integer in [0, {world_size}), got {rank!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:

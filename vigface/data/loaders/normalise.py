@@ -17,14 +17,15 @@ def flip_mask(seed: int, step: int, rank: int, n: int) -> torch.Tensor:
     return torch.rand(n, generator=step_generator(seed, step, "flip", rank)) < 0.5
 
 
-def resize_to(x: torch.Tensor, image_size: int) -> torch.Tensor:
-    if x.shape[-1] != image_size or x.shape[-2] != image_size:
+def resize_to(x: torch.Tensor, image_size: int | None) -> torch.Tensor:
+    """Area-resize NCHW to image_size x image_size (None or the same size: unchanged)."""
+    if image_size is not None and (x.shape[-1] != image_size or x.shape[-2] != image_size):
         x = F.interpolate(x, size=(image_size, image_size), mode="area")
     return x
 
 
 def normalise_uint8(
-    images: torch.Tensor, *, device: torch.device, image_size: int, mirror: torch.Tensor | None
+    images: torch.Tensor, *, device: torch.device, image_size: int | None, mirror: torch.Tensor | None
 ) -> torch.Tensor:
     """uint8 (b, H, W, 3) -> float32 (b, 3, S, S) in [-1, 1] on `device`, mirrored where `mirror`."""
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
