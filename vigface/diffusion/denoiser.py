@@ -171,16 +171,38 @@ class AdaLNBlock(nn.Module):
         self.adaln = config.adaln
 
     def forward(self, x, c, skip=None):  # x (N, L, D), c (N, D)
+        kernels = fused_adaln_kernels(self.adaln, x)
+        if kernels is not None:
+            _, x, (y, gate2) = self.forward_fused(kernels, x, c, None, skip)
+            return torch.addcmul(x, gate2[:, None], y)
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)  # each (N, D)
-        fused = fused_adaln_kernels(self.adaln, x)
-        if fused is not None:  # 3 kernels over (N, L, D) where the eager code below runs 10
-            h = fused.adaln_modulate(x, shift1, scale1, self.norm1.eps)
-            x, h = fused.gated_residual_adaln(x, self.attn(h), gate1, shift2, scale2, self.norm2.eps)
-            return torch.addcmul(x, gate2[:, None], self.mlp(h))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+    def forward_fused(self, kernels, x, c, pending=None, skip=None):
+        """The block on the fused AdaLN kernels, its MLP residual left for the next LayerNorm to add.
+
+        pending: (y, gate), the previous block's residual x += gate * y, not yet added.
+        Returns (the input with `pending` added, i.e. the previous block's output; x before this
+        block's MLP residual; (MLP output, gate2)). 2 kernels over (N, L, D) per block where the
+        eager code runs 10 (2 LayerNorms, 8 element-wise ops), 3 after a long skip.
+        """
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)  # each (N, D)
+        if self.skip_linear is not None:  # the skip Linear sits between the residual and LN1
+            if pending is not None:
+                x = torch.addcmul(x, pending[1][:, None], pending[0])
+            x_in = x
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+            h = kernels.adaln_modulate(x, shift1, scale1, self.norm1.eps)
+        elif pending is None:
+            x_in, h = x, kernels.adaln_modulate(x, shift1, scale1, self.norm1.eps)
+        else:
+            x, h = kernels.gated_residual_adaln(x, pending[0], pending[1], shift1, scale1, self.norm1.eps)
+            x_in = x
+        x, h = kernels.gated_residual_adaln(x, self.attn(h), gate1, shift2, scale2, self.norm2.eps)
+        return x_in, x, (self.mlp(h), gate2)
 
 
 class Denoiser(nn.Module):
@@ -219,6 +241,12 @@ class Denoiser(nn.Module):
             x_t = torch.cat([x_t, pose.to(x_t.dtype)], dim=1)
         x = self.patch_embed(x_t).flatten(2).transpose(1, 2) + self.pos  # (N, L, D)
         c = self.time_mlp(timestep_embedding(t, 256).to(x.dtype)) + self.cond_proj(cond.to(x.dtype))  # (N, D)
+        kernels = fused_adaln_kernels(cfg.adaln, x)
+        shift, scale = self.final_ada(c).chunk(2, dim=1)
+        if kernels is not None:
+            x, (y, gate) = self.blocks_fused(kernels, x, c)
+            _, h = kernels.gated_residual_adaln(x, y, gate, shift, scale, self.final_norm.eps)
+            return self.unpatchify(self.final(h))  # (N, L, p*p*3) -> (N, 3, S, S)
         if cfg.arch == "uvit":
             skips = []
             for block in self.in_blocks:
@@ -230,13 +258,28 @@ class Denoiser(nn.Module):
         else:
             for block in self.blocks:
                 x = block(x, c)
-        shift, scale = self.final_ada(c).chunk(2, dim=1)
-        fused = fused_adaln_kernels(cfg.adaln, x)
-        if fused is not None:
-            x = self.final(fused.adaln_modulate(x, shift, scale, self.final_norm.eps))  # (N, L, p*p*3)
-        else:
-            x = self.final(modulate(self.final_norm(x), shift, scale))  # (N, L, p*p*3)
+        x = self.final(modulate(self.final_norm(x), shift, scale))  # (N, L, p*p*3)
         return self.unpatchify(x)
+
+    def blocks_fused(self, kernels, x, c):
+        """All blocks on the fused kernels, each MLP residual added by the next block's first
+        kernel. Returns (x before the last residual, that residual (y, gate))."""
+        pending = None
+        if self.config.arch == "dit":
+            for block in self.blocks:
+                _, x, pending = block.forward_fused(kernels, x, c, pending)
+            return x, pending
+        skips = []
+        for i, block in enumerate(self.in_blocks):
+            previous_output, x, pending = block.forward_fused(kernels, x, c, pending)
+            if i > 0:
+                skips.append(previous_output)  # in block i - 1's output, completed here
+        previous_output, x, pending = self.mid_block.forward_fused(kernels, x, c, pending)
+        if self.in_blocks:
+            skips.append(previous_output)
+        for block in self.out_blocks:
+            _, x, pending = block.forward_fused(kernels, x, c, pending, skips.pop())
+        return x, pending
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, p*p*3) -> (N, 3, S, S)
         p, side = self.config.patch, self.config.image_size // self.config.patch
