@@ -15,8 +15,9 @@ Sizes: `DENOISER_SIZES` ("tiny" for tests/CPU, "S", "B" = ViT-B/4 at 112x112, 78
 
 Fast paths (same weights, same state dict): `attention` picks the attention backend (see
 vigface.diffusion.attention); `adaln="triton"` runs the LayerNorm + modulate steps as the fused
-kernels of vigface.kernels.adaln, the attention branch's gated residual fused with the MLP
-branch's LayerNorm + modulate; "auto" = triton for CUDA tensors, the reference elsewhere.
+kernels of vigface.kernels.adaln, each gated residual fused with the LayerNorm + modulate that
+follows it (the attention residual with the block's LN2, the MLP residual with the next block's
+LN1 or the final norm); "auto" = triton for CUDA tensors, the reference elsewhere.
 """
 
 from __future__ import annotations
