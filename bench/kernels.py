@@ -269,7 +269,8 @@ def main() -> None:
     if not cuda:
         result["gpu_figures"] = (
             "pending: no GPU was available. The Triton rows ran in the CPU interpreter, so their times "
-            "only show that the harness works; eager/SDPA rows are real CPU timings at this reduced shape."
+            "only show that the harness works; eager/SDPA rows are CPU timings at this reduced shape, "
+            "noisy on a shared machine (see load_average_1min)."
         )
     print(f"{'op':<22}{'impl':<16}{'fwd ms':>10}{'fwd+bwd ms':>12}{'rate fwd':>10}{'err out':>10}  status")
     for r in rows:
