@@ -21,7 +21,7 @@ import torch
 
 from vigface.diffusion.denoiser import Denoiser
 from vigface.diffusion.schedule import NoiseSchedule
-from vigface.engines.base import DTYPES, Engine, check_precision, engine_model, reference_denoiser
+from vigface.engines.base import DTYPES, Engine, check_precision, engine_model
 from vigface.engines.fused_update import guided_update_, plan_steps
 from vigface.errors import BackendUnavailableError
 
@@ -60,7 +60,8 @@ class CudaGraphEngine(Engine):
             raise BackendUnavailableError("engine 'cudagraph' needs a CUDA device (CUDA graphs); use eager")
         super().__init__(denoiser.config, schedule, device, precision)
         self.dtype = DTYPES[precision]
-        self.model = engine_model(reference_denoiser(denoiser), self.device, self.dtype)
+        # The configured backends stay (Triton kernels are capturable; they compile in the warm-up).
+        self.model = engine_model(denoiser, self.device, self.dtype)
         self.update_impl = update_impl
         self._loops: dict = {}
         self._forwards: dict = {}
