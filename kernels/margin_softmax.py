@@ -86,15 +86,15 @@ GPU_TUNING = MarginSoftmaxTuning(
     programs=0,
     num_warps=8,
 )
-# Interpreter (CPU tests): small tiles so test shapes cover several blocks, class splits and
-# ragged edges; the interpreter's cost is per block operation, so small shapes stay fast.
+# Interpreter (CPU tests): small tiles so test shapes cover several row, class and embedding
+# blocks, class splits and ragged edges; the interpreter's cost is per block operation.
 INTERPRETER_TUNING = MarginSoftmaxTuning(
     block_n=16,
     block_c=32,
     block_d=16,
     block_c_grad_w=32,
-    block_d_grad_w=32,
-    block_d_grad_e=32,
+    block_d_grad_w=16,
+    block_d_grad_e=16,
     programs=4,
     num_warps=4,
 )
