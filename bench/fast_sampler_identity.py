@@ -1,13 +1,14 @@
 """Does the fast sampler keep identity? DPM-Solver++(2M) at few steps against DDIM-100, same seeds.
 
-    python bench/fast_sampler_identity.py --model runs/dm_toy --num-ids 10 --per-id 6
+    python bench/fast_sampler_identity.py --model runs/dm_toy --num-ids 8 --per-id 4 --threads 1
 
 Generates the same identities, poses and seeds (vigface-gen's pipeline) once per sampler setting,
 embeds every image with the stage-1 FR backbone the denoiser was trained against, and reports per
 identity kind: CST-like consistency (mean cosine between images of the same identity), SEP-like
 separability (same-id minus different-id mean cosine), mean cosine to the identity's own
-prototype, and, per image, the FR cosine between the fast sampler's image and DDIM-100's image of
-the same seed. The issue's bar: CST/SEP within 1 % of DDIM-100. Writes JSON.
+prototype, and, per image, the FR cosine between each setting's image and the first setting's
+(eager DDIM-100) image of the same seed: the identity drift of a sampler or an engine. The
+issue's bar: CST/SEP within 1 % of DDIM-100. Writes JSON.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
@@ -40,8 +42,12 @@ def main() -> None:
     ap.add_argument("--work", default="runs/issue10/fast_sampler")
     ap.add_argument("--num-ids", type=int, default=10)
     ap.add_argument("--per-id", type=int, default=6)
-    ap.add_argument("--settings", default="ddim:100,dpm++:20,dpm++:10,dpm++:25")
-    ap.add_argument("--engine", default="eager")
+    ap.add_argument(
+        "--settings",
+        default="eager/ddim:100,eager/dpm++:20,eager/dpm++:10,eager/dpm++:25,onnx/ddim:100,onnx/dpm++:20",
+        help="engine/sampler:steps,... (the first is the reference)",
+    )
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", default="bench/results/fast_sampler_identity_toy.json")
     args = ap.parse_args()
     meta = json.loads((Path(args.model) / "denoiser.json").read_text())
@@ -52,15 +58,18 @@ def main() -> None:
     everything = np.concatenate([real.numpy(), virtual.numpy()])
     result = {"config": vars(args), "settings": {}}
     reference = None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for setting in args.settings.split(","):
-        sampler, steps = setting.split(":")
-        work = Path(args.work) / setting.replace(":", "_").replace("+", "p")
+        engine, _, rest = setting.rpartition("/")
+        sampler, steps = rest.split(":")
+        work = Path(args.work) / setting.replace(":", "_").replace("+", "p").replace("/", "_")
         shutil.rmtree(work, ignore_errors=True)
         t0 = time.perf_counter()
         generate_dataset(
             GenerationConfig(
                 model=args.model, out=str(work), ids="both", num_ids=args.num_ids, per_id=args.per_id,
-                steps=int(steps), sampler=sampler, engine=args.engine, batch_size=30, shard_size=240,
+                steps=int(steps), sampler=sampler, engine=engine or "eager", batch_size=32, shard_size=256,
                 progress=False,
             )
         )  # fmt: skip

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from vigface import engines
 from vigface.cli import gen as gen_cli
 from vigface.data.recordio import FaceRecordDataset
 from vigface.diffusion.denoiser import Denoiser, DenoiserConfig
@@ -165,13 +166,18 @@ def test_gpu_engines_say_what_is_missing(model):
         create_engine("cudagraph", model, SCHEDULE, "cpu")
 
 
-def test_auto_picks_an_engine_that_starts_and_logs_it(model, caplog):
-    pytest.importorskip("onnxruntime")
+def test_auto_picks_an_engine_that_starts_and_logs_it(model, caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="vigface.engines"):
-        engine = create_engine("auto", model, SCHEDULE, "cpu", exporter="legacy")
-    assert engine.name == "onnx" and "engine auto -> onnx" in caplog.text
-    # a precision onnx does not offer falls through to eager, which does
-    assert create_engine("auto", model, SCHEDULE, "cpu", "bf16", exporter="legacy").name == "eager"
+        engine = create_engine("auto", model, SCHEDULE, "cpu", exporter="legacy")  # options it ignores
+    assert engine.name == "eager" and "engine auto -> eager" in caplog.text
+    # an engine that cannot start is skipped, and said so; one whose precision is not offered too
+    monkeypatch.setitem(engines.AUTO_ORDER, "cpu", ("cudagraph", "onnx", "eager"))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vigface.engines"):
+        engine = create_engine("auto", model, SCHEDULE, "cpu", "bf16", exporter="legacy")
+    assert engine.name == "eager" and engine.precision == "bf16"
+    assert "skipped cudagraph: engine 'cudagraph' needs a CUDA device" in caplog.text
+    assert "skipped onnx:" in caplog.text
 
 
 # -- GPU ---------------------------------------------------------------------------------------------

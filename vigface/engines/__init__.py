@@ -17,7 +17,8 @@ auto       the first that can start here, in AUTO_ORDER                    the e
 Engine modules are imported only when chosen, so onnxruntime / TensorRT stay optional.
 `auto` order, by the sample_throughput measurements: on CUDA trt (when a plan for this model
 exists), cudagraph, eager (compile is left out of auto: its first call per batch size takes
-minutes); on CPU onnx (faster than eager in bench/results/sample_throughput_cpu.json), then eager.
+minutes); on CPU eager (onnxruntime was 0.65-0.74x eager in bench/results/sample_throughput_cpu.json,
+and compile's 1.3x does not pay back its minute-long compilation for a short CPU run).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ _CLASSES = {
     "onnx": ("vigface.engines.onnx", "OnnxEngine"),
     "trt": ("vigface.engines.trt", "TrtEngine"),
 }
-AUTO_ORDER = {"cuda": ("trt", "cudagraph", "eager"), "cpu": ("onnx", "eager")}
+AUTO_ORDER = {"cuda": ("trt", "cudagraph", "eager"), "cpu": ("eager",)}
 
 
 def engine_class(name: str):

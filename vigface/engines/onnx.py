@@ -67,6 +67,8 @@ class OnnxEngine(Engine):
             providers = [("CUDAExecutionProvider", {"device_id": index})]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.device.type == "cpu":  # the same CPU budget as torch's, so engines compare fairly
+            options.intra_op_num_threads = torch.get_num_threads()
         self.session = ort.InferenceSession(model, sess_options=options, providers=providers)
         self.names = input_names(denoiser)
 
