@@ -354,3 +354,44 @@ def test_trainer_with_fused_loss_follows_the_reference_run(small_toy, tmp_path):
         logged[loss] = [r[k] for r in lines if "loss" in r for k in ("loss_real", "loss_virtual")]
     assert len(logged["fused"]) == 6
     assert logged["fused"] == pytest.approx(logged["reference"], rel=1e-4, abs=2e-5)  # logged to 5 digits
+
+
+COMPILE_FOR_GPU = """
+import sys
+from triton import compile
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import vigface.kernels.margin_softmax as ms
+
+t = ms.GPU_TUNING
+common = dict(rows_ptr="*{d}", weight_ptr="*{d}", target_ptr="*i64", N="i32", C="i32", D="i32",
+              stride_r="i32", stride_w="i32", scale="fp32", lse_ptr="*fp32", grad_ptr="*fp32",
+              target_logit_ptr="*fp32", max_out_ptr="*fp32", sum_out_ptr="*fp32", grad_w_ptr="*fp32",
+              grad_e_ptr="*fp32", cols_per_split="i32", num_real_rows="i32", first_virtual_col="i32")
+kernels = [
+    (ms._lse_forward_kernel, dict(BLOCK_C=t.block_c)),
+    (ms._grad_weight_kernel, dict(BLOCK_C=t.block_c_grad_w, BLOCK_DW=t.block_d_grad_w)),
+    (ms._grad_rows_kernel, dict(BLOCK_C=t.block_c, BLOCK_DE=t.block_d_grad_e)),
+]
+for arch in (80, 90):
+    for dtype, precision in (("fp32", "ieee"), ("bf16", "tf32")):
+        for fn, blocks in kernels:
+            consts = dict(BLOCK_N=t.block_n, BLOCK_D=t.block_d, PRECISION=precision, WIDEN=False, **blocks)
+            sig = {a: "constexpr" if a in consts else common[a].format(d=dtype) for a in fn.arg_names}
+            src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+            kernel = compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": t.num_warps})
+            assert kernel.asm["cubin"], fn
+            print(arch, dtype, fn.__name__, "shared", kernel.metadata.shared)
+"""
+
+
+@pytest.mark.slow  # ~4 min on 2 CPU cores the first time (ptxas, 12 variants); Triton caches them
+def test_kernels_compile_for_sm80_and_sm90():
+    """Not the interpreter: the GPU_TUNING kernels lower to cubin for A100 and H100 (no GPU needed)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPU], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("shared") == 12
