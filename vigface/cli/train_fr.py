@@ -34,7 +34,7 @@ HELP = {
     "loss": "margin-softmax implementation: fused (Triton, no B x C logits) or reference "
     "(materialised logits); auto: fused on CUDA, reference elsewhere",
     "loader": "data loader: torch (PIL in worker processes, the reference) or dali (NVIDIA DALI, "
-    "extra `dali`; same images and order, pixels within 1 level); auto: dali on CUDA when installed",
+    "extra `dali`; same images and order, pixels within 1 level); auto: dali when installed",
     "batch_size": "images per rank per step",
     "max_steps": "stop after this many steps (default: epochs x steps per epoch)",
     "lr_steps": "epochs at which the lr is multiplied by --lr-decay",

@@ -69,7 +69,7 @@ class FRTrainConfig:
     amp: str = "auto"  # auto: bf16 on CUDA, off on CPU
     channels_last: bool | None = None  # None: on for CUDA
     compile: bool = False
-    loader: str = "torch"  # torch (reference) | dali (extra `dali`) | auto (dali on CUDA when installed)
+    loader: str = "torch"  # torch (reference) | dali (extra `dali`) | auto (dali when installed)
     flip: bool = True
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda (under torchrun: cuda:<LOCAL_RANK>)
