@@ -11,6 +11,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from vigface.data.toy_dataset import ToyConfig, make_toy_dataset
+from vigface.fr.config import FRTrainConfig
+from vigface.fr.trainer import train_fr
 
 SMALL_TOY = ToyConfig(ids=40, per_id=8, seed=3, pairs=200, val_ids=20, val_per_id=4, pose_per_id=2)
 
@@ -20,4 +22,18 @@ def small_toy(tmp_path_factory):
     """40 identities x 8 aligned images in train.rec, plus 200-pair toy_val.bin / toy_pose.bin."""
     out = tmp_path_factory.mktemp("small_toy")
     make_toy_dataset(out, SMALL_TOY, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_fr_model(small_toy, tmp_path_factory):
+    """A stage-1 model trained one epoch on small_toy (32 px, 32-d, 40 real + 10 virtual prototypes):
+    the frozen FR network the stage-2 tests train and generate against."""
+    out = tmp_path_factory.mktemp("tiny_fr_model")
+    train_fr(
+        FRTrainConfig(
+            data=str(small_toy / "train.rec"), out=str(out), arch="iresnet18", width=8, input_size=32,
+            embedding_dim=32, num_virtual=10, batch_size=16, epochs=1, scale=16.0, workers=0, progress=False,
+        )
+    )  # fmt: skip
     return out

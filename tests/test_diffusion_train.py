@@ -1,7 +1,10 @@
 """The stage-2 trainer on the small toy world: learning, outputs, bit-exact resume, errors."""
 
 import json
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -12,20 +15,11 @@ from vigface.diffusion.denoiser import Denoiser, DenoiserConfig
 from vigface.diffusion.trainer import train_diffusion
 from vigface.errors import VigfaceError
 from vigface.fr.checkpoint import latest_checkpoint
-from vigface.fr.config import FRTrainConfig
-from vigface.fr.trainer import train_fr
 
 
 @pytest.fixture(scope="module")
-def fr_model(small_toy, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fr_for_diffusion")
-    train_fr(
-        FRTrainConfig(
-            data=str(small_toy / "train.rec"), out=str(out), arch="iresnet18", width=8, input_size=32,
-            embedding_dim=32, num_virtual=10, batch_size=16, epochs=1, scale=16.0, workers=0, progress=False,
-        )
-    )  # fmt: skip
-    return out
+def fr_model(tiny_fr_model):
+    return tiny_fr_model
 
 
 def tiny(small_toy, fr_model, out, **kw):
@@ -79,3 +73,32 @@ def test_errors(small_toy, fr_model, tmp_path, capsys):
         train_diffusion(tiny(small_toy, tmp_path, tmp_path / "b"))
     assert cli.main(["--data", str(small_toy), "--out", str(tmp_path / "c")]) == 2
     assert "--fr-model is required" in capsys.readouterr().err
+
+
+def test_outputs_generate_on_their_own(uninterrupted, fr_model):
+    """The export carries the FR model's prototypes and a pose table, so the folder can move."""
+    protos = load_file(uninterrupted / "prototypes.safetensors")
+    assert protos.keys() == load_file(fr_model / "prototypes.safetensors").keys()
+    assert torch.equal(protos["virtual"], load_file(fr_model / "prototypes.safetensors")["virtual"])
+    table = np.load(uninterrupted / "pose_landmarks.npy")
+    assert table.dtype == np.float32 and table.shape == (320, 5, 2)  # all 320 training images
+
+
+def test_torchrun_two_gloo_processes(small_toy, fr_model, tmp_path):
+    """The CLI under torchrun: DDP over 2 CPU ranks, each its half of the global batch, one set of outputs."""
+    out = tmp_path / "ddp"
+    args = ["--data", str(small_toy / "train.rec"), "--fr-model", str(fr_model), "--out", str(out)]
+    args += ["--size", "tiny", "--image-size", "32", "--batch-size", "8", "--steps", "6", "--lr", "1e-3"]
+    args += ["--workers", "0", "--save-every", "3", "--log-every", "2", "--no-progress", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run([*cmd, "-m", "vigface.cli.train_diffusion", *args], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert latest_checkpoint(out).name == "step_00000006"
+    assert json.loads((latest_checkpoint(out) / "state.json").read_text())["world_size"] == 2
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 3, 4, 6]  # every 2 steps and at each save, by rank 0 alone
+    weights = load_file(out / "denoiser.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    with pytest.raises(VigfaceError, match="2 process"):
+        train_diffusion(tiny(small_toy, fr_model, out, batch_size=8, steps=9), resume=True)

@@ -1,6 +1,7 @@
 """vigface-gen: sampling determinism, the shard layout, and kill -9 / resume byte-identity."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,25 +17,16 @@ from vigface.diffusion.config import DiffusionTrainConfig
 from vigface.diffusion.sampling import FaceSampler
 from vigface.diffusion.trainer import train_diffusion
 from vigface.errors import BackendUnavailableError, VigfaceError
-from vigface.fr.config import FRTrainConfig
-from vigface.fr.trainer import train_fr
 from vigface.generate.dataset import GenerationConfig, generate_dataset
 
 
 @pytest.fixture(scope="module")
-def denoiser_dir(small_toy, tmp_path_factory):
-    fr = tmp_path_factory.mktemp("gen_fr")
-    train_fr(
-        FRTrainConfig(
-            data=str(small_toy / "train.rec"), out=str(fr), arch="iresnet18", width=8, input_size=32,
-            embedding_dim=32, num_virtual=6, batch_size=16, epochs=1, scale=16.0, workers=0, progress=False,
-        )
-    )  # fmt: skip
+def denoiser_dir(small_toy, tiny_fr_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("gen_denoiser")
     train_diffusion(
         DiffusionTrainConfig(
-            data=str(small_toy / "train.rec"), fr_model=str(fr), out=str(out), size="tiny", image_size=32,
-            batch_size=16, steps=10, lr=1e-3, workers=0, progress=False,
+            data=str(small_toy / "train.rec"), fr_model=str(tiny_fr_model), out=str(out), size="tiny",
+            image_size=32, batch_size=16, steps=10, lr=1e-3, workers=0, progress=False,
         )
     )  # fmt: skip
     return out
@@ -126,3 +118,33 @@ def test_pose_file_and_frontal(denoiser_dir, tmp_path):
         generate_dataset(
             GenerationConfig(out=str(tmp_path / "bad"), pose=str(tmp_path / "bad.npy"), **common)
         )
+
+
+def test_torchrun_two_ranks_equal_one_process(denoiser_dir, tmp_path):
+    """Each rank generates its own shards, rank 0 merges: the same bytes as a single process."""
+    one = tmp_path / "one"
+    assert gen_cli.main(gen_args(denoiser_dir, one)) == 0
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "vigface.cli.gen", *gen_args(denoiser_dir, two), "--device", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("train.rec", "train.idx", "train_landmarks.npy", "shards.jsonl"):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+
+
+def test_model_folder_generates_on_its_own(denoiser_dir, tmp_path):
+    """Moved away from its FR model and training data, the folder still generates: it holds a copy of
+    the prototypes and the pose table (what vigface's shipped model relies on)."""
+    moved = tmp_path / "moved"
+    shutil.copytree(denoiser_dir, moved, ignore=shutil.ignore_patterns("checkpoints"))
+    meta = json.loads((moved / "denoiser.json").read_text())
+    meta["fr_model"] = str(tmp_path / "gone")
+    meta["train_config"]["data"] = str(tmp_path / "gone")
+    (moved / "denoiser.json").write_text(json.dumps(meta))
+    assert gen_cli.main(gen_args(moved, tmp_path / "a")) == 0
+    assert gen_cli.main(gen_args(denoiser_dir, tmp_path / "b")) == 0
+    assert (tmp_path / "a" / "train.rec").read_bytes() == (tmp_path / "b" / "train.rec").read_bytes()
+    drawn = np.load(tmp_path / "a" / "train_landmarks.npy")  # output size 112: the table's own frame
+    table = np.load(moved / "pose_landmarks.npy")
+    assert all(any(np.allclose(row, t) for t in table) for row in drawn)

@@ -24,6 +24,7 @@ HELP = {
     "fr_model": "a vigface-train-fr output folder (its backbone gives the condition f(x0))",
     "size": "denoiser size: tiny (CPU), S, B (ViT-B/4 at 112x112, the paper's)",
     "image_size": "denoiser resolution (default: the size's own; images are area-resized)",
+    "patch": "patch side in pixels (default: the size's own)",
     "pose": "feed the 5-landmark image beside x_t",
     "identity_weight": "lambda of the identity term of eq. 8",
     "drop_prob": "probability of dropping the condition (classifier-free guidance)",

@@ -29,9 +29,11 @@ class DiffusionTrainConfig:
     size: str = "B"
     arch: str = "uvit"
     image_size: int | None = None  # None: the size preset's
+    patch: int | None = None  # None: the size preset's
     pose: bool = True
     prediction: str = "x0"
-    attention: str = "sdpa"
+    attention: str = "sdpa"  # sdpa | triton | flash | auto
+    adaln: str = "reference"  # reference | triton | auto (fused Triton LayerNorm + modulate)
     # diffusion
     schedule: str = "cosine"
     timesteps: int = 1000
@@ -91,9 +93,12 @@ class DiffusionTrainConfig:
             "pose": self.pose,
             "prediction": self.prediction,
             "attention": self.attention,
+            "adaln": self.adaln,
         }
         if self.image_size is not None:
             overrides["image_size"] = self.image_size
+        if self.patch is not None:
+            overrides["patch"] = self.patch
         return DenoiserConfig.preset(self.size, **overrides)
 
     def noise_schedule(self) -> NoiseSchedule:

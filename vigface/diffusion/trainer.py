@@ -8,13 +8,16 @@ and minimise eq. 8. An EMA of the weights is kept; it is what gets exported for 
 Like the stage-1 trainer: one process or torchrun (DDP), atomic safetensors + JSON checkpoints,
 `resume=True` continues bit-for-bit on CPU, a non-finite loss stops the run without writing a
 checkpoint after it. Outputs: denoiser.safetensors (EMA weights) + denoiser.json (config, the FR
-model's sha256 and folder, step).
+model's sha256 and folder, step), and for generation a copy of the FR model's
+prototypes.safetensors and pose_landmarks.npy (up to 100k training landmark sets), so the folder
+generates on its own.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,6 +33,13 @@ from vigface.data.image_folder import ImageFolderDataset
 from vigface.diffusion.config import DiffusionTrainConfig
 from vigface.diffusion.denoiser import Denoiser
 from vigface.diffusion.loss import diffusion_loss, identity_features
+from vigface.diffusion.model_folder import (
+    DENOISER_META,
+    DENOISER_WEIGHTS,
+    MAX_POSE_ROWS,
+    POSE_TABLE,
+    PROTOTYPES,
+)
 from vigface.diffusion.pose import landmark_image
 from vigface.errors import DataFormatError, VigfaceError
 from vigface.fr.checkpoint import (
@@ -50,9 +60,6 @@ from vigface.fr.data import DecodedImages, GlobalBatchSampler, collate_images, o
 from vigface.fr.distributed import setup_distributed, wrap_ddp
 from vigface.fr.embed import load_backbone
 from vigface.fr.rng import step_generator, step_seed
-
-DENOISER_WEIGHTS = "denoiser.safetensors"
-DENOISER_META = "denoiser.json"
 
 
 def load_landmarks(config: DiffusionTrainConfig, dataset) -> np.ndarray:
@@ -259,10 +266,28 @@ class _Run:
             "ema_decay": self.config.ema_decay,
             "train_config": self.config.to_dict(),
         }
+        self._export_generation_inputs()
         tmp = self.out / f".{DENOISER_META}.tmp"
         tmp.write_text(json.dumps(meta, indent=2))
         os.replace(tmp, self.out / DENOISER_META)
         return summary
+
+    def _export_generation_inputs(self) -> None:
+        """Copy what generation needs beside the weights, so the folder works on its own (shipped,
+        moved to another machine): the FR model's prototypes and a sample of the training poses."""
+        protos = Path(self.config.fr_model) / "prototypes.safetensors"
+        if protos.is_file():
+            shutil.copyfile(protos, self.out / f".{PROTOTYPES}.tmp")
+            os.replace(self.out / f".{PROTOTYPES}.tmp", self.out / PROTOTYPES)
+        if self.landmarks is not None:
+            table = self.landmarks.numpy()
+            if len(table) > MAX_POSE_ROWS:  # the distribution, not the whole table (MS1M: 5.8M rows)
+                rng = np.random.default_rng(self.config.seed)
+                rows = rng.choice(len(table), MAX_POSE_ROWS, replace=False)
+                table = table[np.sort(rows)]
+            with open(self.out / f".{POSE_TABLE}.tmp", "wb") as f:
+                np.save(f, table.astype(np.float32))
+            os.replace(self.out / f".{POSE_TABLE}.tmp", self.out / POSE_TABLE)
 
 
 def train_diffusion(config: DiffusionTrainConfig, *, resume: bool = False) -> dict:

@@ -36,6 +36,7 @@ from vigface.data.image_folder import ImageFolderWriter
 from vigface.data.images import encode_image
 from vigface.data.recordio import FaceRecordDataset, FaceRecordWriter
 from vigface.diffusion.cfg import DEFAULT_W_REAL, DEFAULT_W_VIRTUAL
+from vigface.diffusion.model_folder import POSE_TABLE, PROTOTYPES, fr_model_dir
 from vigface.diffusion.pose import landmark_image
 from vigface.diffusion.sampling import ENGINES, SAMPLERS, FaceSampler
 from vigface.errors import DataFormatError, VigfaceError
@@ -55,9 +56,9 @@ class GenerationConfig:
     num_ids: int | None = None  # per kind; None: the preset's, else every prototype of that kind
     per_id: int | None = None
     preset: str | None = None
-    prototypes: str | None = None  # default: prototypes.safetensors of the FR model the denoiser used
+    prototypes: str | None = None  # default: the model folder's copy, else the FR model's
     pose: str = "dataset"  # dataset | frontal | a (M, 5, 2) .npy in the 112x112 aligned frame
-    landmarks: str | None = None  # the table `pose=dataset` draws from (default: the training set's)
+    landmarks: str | None = None  # table `pose=dataset` draws from (default: the model's pose_landmarks.npy)
     w_real: float = DEFAULT_W_REAL
     w_virtual: float = DEFAULT_W_VIRTUAL
     steps: int = 100
@@ -148,7 +149,9 @@ def _load_pose_table(config: GenerationConfig, train_config: dict) -> np.ndarray
         path = Path(config.pose)
     elif config.landmarks:
         path = Path(config.landmarks)
-    else:
+    elif (Path(config.model) / POSE_TABLE).is_file():
+        path = Path(config.model) / POSE_TABLE
+    else:  # a denoiser folder from before pose tables were exported: the training set's own table
         data = Path(train_config.get("data", ""))
         rec = data / "train.rec" if data.is_dir() else data
         path = (
@@ -170,11 +173,12 @@ class _Generator:
         self.rank, self.world_size, self.device = setup_distributed(c.device)
         self.sampler = FaceSampler.load(c.model, self.device, c.engine)
         train_config = self.sampler.meta.get("train_config", {})
-        proto_path = (
-            Path(c.prototypes)
-            if c.prototypes
-            else Path(self.sampler.meta.get("fr_model", "")) / "prototypes.safetensors"
-        )
+        if c.prototypes:
+            proto_path = Path(c.prototypes)
+        elif (Path(c.model) / PROTOTYPES).is_file():
+            proto_path = Path(c.model) / PROTOTYPES
+        else:  # a denoiser folder from before prototypes were copied into it
+            proto_path = fr_model_dir(c.model, self.sampler.meta) / PROTOTYPES
         if not proto_path.is_file():
             raise DataFormatError(proto_path, "prototypes not found (pass --prototypes)")
         protos = load_file(proto_path)
