@@ -29,6 +29,7 @@ HELP = {
     "identity_weight": "lambda of the identity term of eq. 8",
     "drop_prob": "probability of dropping the condition (classifier-free guidance)",
     "batch_size": "images per rank per step",
+    "loader": "data loader: torch (the reference) or dali (extra `dali`); auto: dali when installed",
 }
 CHOICES = {
     "size": tuple(DENOISER_SIZES),
@@ -36,6 +37,7 @@ CHOICES = {
     "prediction": PREDICTIONS,
     "schedule": SCHEDULES,
     "amp": ("auto", "bf16", "off"),
+    "loader": ("torch", "dali", "auto"),
     "device": ("auto", "cpu", "cuda"),
 }
 

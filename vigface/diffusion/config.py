@@ -48,6 +48,7 @@ class DiffusionTrainConfig:
     clip_grad: float = 1.0
     ema_decay: float = 0.9999
     amp: str = "auto"
+    loader: str = "torch"  # torch | dali | auto: vigface.data.loaders
     seed: int = 0
     device: str = "auto"
     # bookkeeping
@@ -70,6 +71,8 @@ class DiffusionTrainConfig:
             bad("prediction", f"{self.prediction!r} is unknown; choose one of {', '.join(PREDICTIONS)}")
         if self.schedule not in SCHEDULES:
             bad("schedule", f"{self.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+        if self.loader not in ("torch", "dali", "auto"):
+            bad("loader", f"{self.loader!r} is unknown; choose torch, dali or auto")
         if self.amp not in ("auto", "bf16", "off"):
             bad("amp", f"{self.amp!r} is unknown; choose auto, bf16 or off")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from vigface.data.image_folder import ImageFolderDataset
+from vigface.data.loaders import make_loader
 from vigface.diffusion.config import DiffusionTrainConfig
 from vigface.diffusion.denoiser import Denoiser
 from vigface.diffusion.loss import diffusion_loss, identity_features
@@ -56,7 +57,6 @@ from vigface.fr.checkpoint import (
     start_run_folder,
     trim_metrics,
 )
-from vigface.fr.data import DecodedImages, GlobalBatchSampler, collate_images, open_face_dataset
 from vigface.fr.distributed import setup_distributed, wrap_ddp
 from vigface.fr.embed import load_backbone
 from vigface.fr.rng import step_generator, step_seed
@@ -90,7 +90,13 @@ class _Run:
         self.rank, self.world_size, self.device = setup_distributed(c.device)
         self.is_main = self.rank == 0
         checkpoint = resume_point(self.out, resume)
-        self.dataset = open_face_dataset(c.data)
+        # image_size=None: f(x0) is taken at the stored resolution; batch_inputs resizes for the denoiser.
+        self.loader = make_loader(
+            c.data, c.batch_size, loader=c.loader, rank=self.rank, world_size=self.world_size,
+            shuffle=True, seed=c.seed, drop_last=True, device=self.device, image_size=None,
+            workers=c.workers,
+        )  # fmt: skip
+        self.dataset = self.loader.source.dataset
         if len(self.dataset) < c.batch_size * self.world_size:
             raise VigfaceError(f"{c.data} has {len(self.dataset)} images, fewer than one global batch")
         self.landmarks = torch.from_numpy(load_landmarks(c, self.dataset)) if c.pose else None
@@ -147,16 +153,17 @@ class _Run:
 
     # ---- one step ----------------------------------------------------------------------------
 
-    def batch_inputs(self, images: torch.Tensor, index: torch.Tensor):
+    def batch_inputs(self, x0: torch.Tensor, index: torch.Tensor):
+        """x0: (b, 3, H, W) in [-1, 1] on the device, as the loader delivers it."""
         size = self.den_config.image_size
-        x0 = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        stored_size = x0.shape[-1]
         with torch.no_grad():
             cond = identity_features(self.fr, x0)  # f(x0) from the full-resolution image
         if x0.shape[-1] != size:
             x0 = F.interpolate(x0, size=(size, size), mode="area")
         pose = None
         if self.landmarks is not None:
-            pose = landmark_image(self.landmarks[index].to(self.device), size, source_size=images.shape[1])
+            pose = landmark_image(self.landmarks[index].to(self.device), size, source_size=stored_size)
         g = step_generator(self.config.seed, self.step, "diffusion", self.rank)
         n = x0.shape[0]
         t = torch.randint(0, self.schedule.num_steps, (n,), generator=g).to(self.device)
@@ -189,24 +196,11 @@ class _Run:
         t_log = time.perf_counter()
         while self.step < c.steps:
             epoch = self.step // steps_per_epoch
-            sampler = GlobalBatchSampler(
-                len(self.dataset), c.batch_size, self.rank, self.world_size, c.seed, epoch,
-                first_step=self.step % steps_per_epoch,
-            )  # fmt: skip
-            loader = torch.utils.data.DataLoader(
-                DecodedImages(self.dataset, with_index=True),
-                batch_sampler=sampler,
-                num_workers=c.workers,
-                collate_fn=collate_images,
-                pin_memory=self.device.type == "cuda",
-            )
-            for images, index in loader:
-                if images is None:
-                    raise VigfaceError(index)
+            for x0, _, index, _ in self.loader.epoch(epoch, self.step % steps_per_epoch):
                 lr = c.lr * min(1.0, (self.step + 1) / c.warmup_steps) if c.warmup_steps else c.lr
                 for group in self.opt.param_groups:
                     group["lr"] = lr
-                x0, cond, pose, t, noise, drop = self.batch_inputs(images, index)
+                x0, cond, pose, t, noise, drop = self.batch_inputs(x0, index)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     loss, parts = diffusion_loss(
                         self.model, self.schedule, x0, cond, pose, t=t, noise=noise, drop=drop,
