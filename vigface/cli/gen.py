@@ -1,5 +1,6 @@
 """`vigface-gen`: generate a face dataset of real and/or virtual identities.
 
+    vigface-gen --out gen                                             # the shipped tiny toy-world model
     vigface-gen --model runs/diffusion --out gen --ids virtual --num-ids 1000 --per-id 20
     vigface-gen --model runs/diffusion --out gen --preset B           # the paper's VIGFace(B): 60K x 20
     torchrun --nproc_per_node 8 -m vigface.cli.gen --model runs/dm --out gen --preset L
@@ -23,7 +24,10 @@ PROG = "vigface-gen"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="a vigface-train-diffusion output folder")
+    p.add_argument(
+        "--model",
+        help="a vigface-train-diffusion output folder (default: the shipped tiny toy-world model)",
+    )
     p.add_argument(
         "--out", required=True, help="output folder (shards/, train.rec or image folder, manifests)"
     )
@@ -60,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _generate(args: argparse.Namespace) -> int:
     from vigface.generate.dataset import generate_dataset
 
+    if args.model is None:
+        from vigface.assets import tiny_model_dir
+
+        args.model = str(tiny_model_dir())
+        print(
+            f"{PROG}: no --model given, using the shipped tiny toy-world model {args.model}", file=sys.stderr
+        )
     values = {k: v for k, v in vars(args).items() if k != "quiet"}
     summary = generate_dataset(GenerationConfig(**values, progress=not args.quiet))
     made = summary["generated"]
