@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from vigface.data.recordio import FaceRecordDataset
+from vigface.diffusion.model_folder import fr_model_dir
 from vigface.fr.embed import embed_images, load_backbone
 from vigface.generate.dataset import GenerationConfig, generate_dataset
 
@@ -32,6 +33,32 @@ def pair_means(emb: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     same = labels[:, None] == labels[None, :]
     off = ~np.eye(len(labels), dtype=bool)
     return float(sim[same & off].mean()), float(sim[~same].mean())
+
+
+def identity_entry(emb: np.ndarray, labels: np.ndarray, own: np.ndarray, prototypes: np.ndarray) -> dict:
+    """Cosine to the own prototype vs the best other, top-1 rate, same- vs different-id cosine."""
+    sims = emb @ prototypes.T
+    own_cos = sims[np.arange(len(emb)), own]
+    others = sims.copy()
+    others[np.arange(len(emb)), own] = -np.inf
+    same, diff = pair_means(emb, labels)
+    return {
+        "cos_to_own_prototype": round(float(own_cos.mean()), 4),
+        "best_other_prototype_cos": round(float(others.max(1).mean()), 4),
+        "top1_own_prototype": round(float((sims.argmax(1) == own).mean()), 4),
+        "same_id_cos": round(same, 4),
+        "different_id_cos": round(diff, 4),
+    }
+
+
+def training_image_reference(meta: dict, backbone, prototypes: np.ndarray, args) -> dict:
+    """The same numbers for real training images of the first num_ids identities (per_id each):
+    what the FR model itself achieves, the ceiling for generated images of real ids."""
+    data = FaceRecordDataset(meta["train_config"]["data"])
+    labels = np.asarray(data.labels)
+    rows = np.concatenate([np.flatnonzero(labels == i)[: args.per_id] for i in range(args.num_ids)])
+    emb = embed_images(backbone, np.stack([data[int(i)][0] for i in rows]))
+    return identity_entry(emb, labels[rows], labels[rows], prototypes)
 
 
 def main() -> None:
@@ -55,7 +82,7 @@ def main() -> None:
     generate_dataset(config)
     gen_seconds = time.perf_counter() - t0
     meta = json.loads((Path(args.model) / "denoiser.json").read_text())
-    fr_dir = Path(meta["fr_model"])
+    fr_dir = fr_model_dir(args.model, meta)
     backbone, _ = load_backbone(fr_dir)
     protos = load_file(fr_dir / "prototypes.safetensors")
     real, virtual = F.normalize(protos["real"].float(), dim=1), F.normalize(protos["virtual"].float(), dim=1)
@@ -66,26 +93,16 @@ def main() -> None:
     emb = embed_images(backbone, images)
     label_map = json.loads((Path(args.work) / "generation.json").read_text())["labels"]
     result = {"config": vars(args), "generation_seconds": round(gen_seconds, 1), "images": len(images)}
+    result["real_training_images"] = training_image_reference(meta, backbone, everything, args)
     for kind in ("real", "virtual"):
         rows = np.asarray([label_map[str(label)][0] == kind for label in labels])
         own_index = np.asarray(
             [label_map[str(label)][1] + (len(real) if kind == "virtual" else 0) for label in labels]
         )
-        e, own = emb[rows], own_index[rows]
-        sims = e @ everything.T  # (M, n + k)
-        own_cos = sims[np.arange(len(e)), own]
-        others = sims.copy()
-        others[np.arange(len(e)), own] = -np.inf
-        same, diff = pair_means(e, labels[rows])
-        entry = {
-            "cos_to_own_prototype": round(float(own_cos.mean()), 4),
-            "best_other_prototype_cos": round(float(others.max(1).mean()), 4),
-            "top1_own_prototype": round(float((sims.argmax(1) == own).mean()), 4),
-            "same_id_cos": round(same, 4),
-            "different_id_cos": round(diff, 4),
-        }
+        entry = identity_entry(emb[rows], labels[rows], own_index[rows], everything)
         if kind == "virtual":
-            entry["max_cos_to_any_real_prototype"] = round(float((e @ real.numpy().T).max(1).mean()), 4)
+            nearest_real = (emb[rows] @ real.numpy().T).max(1)
+            entry["max_cos_to_any_real_prototype"] = round(float(nearest_real.mean()), 4)
         result[kind] = entry
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
