@@ -24,8 +24,8 @@ from vigface.errors import VigfaceError
 
 def _source(path: Path):
     """(images iterable, count, labels or None, issame or None) for a .rec / .bin / folder."""
+    from vigface.data.loaders.source import open_face_dataset
     from vigface.data.verification_bin import load_verification_pairs
-    from vigface.fr.data import open_face_dataset
 
     if path.suffix == ".bin":
         images, issame = load_verification_pairs(path)

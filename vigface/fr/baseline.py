@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vigface.data.loaders.source import open_face_dataset
 from vigface.data.verification_bin import load_verification_pairs
 from vigface.eval.verification import verify_embeddings
 from vigface.fr.config import FRTrainConfig
-from vigface.fr.data import open_face_dataset
 from vigface.fr.embed import embed_images, to_input
 from vigface.fr.iresnet import build_backbone
 from vigface.fr.rng import step_seed

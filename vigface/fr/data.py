@@ -11,31 +11,12 @@ Workers only decode (uint8 HWC); normalisation, resizing and flips happen on the
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vigface.data.image_folder import ImageFolderDataset
-from vigface.data.recordio import FaceRecordDataset
-from vigface.errors import DataFormatError, VigfaceError
+from vigface.errors import VigfaceError
 from vigface.fr.rng import step_generator, step_seed
-
-
-def open_face_dataset(path: str | os.PathLike):
-    """A labelled face dataset from train.rec, a folder holding train.rec, or an image folder."""
-    path = Path(path)
-    if path.is_dir() and (path / "train.rec").is_file():
-        path = path / "train.rec"
-    if path.suffix == ".rec":
-        if not path.is_file():
-            raise DataFormatError(path, "no such RecordIO file")
-        return FaceRecordDataset(path)
-    if path.is_dir():
-        return ImageFolderDataset(path)
-    raise DataFormatError(path, "not a .rec file, a folder holding train.rec, or an image folder")
 
 
 class DecodedImages(torch.utils.data.Dataset):

@@ -17,26 +17,29 @@ from vigface.data.recordio import FaceRecordDataset
 from vigface.errors import DataFormatError, VigfaceError
 
 
+def open_face_dataset(path: str | os.PathLike) -> FaceRecordDataset | ImageFolderDataset:
+    """A labelled face dataset from train.rec, a folder holding train.rec, or an image folder."""
+    path = Path(path)
+    if path.is_dir() and (path / "train.rec").is_file():
+        path = path / "train.rec"
+    if path.suffix == ".rec":
+        if not path.is_file():
+            raise DataFormatError(path, "no such RecordIO file")
+        return FaceRecordDataset(path)
+    if path.is_dir():
+        return ImageFolderDataset(path)
+    raise DataFormatError(path, "not a .rec file, a folder holding train.rec, or an image folder")
+
+
 class FaceSource:
     """N labelled encoded images. `landmarks` is (N, 5, 2) float32 when asked for, else None."""
 
     def __init__(
         self, path: str | os.PathLike, *, landmarks: str | os.PathLike | None = None, need_landmarks=False
     ):
-        path = Path(path)
-        if path.is_dir() and (path / "train.rec").is_file():
-            path = path / "train.rec"
-        if path.suffix == ".rec":
-            if not path.is_file():
-                raise DataFormatError(path, "no such RecordIO file")
-            self.dataset = FaceRecordDataset(path)
-            self.kind = "rec"
-        elif path.is_dir():
-            self.dataset = ImageFolderDataset(path)
-            self.kind = "folder"
-        else:
-            raise DataFormatError(path, "not a .rec file, a folder holding train.rec, or an image folder")
-        self.path = path
+        self.dataset = open_face_dataset(path)
+        self.kind = "rec" if isinstance(self.dataset, FaceRecordDataset) else "folder"
+        self.path = Path(self.dataset.rec_path) if self.kind == "rec" else Path(path)
         self.labels = np.asarray(self.dataset.labels, dtype=np.int64)
         if len(self.labels) == 0:
             raise VigfaceError(f"source {path}: holds no images")
