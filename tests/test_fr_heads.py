@@ -12,7 +12,9 @@ from vigface.fr.margins import MarginConfig, MarginHead
 from vigface.fr.prototypes import VirtualPrototypeHead
 
 
-def reference_margin_loss(emb, labels, weight, kind, s, m, norm_mean=None, norm_std=None, h=0.333):
+def reference_margin_loss(
+    emb, labels, weight, kind, s, m, norm_mean=None, norm_std=None, h=0.333, m1=1.0, m3=0.2
+):
     """Mean margin-softmax loss, one row at a time with the math module (independent of vigface)."""
     total = 0.0
     for i in range(len(emb)):
@@ -29,6 +31,10 @@ def reference_margin_loss(emb, labels, weight, kind, s, m, norm_mean=None, norm_
                 elif kind == "arcface":
                     theta = math.acos(max(-1.0, min(1.0, c)))
                     c = math.cos(theta + m) if theta + m <= math.pi else c - m * math.sin(m)
+                elif kind == "combined":  # beyond pi: continue as cos(theta), shifted to meet -1 - m3
+                    theta = math.acos(max(-1.0, min(1.0, c)))
+                    theta_0 = (math.pi - m) / m1
+                    c = math.cos(m1 * theta + m) - m3 if theta <= theta_0 else c - math.cos(theta_0) - 1 - m3
                 else:  # adaface
                     g = (min(max(en, 0.001), 100) - norm_mean) / (norm_std + 1e-3) * h
                     g = max(-1.0, min(1.0, g))
@@ -43,7 +49,8 @@ def reference_margin_loss(emb, labels, weight, kind, s, m, norm_mean=None, norm_
 
 
 @pytest.mark.parametrize(
-    "kind,s,m", [("arcface", 64.0, 0.5), ("arcface", 30.0, 0.5), ("cosface", 30.0, 0.35)]
+    "kind,s,m",
+    [("arcface", 64.0, 0.5), ("arcface", 30.0, 0.5), ("cosface", 30.0, 0.35), ("combined", 30.0, 0.3)],
 )
 def test_margin_loss_matches_reference(kind, s, m):
     g = torch.Generator().manual_seed(1)
@@ -63,6 +70,27 @@ def test_arcface_wraparound_branch():
     out = head.logits(cos, torch.tensor([0]))
     assert out[0, 0].item() == pytest.approx(-0.99 - 0.5 * math.sin(0.5))
     assert out[0, 1].item() == 0.2
+
+
+def test_combined_margin_is_continuous_and_falling_beyond_pi():
+    """m1 theta + m2 > pi: a cosine shifted to meet the curve at theta_0, so the logit keeps falling."""
+    m1, m2, m3 = 1.2, 0.4, 0.1
+    head = MarginHead(MarginConfig(kind="combined", scale=1.0, margin=m2, combined_m1=m1, combined_m3=m3))
+    theta_0 = (math.pi - m2) / m1
+    thetas = torch.linspace(0.0, math.pi, 2001, dtype=torch.float64)
+    out = head.target_cosine(thetas.cos(), None)
+    assert torch.all(out[1:] < out[:-1])  # strictly falling over [0, pi]
+    near = torch.tensor([theta_0 - 1e-7, theta_0 + 1e-7], dtype=torch.float64)
+    edge = head.target_cosine(near.cos(), None)
+    assert edge[0].item() == pytest.approx(-1 - m3, abs=1e-6) and edge[1].item() == pytest.approx(
+        -1 - m3, abs=1e-6
+    )
+    # m1 = 1, m3 = 0 is ArcFace inside the range
+    arc = MarginHead(MarginConfig(kind="arcface", scale=1.0, margin=0.5))
+    comb = MarginHead(MarginConfig(kind="combined", scale=1.0, margin=0.5, combined_m1=1.0, combined_m3=0.0))
+    inside = torch.linspace(-0.8, 1.0, 50, dtype=torch.float64)
+    # (acos near cos = 1 loses digits: equal to 1e-7, not to the last bit)
+    assert torch.allclose(arc.target_cosine(inside, None), comb.target_cosine(inside, None), atol=1e-7)
 
 
 def test_adaface_matches_reference_and_updates_norm_stats():

@@ -232,7 +232,7 @@ def head_step(kind: str, loss: str, **head_kwargs) -> dict:
     return {"loss": total, **stats, "grad_emb": grad_emb, "grad_weight": grad_w}
 
 
-@pytest.mark.parametrize("kind", ["arcface", "cosface", "adaface"])
+@pytest.mark.parametrize("kind", ["arcface", "cosface", "combined", "adaface"])
 def test_head_fused_equals_reference(kind):
     fused, ref = head_step(kind, "fused"), head_step(kind, "reference")
     for key in ("loss", "loss_real", "loss_virtual", "sigma_mean"):

@@ -26,7 +26,9 @@ HELP = {
     "input_size": "input resolution; 112x112 images are area-resized (56 for CPU runs)",
     "margin": "margin softmax",
     "scale": "logit scale s (paper: 64 on MS1M-V2, 30 on CASIA-WebFace)",
-    "margin_m": "margin m (default 0.5 arcface, 0.35 cosface, 0.4 adaface)",
+    "margin_m": "margin m (default 0.5 arcface, 0.35 cosface, 0.3 combined (its m2), 0.4 adaface)",
+    "margin_m1": "combined margin: m1 in cos(m1 theta + m) - m3",
+    "margin_m3": "combined margin: m3 in cos(m1 theta + m) - m3",
     "num_virtual": "k virtual prototypes W_V beside the real ones",
     "virtual_embeddings": "train W_V with virtual embeddings (eqs. 5-7); "
     "--no-virtual-embeddings is the collapse ablation",

@@ -50,6 +50,8 @@ class FRTrainConfig:
     margin: str = "arcface"
     scale: float = 64.0
     margin_m: float | None = None
+    margin_m1: float = 1.0  # combined margin only: cos(m1 theta + m) - m3
+    margin_m3: float = 0.2
     num_virtual: int = 0  # k virtual prototypes W_V
     virtual_embeddings: bool = True  # False: the collapse ablation (W_V without eqs. 5-7)
     sigma_alpha: float = 0.9
@@ -132,7 +134,10 @@ class FRTrainConfig:
         return BackboneConfig(self.arch, self.embedding_dim, self.width, self.input_size, self.dropout)
 
     def margin_config(self) -> MarginConfig:
-        return MarginConfig(kind=self.margin, scale=self.scale, margin=self.margin_m)
+        return MarginConfig(
+            kind=self.margin, scale=self.scale, margin=self.margin_m,
+            combined_m1=self.margin_m1, combined_m3=self.margin_m3,
+        )  # fmt: skip
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,10 +1,13 @@
-"""Margin-softmax logits: ArcFace, CosFace and AdaFace on cosine similarities.
+"""Margin-softmax logits: ArcFace, CosFace, combined and AdaFace on cosine similarities.
 
-All three change only the target class's cosine, then scale every logit by `s`:
+All of them change only the target class's cosine, then scale every logit by `s`:
 
     ArcFace  (Deng et al. 2019, paper eq. 3)  cos(theta_y + m)
              and cos(theta_y) - m sin(m) where theta_y + m > pi (insightface's continuation)
     CosFace  (Wang et al. 2018)               cos(theta_y) - m
+    combined (insightface, m1 m2 m3)          cos(m1 theta_y + m2) - m3, m2 = `margin`; where
+             m1 theta_y + m2 > pi it continues as cos(theta_y) - cos(theta_0) - 1 - m3,
+             theta_0 = (pi - m2) / m1 (continuous there and still falling with theta)
     AdaFace  (Kim et al. 2022)                cos(clip(theta_y - m g, eps, pi - eps)) - (m + m g),
              g = clip(h (|f| - mu) / (sigma + eps), -1, 1) from the feature norm |f| and an EMA
              (t_alpha) of the batch's norm mean mu and std sigma: low-norm (hard) images get an
@@ -24,7 +27,7 @@ from torch import nn
 
 from vigface.errors import VigfaceError
 
-DEFAULT_MARGIN = {"arcface": 0.5, "cosface": 0.35, "adaface": 0.4}
+DEFAULT_MARGIN = {"arcface": 0.5, "cosface": 0.35, "combined": 0.3, "adaface": 0.4}
 MARGINS = tuple(DEFAULT_MARGIN)
 
 
@@ -32,7 +35,11 @@ MARGINS = tuple(DEFAULT_MARGIN)
 class MarginConfig:
     kind: str = "arcface"
     scale: float = 64.0  # s; the paper uses 30 on CASIA-WebFace and 64 on MS1M-V2
-    margin: float | None = None  # m; None: 0.5 arcface, 0.35 cosface, 0.4 adaface
+    margin: float | None = (
+        None  # m (m2 of combined); None: 0.5 arcface, 0.35 cosface, 0.3 combined, 0.4 adaface
+    )
+    combined_m1: float = 1.0  # combined only: angular multiplier (insightface's (1.0, 0.3, 0.2))
+    combined_m3: float = 0.2  # combined only: additive cosine margin
     adaface_h: float = 0.333
     adaface_t_alpha: float = 0.01
 
@@ -45,6 +52,11 @@ class MarginConfig:
             object.__setattr__(self, "margin", DEFAULT_MARGIN[self.kind])
         if not 0 <= self.margin < math.pi / 2:
             raise VigfaceError(f"margin m must be in [0, pi/2), got {self.margin}")
+        if self.kind == "combined" and not (self.combined_m1 > 0 and 0 <= self.combined_m3 < 1):
+            raise VigfaceError(
+                "combined margin needs m1 > 0 and m3 in [0, 1), "
+                f"got m1={self.combined_m1} m3={self.combined_m3}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,6 +93,16 @@ class MarginHead(nn.Module):
             phi = cos_t * math.cos(m) - sin_t * math.sin(m)  # cos(theta + m)
             # theta + m > pi would wrap around and *raise* the logit: use a linear continuation.
             return torch.where(cos_t > math.cos(math.pi - m), phi, cos_t - math.sin(math.pi - m) * m)
+        if c.kind == "combined":
+            m1, m3 = c.combined_m1, c.combined_m3
+            theta = cos_t.clamp(-1.0, 1.0).acos()
+            theta_0 = (math.pi - m) / m1
+            inside = m1 * theta + m <= math.pi
+            return torch.where(
+                inside,
+                torch.cos(m1 * theta + m) - m3,
+                cos_t - math.cos(theta_0) - 1.0 - m3,
+            )
         g = torch.zeros_like(cos_t) if scaler is None else scaler
         eps = 1e-3
         theta = cos_t.clamp(-1 + eps, 1 - eps).acos()
