@@ -1,0 +1,187 @@
+"""`vigface demo` at a tiny size (the full pipeline, then --quick on its models), and `vigface-eval`."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vigface.cli import eval as eval_cli
+from vigface.cli import main as vigface_cli
+from vigface.errors import VigfaceError
+from vigface.eval.demo import FULL, QUICK, DemoConfig, run_demo
+from vigface.eval.labelled_set import read_labelled_set
+from vigface.eval.protocol import PEER_TABLE, ProtocolConfig, compare_to_real, train_config
+from vigface.eval.verification import summarise, verify_bins
+from vigface.fr.embed import load_backbone
+
+TINY = DemoConfig(
+    ids=8, per_id=6, val_ids=20, val_per_id=2, pose_per_id=1, pairs=40, fr_width=8, fr_input_size=16,
+    fr_dim=16, fr_epochs=1, fr_batch=16, dm_steps=3, dm_batch=8, dm_image_size=16, dm_patch=4, gen_ids=4,
+    gen_per_id=4, gen_steps=2, cfg_sweep=(0.5, 2.5), sweep_ids=2, sweep_per_id=2, serfiq_passes=4,
+    workers=0, progress=False,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "full"
+    return out, run_demo(TINY, str(out))
+
+
+def _check_report(out, result, n_figures):
+    html = (out / "report.html").read_text()
+    assert result["report"] == str(out / "report.html")
+    assert html.count("data:image/png;base64,") == n_figures
+    assert "src='http" not in html and 'src="http' not in html  # self-contained
+    report = json.loads((out / "report.json").read_text())
+    for path in report["figures"].values():
+        with Image.open(out / path) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+    return report
+
+
+def test_full_pipeline_writes_a_consistent_report(demo_run):
+    out, result = demo_run
+    report = _check_report(out, result, n_figures=8)
+    # Every stage left its output.
+    for folder in ("toy", "fr_real", "diffusion", "generated", "fr_generated"):
+        assert (out / folder).is_dir()
+    gen = read_labelled_set(out / "generated")
+    assert len(gen.labels) == 2 * TINY.gen_ids * TINY.gen_per_id
+    assert sorted(set(gen.kinds)) == ["real", "virtual"]
+    # The verification table is what the saved models score on the held-out pairs.
+    bins = [out / "toy" / "toy_val.bin", out / "toy" / "toy_pose.bin"]
+    v = report["verification"]
+    for name, folder in (("real", "fr_real"), ("generated", "fr_generated")):
+        model, _ = load_backbone(out / folder)
+        again = summarise(verify_bins(model, bins))
+        assert v["models"][name]["table"]["average"] == pytest.approx(again["average"])
+    c = v["comparison"]
+    assert c["generated / real"] == pytest.approx(c["generated average %"] / c["real average %"])
+    # The sweep picked the w with the best average IoU, and the final generation used it.
+    sweep = report["cfg_sweep"]
+    for kind in ("real", "virtual"):
+        best = sweep["w"][int(np.argmax([r["average"] for r in sweep[kind]]))]
+        assert sweep["picked"][kind] == best == report["picked_w"][kind]
+    plan = json.loads((out / "generated" / "generation.json").read_text())["plan"]["config"]
+    assert (plan["w_real"], plan["w_virtual"]) == (sweep["picked"]["real"], sweep["picked"]["virtual"])
+    assert set(report["dataset_metrics"]) == {
+        "real toy data",
+        "generated, real ids",
+        "generated, virtual ids",
+    }
+    assert len(report["peers"]["rows"]) == 19
+    with pytest.raises(VigfaceError, match="already holds"):
+        run_demo(TINY, str(out))
+
+
+@pytest.mark.slow  # ~20 s on the shared machine; the default test above runs the same pipeline
+def test_quick_mode_uses_trained_models_without_training_them(demo_run, tmp_path):
+    full_out, _ = demo_run
+    out = tmp_path / "quick"
+    config = dataclasses.replace(TINY, quick=True, model=str(full_out / "diffusion"), cfg_sweep=())
+    result = run_demo(config, str(out))
+    report = _check_report(out, result, n_figures=6)
+    assert not (out / "fr_real").exists() and not (out / "diffusion").exists()
+    assert report["config"]["fr_model"] == str(full_out / "fr_real")
+    assert report["config"]["ids"] == TINY.ids  # the FR model's real identities
+    assert report["picked_w"] == {"real": 0.5, "virtual": 2.5, "from_sweep": False}
+    with pytest.raises(VigfaceError, match="not a denoiser folder"):
+        run_demo(dataclasses.replace(config, model=str(tmp_path)), str(tmp_path / "again"))
+
+
+def test_demo_command_line(monkeypatch, capsys, tmp_path):
+    seen = {}
+
+    def fake_run(config, out):
+        seen.update(config=config, out=out)
+        return {"summary": ["ok"], "timings": {"total": 1.0}, "report": f"{out}/report.html"}
+
+    monkeypatch.setattr("vigface.eval.demo.run_demo", fake_run)
+    assert (
+        vigface_cli.main(["demo", "--quick", "--out", str(tmp_path), "--cfg-sweep", "0.5", "2", "--quiet"])
+        == 0
+    )
+    assert seen["config"] == dataclasses.replace(QUICK, cfg_sweep=(0.5, 2.0), progress=False)
+    assert f"report: {tmp_path}/report.html" in capsys.readouterr().out
+    assert vigface_cli.main(["demo", "--out", str(tmp_path)]) == 0
+    assert seen["config"].quick is False and seen["config"].dm_steps == FULL.dm_steps
+
+
+def test_eval_command_line(demo_run, capsys, tmp_path):
+    out, _ = demo_run
+    bins = [str(out / "toy" / "toy_val.bin"), str(out / "toy" / "toy_pose.bin")]
+    js = tmp_path / "verify.json"
+    assert (
+        eval_cli.main(
+            [
+                "verify",
+                str(out / "fr_generated"),
+                *bins,
+                "--real-model",
+                str(out / "fr_real"),
+                "--json",
+                str(js),
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "toy_val" in printed and "Gap-to-Real vs our real-data model" in printed
+    data = json.loads(js.read_text())
+    assert data["gap"]["gap_to_real"] == pytest.approx(
+        (data["real"]["average"] - data["ours"]["average"]) / data["ours"]["average"]
+    )
+    assert eval_cli.main(
+        ["metrics", str(out / "fr_real"), str(out / "generated"), "--real", str(out / "toy" / "train.rec"),
+         "--passes", "3", "--out", str(tmp_path / "m")]
+    ) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "real ids" in printed and "virtual ids" in printed and "IoU with real data" in printed
+    assert (tmp_path / "m" / "report.html").is_file()
+    assert eval_cli.main(["verify", str(tmp_path), *bins]) == 2  # not a model folder: one-line error
+    assert "vigface-eval: error:" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # IR-SE-50's 50 layers: ~25 s on the shared 2-core machine even at width 4, 16 px
+def test_protocol_trains_irse50_adaface_and_compares(demo_run, tmp_path):
+    out, _ = demo_run
+    bins = [str(out / "toy" / "toy_val.bin")]
+    code = eval_cli.main(
+        ["protocol", str(out / "generated"), "--out", str(tmp_path / "p"), "--bins", *bins,
+         "--width", "4", "--input-size", "16", "--embedding-dim", "16", "--batch-size", "8",
+         "--max-steps", "2", "--workers", "0", "--real-model", str(out / "fr_real"), "--quiet",
+         "--device", "cpu"]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads((tmp_path / "p" / "protocol.json").read_text())
+    assert result["train_config"]["arch"] == "irse50" and result["train_config"]["margin"] == "adaface"
+    assert result["gap"]["reference"] == "our real-data model"
+    assert [r["method"] for r in result["peers"]["rows"]][-1] == "VIGFace(L)"
+
+
+def test_protocol_pieces(tmp_path):
+    # The peer table as transcribed: each average is the mean of its five sets (to the 0.01 printed).
+    for row in PEER_TABLE:
+        assert np.mean(row[3:8]) == pytest.approx(row[8], abs=0.011), row[0]
+    assert [r[0] for r in PEER_TABLE][:2] == ["CASIA (Real)", "SynFace"] and PEER_TABLE[1][-1] == 74.75
+    bin_path = tmp_path / "lfw.bin"
+    bin_path.write_bytes(b"")
+    fr = train_config(ProtocolConfig(data="d.rec", out=str(tmp_path), bins=[str(bin_path)]))
+    assert (fr.arch, fr.margin, fr.num_virtual, fr.input_size) == ("irse50", "adaface", 0, 112)
+    with pytest.raises(VigfaceError, match="does not exist"):
+        ProtocolConfig(data="d.rec", out="o", bins=[str(tmp_path / "missing.bin")])
+    with pytest.raises(VigfaceError, match="no peer"):
+        ProtocolConfig(data="d.rec", out="o", bins=[str(bin_path)], real_reference="Nobody")
+    five = {"average": 90.0, "five_benchmark_average": 90.0}
+    gap = compare_to_real(five, None, "CASIA (Real)")
+    assert gap["gap_to_real"] == pytest.approx((94.93 - 90.0) / 90.0)
+    assert (
+        compare_to_real({"average": 90.0, "five_benchmark_average": None}, None, "CASIA (Real)")[
+            "gap_to_real"
+        ]
+        is None
+    )
+    assert compare_to_real(five, {"average": 99.0}, "CASIA (Real)")["gap_to_real"] == pytest.approx(0.1)

@@ -1,0 +1,256 @@
+"""`vigface-eval`: measure FR models and face datasets the way the VIGFace paper does.
+
+    vigface-eval verify runs/fr lfw.bin cfp_fp.bin cplfw.bin agedb_30.bin calfw.bin
+    vigface-eval metrics runs/fr gen/train.rec --real toy/train.rec --out runs/metrics
+    vigface-eval cfg-sweep runs/diffusion --real toy/train.rec --work runs/sweep --w 0.5 1 1.5 2 2.5 3
+    vigface-eval protocol gen/train.rec --out runs/protocol --bins lfw.bin cfp_fp.bin ...
+
+verify: 10-fold 1:1 accuracy (flipped-sum, L2-normalised embeddings), mean +- std per set, the
+five-benchmark average and Gap-to-Real. metrics: CST / DIV (SER-FIQ) / SEP, similarity
+histograms and their IoU with a real set. cfg-sweep: Table 1, the w picked for real and virtual
+ids. protocol: train IR-SE50 + AdaFace on a dataset, verify it, print the published peers beside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vigface.cli.common import positive_int, run_command
+
+
+def _device(choice: str) -> str:
+    import torch
+
+    return choice if choice != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _print_table(name: str, table: dict) -> None:
+    print(f"{name}:")
+    for set_name, row in table["sets"].items():
+        print(f"  {set_name:<12} {row['accuracy']:6.2f} +- {row['std']:.2f}")
+    print(f"  {'average':<12} {table['average']:6.2f}")
+    if table.get("five_benchmark_average") is not None:
+        print(f"  {'5-set avg':<12} {table['five_benchmark_average']:6.2f}")
+
+
+def _write_json(path: str | None, data: dict) -> None:
+    if path:
+        from vigface.eval.report import _json_safe
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(_json_safe(data), indent=2))
+        print(f"wrote {path}")
+
+
+def _cmd_verify(args) -> int:
+    from vigface.eval.protocol import compare_to_real, evaluate_model
+
+    device = _device(args.device)
+    ours = evaluate_model(args.model, args.bins, device)
+    _print_table(args.model, ours)
+    real = evaluate_model(args.real_model, args.bins, device) if args.real_model else None
+    if real:
+        _print_table(args.real_model, real)
+    gap = compare_to_real(ours, real, args.real_reference)
+    if gap["gap_to_real"] is not None:
+        print(f"Gap-to-Real vs {gap['reference']}: {100 * gap['gap_to_real']:.2f} %")
+    else:
+        print(f"Gap-to-Real vs {gap['reference']}: - ({gap['why']})")
+    _write_json(args.json, {"model": args.model, "ours": ours, "real": real, "gap": gap})
+    return 0
+
+
+def _cmd_metrics(args) -> int:
+    import numpy as np
+
+    from vigface.eval import plots
+    from vigface.eval.labelled_set import read_labelled_set
+    from vigface.eval.metrics import dataset_metrics
+    from vigface.eval.report import write_report
+    from vigface.eval.serfiq import serfiq_scores
+    from vigface.eval.similarity import distribution_iou, genuine_imposter, histogram
+    from vigface.fr.embed import embed_images, load_backbone
+
+    device = _device(args.device)
+    model, _ = load_backbone(args.model, device)
+    data = read_labelled_set(args.data, max_ids=args.max_ids, max_per_id=args.max_per_id)
+    sets = {"dataset": data}
+    if data.kinds is not None:  # a generated set: real and virtual ids measured apart
+        sets = {
+            f"{k} ids": data.select(data.kinds == k) for k in ("real", "virtual") if np.any(data.kinds == k)
+        }
+    if args.real:
+        sets = {
+            "real data": read_labelled_set(args.real, max_ids=args.max_ids, max_per_id=args.max_per_id),
+            **sets,
+        }
+    metrics, dists = {}, {}
+    for name, s in sets.items():
+        emb = embed_images(model, s.images, device=device)
+        quality = serfiq_scores(model, s.images, passes=args.passes, device=device)
+        metrics[name] = dataset_metrics(emb, s.labels, quality)
+        dists[name] = genuine_imposter(emb, s.labels)
+        m = metrics[name]
+        print(
+            f"{name:<16} ids {m['classes']:>6}  images {m['images']:>7}  CST {m['cst']:.4f}  "
+            f"DIV {m['div']:.3e}  SEP {m.get('sep', float('nan')):.4f}"
+        )
+    if args.real:
+        for name in sets:
+            if name != "real data":
+                iou = distribution_iou(dists["real data"], dists[name])
+                metrics[name]["iou_with_real"] = iou
+                print(
+                    f"IoU with real data, {name}: genuine {iou['genuine']:.3f} "
+                    f"imposter {iou['imposter']:.3f} average {iou['average']:.3f}"
+                )
+    if args.out:
+        hists = {
+            n: {"genuine": histogram(g).tolist(), "imposter": histogram(i).tolist()}
+            for n, (g, i) in dists.items()
+        }
+        figures = {
+            "similarity_histograms": (
+                "Genuine / imposter cosine similarity",
+                plots.similarity_histograms_png(hists),
+            ),
+            "metric_bars": ("CST / DIV / SEP", plots.metric_bars_png(metrics)),
+        }
+        path = write_report(
+            args.out,
+            {"title": f"dataset metrics of {args.data}", "dataset_metrics": metrics,
+             "config": {"model": args.model, "data": args.data, "real": args.real, "passes": args.passes}},
+            figures,
+        )  # fmt: skip
+        print(f"report: {path}")
+    return 0
+
+
+def _cmd_cfg_sweep(args) -> int:
+    from vigface.eval import plots
+    from vigface.eval.cfg_sweep import SweepConfig, cfg_sweep
+    from vigface.eval.report import write_report
+
+    config = SweepConfig(
+        model=args.model, real=args.real, work=args.work, ws=args.w, num_ids=args.num_ids,
+        per_id=args.per_id, steps=args.steps, sampler=args.sampler, batch_size=args.batch_size,
+        seed=args.seed, device=args.device, progress=not args.quiet, keep_images=args.keep_images,
+    )  # fmt: skip
+    result = cfg_sweep(config)
+    print("w        " + " ".join(f"{w:>6g}" for w in result["w"]))
+    for kind in ("real", "virtual"):
+        for key in ("genuine", "imposter", "average"):
+            print(f"{kind[:4]} {key[:4]:<4} " + " ".join(f"{r[key]:6.3f}" for r in result[kind]))
+    print(f"picked w: real ids {result['picked']['real']:g}, virtual ids {result['picked']['virtual']:g}")
+    figures = {
+        "cfg_sweep": ("IoU with real data against w", plots.cfg_sweep_png(result)),
+        "cfg_sweep_histograms": (
+            "Similarity histograms per w",
+            plots.similarity_histograms_png(result["histograms"]),
+        ),
+    }
+    path = write_report(args.work, {"title": "classifier-free guidance sweep", "cfg_sweep": result}, figures)
+    print(f"report: {path}")
+    return 0
+
+
+def _cmd_protocol(args) -> int:
+    from vigface.eval.protocol import ProtocolConfig, peer_rows, run_protocol
+
+    config = ProtocolConfig(
+        data=args.data, out=args.out, bins=args.bins, real_reference=args.real_reference,
+        real_model=args.real_model, arch=args.arch, margin=args.margin, width=args.width,
+        input_size=args.input_size, embedding_dim=args.embedding_dim, batch_size=args.batch_size,
+        epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, workers=args.workers, device=args.device,
+        progress=not args.quiet,
+    )  # fmt: skip
+    result = run_protocol(config, resume=args.resume)
+    _print_table(f"{args.arch} + {args.margin} on {args.data}", result["ours"])
+    gap = result["gap"]
+    if gap["gap_to_real"] is not None:
+        print(f"Gap-to-Real vs {gap['reference']}: {100 * gap['gap_to_real']:.2f} %")
+    print("published peers (IR-SE50 + AdaFace):")
+    for row in peer_rows():
+        print(f"  {row['method']:<14} {row['images']:<26} avg {row['average']:.2f}")
+    print(f"wrote {Path(args.out) / 'protocol.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vigface.eval.protocol import DEFAULT_REAL_REFERENCE
+
+    parser = argparse.ArgumentParser(prog="vigface-eval", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+    v = sub.add_parser("verify", help="10-fold 1:1 verification of a trained backbone on .bin sets")
+    v.add_argument("model", help="a vigface-train-fr output folder")
+    v.add_argument("bins", nargs="+", help="verification .bin files (lfw.bin, cfp_fp.bin, ...)")
+    v.add_argument("--real-model", help="a real-data FR folder to compute Gap-to-Real against")
+    v.add_argument("--real-reference", default=DEFAULT_REAL_REFERENCE, help="peer row used for GR otherwise")
+    v.add_argument("--json", help="also write the results to this JSON file")
+    common(v)
+    v.set_defaults(func=_cmd_verify)
+
+    m = sub.add_parser("metrics", help="CST / DIV / SEP and similarity histograms of a dataset")
+    m.add_argument("model", help="the FR folder that measures (backbone.safetensors + backbone.json)")
+    m.add_argument("data", help="train.rec, a vigface-gen output folder, or an image folder")
+    m.add_argument("--real", help="a real dataset: measured too, and IoU of the histograms against it")
+    m.add_argument("--passes", type=positive_int, default=100, help="SER-FIQ dropout passes (default 100)")
+    m.add_argument("--max-ids", type=positive_int, help="measure only the first N identities")
+    m.add_argument("--max-per-id", type=positive_int, help="and at most N images of each")
+    m.add_argument("--out", help="write report.json / report.html here")
+    common(m)
+    m.set_defaults(func=_cmd_metrics)
+
+    s = sub.add_parser("cfg-sweep", help="generate at several w, pick w by IoU with real data (Table 1)")
+    s.add_argument("model", help="a denoiser folder")
+    s.add_argument("--real", required=True, help="real data of the FR model (train.rec or image folder)")
+    s.add_argument("--work", required=True, help="folder for the generated sets and the report")
+    s.add_argument("--w", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
+    s.add_argument("--num-ids", type=positive_int, default=20, help="identities per kind (default 20)")
+    s.add_argument("--per-id", type=positive_int, default=10)
+    s.add_argument("--steps", type=positive_int, default=50)
+    s.add_argument("--sampler", default="ddim", help="ddim | dpm++")
+    s.add_argument("--batch-size", type=positive_int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--keep-images", action="store_true", help="keep each w's generated set")
+    s.add_argument("--quiet", action="store_true")
+    common(s)
+    s.set_defaults(func=_cmd_cfg_sweep)
+
+    p = sub.add_parser("protocol", help="train IR-SE50 + AdaFace on a dataset and verify it (Table 2)")
+    p.add_argument("data", help="the training set (train.rec, a folder holding it, or an image folder)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--bins", nargs="+", required=True, help="the five benchmark .bin files (or toy ones)")
+    p.add_argument("--real-model", help="our own real-data FR folder for Gap-to-Real")
+    p.add_argument("--real-reference", default=DEFAULT_REAL_REFERENCE)
+    p.add_argument("--arch", default="irse50")
+    p.add_argument("--margin", default="adaface")
+    p.add_argument("--width", type=positive_int, default=64)
+    p.add_argument("--input-size", type=positive_int, default=112)
+    p.add_argument("--embedding-dim", type=positive_int, default=512)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--epochs", type=positive_int, default=26)
+    p.add_argument("--max-steps", type=positive_int)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    common(p)
+    p.set_defaults(func=_cmd_protocol)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command("vigface-eval", args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Pick the classifier-free guidance scale w the way the paper does (§5.2, Table 1, Fig. 5).
+
+For each w, generate `num_ids` real and `num_ids` virtual identities (`per_id` images each) with
+that w, embed them with the FR model, and compare the genuine / imposter cosine histograms of
+each kind with those of real data by IoU (similarity.py). The w with the highest average of the
+two IoUs is picked, separately for real ids and virtual ids (the paper finds 0.5 and 2.5).
+
+The images of one (kind, identity, image index) share their seed and pose across w, so the sweep
+varies w alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vigface.errors import VigfaceError
+from vigface.eval.labelled_set import LabelledSet, read_labelled_set
+from vigface.eval.similarity import distribution_iou, genuine_imposter, histogram, summary
+
+PAPER_W = {"real": 0.5, "virtual": 2.5}
+KINDS = ("real", "virtual")
+
+
+@dataclass
+class SweepConfig:
+    model: str  # a denoiser folder (vigface-train-diffusion output, or the shipped tiny model)
+    real: str  # real data to match: train.rec / image folder of the FR model's training set
+    work: str  # where the generated sets go (one sub-folder per w)
+    ws: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0, 2.5, 3.0])  # Table 1's scales
+    num_ids: int = 20  # per kind
+    per_id: int = 10
+    real_max_ids: int | None = None  # identities of the real set used (None: all)
+    steps: int = 50
+    sampler: str = "ddim"
+    batch_size: int = 64
+    max_pairs: int = 50_000
+    seed: int = 0
+    device: str = "auto"
+    keep_images: bool = False  # False: delete each w's generated set once embedded
+    progress: bool = True
+
+    def __post_init__(self):
+        if not self.ws:
+            raise VigfaceError("cfg sweep: give at least one guidance scale w")
+        if any(not np.isfinite(w) or w < 0 for w in self.ws):
+            raise VigfaceError(f"cfg sweep: every w must be a finite number >= 0, got {self.ws}")
+        if self.num_ids < 2 or self.per_id < 2:
+            raise VigfaceError("cfg sweep: need num_ids >= 2 and per_id >= 2 (imposter and genuine pairs)")
+        self.ws = sorted(float(w) for w in self.ws)
+
+
+def _device(choice: str):
+    import torch
+
+    return choice if choice != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _generate(config: SweepConfig, w: float, out: Path) -> LabelledSet:
+    from vigface.generate.dataset import GenerationConfig, generate_dataset
+
+    gen = GenerationConfig(
+        model=config.model, out=str(out), ids="both", num_ids=config.num_ids, per_id=config.per_id,
+        w_real=w, w_virtual=w, steps=config.steps, sampler=config.sampler, batch_size=config.batch_size,
+        shard_size=10**6, seed=config.seed, device=config.device, progress=config.progress,
+    )  # fmt: skip
+    generate_dataset(gen)
+    return read_labelled_set(out)
+
+
+def _histograms(dist: tuple) -> dict:
+    return {"genuine": histogram(dist[0]).tolist(), "imposter": histogram(dist[1]).tolist()}
+
+
+def cfg_sweep(config: SweepConfig, fr_model=None) -> dict:
+    """Table 1 for our model: {"w", "real": [IoU rows], "virtual": [...], "picked", histograms}.
+
+    `fr_model`: the backbone that measures similarity (default: the one the denoiser was trained
+    against; the paper uses an independent ResNet-18)."""
+    from vigface.diffusion.model_folder import DENOISER_META, fr_model_dir
+    from vigface.fr.embed import embed_images, load_backbone
+
+    device = _device(config.device)
+    if fr_model is None:
+        meta = json.loads((Path(config.model) / DENOISER_META).read_text())
+        fr_model, _ = load_backbone(fr_model_dir(config.model, meta), device)
+    real = read_labelled_set(config.real, max_ids=config.real_max_ids)
+    real_emb = embed_images(fr_model, real.images, device=device)
+    real_dist = genuine_imposter(real_emb, real.labels, max_pairs=config.max_pairs, seed=config.seed)
+    result = {
+        "config": asdict(config),
+        "w": config.ws,
+        "real": [],
+        "virtual": [],
+        "real_data": summary(*real_dist),
+        "histograms": {"real data": _histograms(real_dist)},
+        "paper_w": PAPER_W,
+    }
+    for w in config.ws:
+        out = Path(config.work) / f"w{w:g}"
+        shutil.rmtree(out, ignore_errors=True)  # a sweep is cheap to redo; never mix settings
+        gen = _generate(config, w, out)
+        emb = embed_images(fr_model, gen.images, device=device)
+        for kind in KINDS:
+            sel = gen.kinds == kind
+            dist = genuine_imposter(emb[sel], gen.labels[sel], max_pairs=config.max_pairs, seed=config.seed)
+            row = {
+                "w": w,
+                **distribution_iou(real_dist, dist),
+                **{f"{k}_stats": v for k, v in summary(*dist).items()},
+            }
+            result[kind].append(row)
+            result["histograms"][f"{kind} ids, w={w:g}"] = _histograms(dist)
+        if not config.keep_images:
+            shutil.rmtree(out, ignore_errors=True)
+    result["picked"] = {
+        kind: result[kind][int(np.argmax([r["average"] for r in result[kind]]))]["w"] for kind in KINDS
+    }
+    return result
+
+
+def write_sweep(result: dict, path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)

@@ -1,0 +1,74 @@
+"""A labelled image set read for evaluation: images, labels and (for generated sets) each label's kind.
+
+Evaluation reads whole identities, so limits are per identity (`max_per_id` images of each of at
+most `max_ids` identities, taken in label order), which keeps genuine pairs intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vigface.errors import DataFormatError, VigfaceError
+
+
+@dataclass
+class LabelledSet:
+    images: np.ndarray  # uint8 (N, H, W, 3)
+    labels: np.ndarray  # int64 (N,)
+    kinds: np.ndarray | None = None  # "real" | "virtual" per image, for a vigface-gen output
+
+    def select(self, mask: np.ndarray) -> LabelledSet:
+        kinds = None if self.kinds is None else self.kinds[mask]
+        return LabelledSet(self.images[mask], self.labels[mask], kinds)
+
+
+def generation_kinds(path: str | os.PathLike) -> dict[int, tuple[str, int]] | None:
+    """{label: (kind, prototype index)} from a vigface-gen output's generation.json, else None."""
+    path = Path(path)
+    folder = path.parent if path.suffix == ".rec" else path
+    meta = folder / "generation.json"
+    if not meta.is_file():
+        return None
+    try:
+        labels = json.loads(meta.read_text())["labels"]
+        return {int(k): (str(v[0]), int(v[1])) for k, v in labels.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as exc:
+        raise DataFormatError(meta, f"not a valid generation description ({exc})") from None
+
+
+def read_labelled_set(
+    path: str | os.PathLike, *, max_ids: int | None = None, max_per_id: int | None = None
+) -> LabelledSet:
+    """Decode (a per-identity subset of) train.rec / an image folder into memory."""
+    from vigface.data.loaders.source import open_face_dataset
+
+    dataset = open_face_dataset(path)
+    labels = np.asarray(dataset.labels, dtype=np.int64)
+    if not len(labels):
+        raise VigfaceError(f"{path}: the dataset holds no images")
+    chosen = []
+    for n, label in enumerate(np.unique(labels)):
+        if max_ids is not None and n >= max_ids:
+            break
+        rows = np.flatnonzero(labels == label)
+        chosen.append(rows if max_per_id is None else rows[:max_per_id])
+    index = np.concatenate(chosen)
+    first, _ = dataset[int(index[0])]
+    images = np.empty((len(index), *first.shape), dtype=np.uint8)
+    for n, i in enumerate(index):
+        image, _ = dataset[int(i)]
+        if image.shape != first.shape:
+            raise DataFormatError(
+                path, f"image {i} has shape {image.shape}, image {index[0]} has {first.shape}"
+            )
+        images[n] = image
+    kinds_map = generation_kinds(path)
+    kinds = None
+    if kinds_map is not None:
+        kinds = np.array([kinds_map.get(int(label), ("unknown", -1))[0] for label in labels[index]])
+    return LabelledSet(images, labels[index], kinds)
