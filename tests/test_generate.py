@@ -148,3 +148,32 @@ def test_model_folder_generates_on_its_own(denoiser_dir, tmp_path):
     drawn = np.load(tmp_path / "a" / "train_landmarks.npy")  # output size 112: the table's own frame
     table = np.load(moved / "pose_landmarks.npy")
     assert all(any(np.allclose(row, t) for t in table) for row in drawn)
+
+
+def test_precision_flag(denoiser_dir, tmp_path, capsys):
+    """--precision reaches the engine: bf16 eager images stay close to fp32 ones; an engine that does
+    not offer a precision refuses it with a one-line error."""
+    assert gen_cli.main(gen_args(denoiser_dir, tmp_path / "fp32")) == 0
+    assert gen_cli.main([*gen_args(denoiser_dir, tmp_path / "bf16"), "--precision", "bf16"]) == 0
+    a, b = (
+        FaceRecordDataset(tmp_path / "fp32" / "train.rec"),
+        FaceRecordDataset(tmp_path / "bf16" / "train.rec"),
+    )
+    assert len(a) == len(b) == 24 and np.array_equal(a.labels, b.labels)
+    diff = np.mean([np.abs(a[i][0].astype(int) - b[i][0].astype(int)).mean() for i in range(len(a))])
+    assert 0 < diff < 8, diff  # bf16 changes pixels, a few levels on average at most
+    assert (
+        gen_cli.main([*gen_args(denoiser_dir, tmp_path / "x"), "--engine", "onnx", "--precision", "bf16"])
+        == 2
+    )
+    assert "precision 'bf16' is not offered" in capsys.readouterr().err
+
+
+def test_shipped_model_generates_without_arguments(tmp_path, capsys):
+    """`vigface-gen --out DIR` uses the tiny model inside the package (its FR model in fr/)."""
+    out = tmp_path / "shipped"
+    args = ["--out", str(out), "--ids", "both", "--num-ids", "2", "--per-id", "2", "--steps", "3", "--quiet"]
+    assert gen_cli.main(args) == 0
+    assert "shipped tiny toy-world model" in capsys.readouterr().err
+    data = FaceRecordDataset(out / "train.rec")
+    assert len(data) == 8 and data.num_classes == 4 and data[0][0].shape == (112, 112, 3)

@@ -39,6 +39,7 @@ from vigface.diffusion.cfg import DEFAULT_W_REAL, DEFAULT_W_VIRTUAL
 from vigface.diffusion.model_folder import POSE_TABLE, PROTOTYPES, fr_model_dir
 from vigface.diffusion.pose import landmark_image
 from vigface.diffusion.sampling import ENGINES, SAMPLERS, FaceSampler
+from vigface.engines.base import PRECISIONS
 from vigface.errors import DataFormatError, VigfaceError
 from vigface.fr.distributed import setup_distributed
 from vigface.fr.rng import step_seed
@@ -64,6 +65,7 @@ class GenerationConfig:
     steps: int = 100
     sampler: str = "ddim"
     engine: str = "eager"
+    precision: str | None = None  # None: the engine's default (fp32); bf16 / fp16 / fp8 where it offers them
     format: str = "rec"
     output_size: int = 112
     quality: int = 95
@@ -85,6 +87,8 @@ class GenerationConfig:
             bad("sampler", f"{self.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
         if self.engine not in ENGINES:
             bad("engine", f"{self.engine!r} is unknown; choose one of {', '.join(ENGINES)}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            bad("precision", f"{self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
         if self.format not in ("rec", "folder"):
             bad("format", f"{self.format!r} is unknown; choose rec or folder")
         for name in ("steps", "batch_size", "shard_size", "output_size"):
@@ -171,7 +175,7 @@ class _Generator:
     def __init__(self, config: GenerationConfig):
         self.config = c = config
         self.rank, self.world_size, self.device = setup_distributed(c.device)
-        self.sampler = FaceSampler.load(c.model, self.device, c.engine)
+        self.sampler = FaceSampler.load(c.model, self.device, c.engine, c.precision)
         train_config = self.sampler.meta.get("train_config", {})
         if c.prototypes:
             proto_path = Path(c.prototypes)
@@ -304,4 +308,5 @@ class _Generator:
 
 def generate_dataset(config: GenerationConfig) -> dict:
     """Generate (or finish generating) the dataset described by `config`."""
+    torch.set_flush_denormal(True)  # subnormals slow x86 CPU arithmetic ~10x (see the trainers)
     return _Generator(config).run()
