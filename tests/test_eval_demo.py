@@ -141,6 +141,15 @@ def test_eval_command_line(demo_run, capsys, tmp_path):
     printed = capsys.readouterr().out
     assert "real ids" in printed and "virtual ids" in printed and "IoU with real data" in printed
     assert (tmp_path / "m" / "report.html").is_file()
+    assert eval_cli.main(
+        ["cfg-sweep", str(out / "diffusion"), "--real", str(out / "toy" / "train.rec"),
+         "--work", str(tmp_path / "s"), "--w", "2", "1", "--num-ids", "2", "--per-id", "2", "--steps", "1",
+         "--quiet"]
+    ) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    sweep = json.loads((tmp_path / "s" / "report.json").read_text())["cfg_sweep"]
+    assert sweep["w"] == [1.0, 2.0] and f"picked w: real ids {sweep['picked']['real']:g}" in printed
+    assert not (tmp_path / "s" / "w1").exists()  # generated sets are deleted once measured
     assert eval_cli.main(["verify", str(tmp_path), *bins]) == 2  # not a model folder: one-line error
     assert "vigface-eval: error:" in capsys.readouterr().err
 

@@ -108,7 +108,7 @@ def metric_bars_png(metrics: dict) -> bytes:
     ax.set_xlabel("CST", fontsize=8)
     ax.set_ylabel("SEP", fontsize=8)
     ax.set_title("CST vs SEP (size: DIV)", fontsize=9)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, markerscale=0.4)
     fig.tight_layout()
     return _png(fig)
 

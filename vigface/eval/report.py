@@ -122,7 +122,9 @@ def _metrics_html(metrics: dict) -> str:
         + _table(["dataset", "ids", "images", "CST", "DIV", "SEP", "mean CCS", "mean NNCCS"], rows, digits=4)
         + "<p class='note'>CST: mean cosine over all pairs of a class (eq. 10). DIV: variance of the SER-FIQ "
         "score within a class (eqs. 11-12). SEP: mean of cos(own centre) / cos(nearest other centre) "
-        "(eqs. 13-14). All averaged over classes, measured with the FR model named in the config.</p>"
+        "(eqs. 13-14); the ratio is unstable where the nearest other centre's cosine is near 0, so mean "
+        "CCS and NNCCS stand beside it. All averaged over classes, measured with the FR model named in the "
+        "config.</p>"
     )
 
 
