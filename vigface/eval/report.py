@@ -50,6 +50,11 @@ def _fmt(value, digits: int = 2) -> str:
     return html.escape(str(value))
 
 
+def _sci(value) -> str | None:
+    """Small quantities (DIV is a variance of scores in (0, 1], often ~1e-4) in scientific notation."""
+    return None if value is None else f"{value:.3e}"
+
+
 def _table(headers: list[str], rows: list[list], digits: int = 2) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(v, digits)}</td>" for v in row) + "</tr>" for row in rows)
@@ -110,7 +115,7 @@ def _metrics_html(metrics: dict) -> str:
             m.get("classes"),
             m.get("images"),
             m.get("cst"),
-            m.get("div"),
+            _sci(m.get("div")),
             m.get("sep"),
             m.get("ccs"),
             m.get("nnccs"),
