@@ -177,3 +177,18 @@ def test_shipped_model_generates_without_arguments(tmp_path, capsys):
     assert "shipped tiny toy-world model" in capsys.readouterr().err
     data = FaceRecordDataset(out / "train.rec")
     assert len(data) == 8 and data.num_classes == 4 and data[0][0].shape == (112, 112, 3)
+
+
+def test_damaged_model_folder_files_are_one_line_errors(denoiser_dir, tmp_path, capsys):
+    """A truncated prototypes file or a non-.npy pose table: exit 2 naming the file, nothing written."""
+    model = tmp_path / "model"
+    shutil.copytree(denoiser_dir, model, ignore=shutil.ignore_patterns("checkpoints"))
+    good = (model / "prototypes.safetensors").read_bytes()
+    (model / "prototypes.safetensors").write_bytes(good[:100])
+    assert gen_cli.main(gen_args(model, tmp_path / "a")) == 2
+    assert "prototypes.safetensors: cannot be read as safetensors" in capsys.readouterr().err
+    (model / "prototypes.safetensors").write_bytes(good)
+    (model / "pose_landmarks.npy").write_text("garbage")
+    assert gen_cli.main(gen_args(model, tmp_path / "b")) == 2
+    assert "pose_landmarks.npy: is not a readable .npy landmarks table" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -165,10 +165,25 @@ def _load_pose_table(config: GenerationConfig, train_config: dict) -> np.ndarray
         )
     if not path.is_file():
         raise DataFormatError(path, "pose landmarks not found (pass --landmarks FILE or --pose frontal)")
-    table = np.load(path)
+    try:
+        table = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataFormatError(path, f"is not a readable .npy landmarks table ({exc})") from None
     if table.ndim != 3 or table.shape[1:] != (5, 2) or not len(table):
         raise DataFormatError(path, f"has shape {table.shape}, expected (M, 5, 2) landmarks")
     return table
+
+
+def _load_prototypes(path: Path) -> dict[str, torch.Tensor]:
+    """Unit-length real and virtual prototypes from a stage-1 prototypes.safetensors."""
+    try:
+        protos = load_file(path)
+    except Exception as exc:  # safetensors' own error type for a damaged header or body
+        raise DataFormatError(path, f"cannot be read as safetensors: {exc}") from None
+    missing = [k for k in ("real", "virtual") if k not in protos or protos[k].ndim != 2]
+    if missing:
+        raise DataFormatError(path, f"has no 2-D {' / '.join(missing)} prototype table")
+    return {k: F.normalize(protos[k].float(), dim=1) for k in ("real", "virtual")}
 
 
 class _Generator:
@@ -185,8 +200,7 @@ class _Generator:
             proto_path = fr_model_dir(c.model, self.sampler.meta) / PROTOTYPES
         if not proto_path.is_file():
             raise DataFormatError(proto_path, "prototypes not found (pass --prototypes)")
-        protos = load_file(proto_path)
-        self.prototypes = {k: F.normalize(protos[k].float(), dim=1) for k in ("real", "virtual")}
+        self.prototypes = _load_prototypes(proto_path)
         self.jobs = plan_jobs(c, len(self.prototypes["real"]), len(self.prototypes["virtual"]))
         self.table = _load_pose_table(c, train_config) if self.sampler.config.pose else None
         self.out = Path(c.out)
