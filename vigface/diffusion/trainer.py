@@ -57,7 +57,7 @@ from vigface.fr.checkpoint import (
     start_run_folder,
     trim_metrics,
 )
-from vigface.fr.distributed import setup_distributed, wrap_ddp
+from vigface.fr.distributed import finish_distributed, setup_distributed, wrap_ddp
 from vigface.fr.embed import load_backbone
 from vigface.fr.rng import step_generator, step_seed
 
@@ -290,4 +290,6 @@ def train_diffusion(config: DiffusionTrainConfig, *, resume: bool = False) -> di
     # ~10x slower: a toy run fell from 82 to 9 images/s after 1,300 steps. Flush them to zero
     # (CPU only; CUDA kernels flush in their own way).
     torch.set_flush_denormal(True)
-    return _Run(config, resume).train()
+    summary = _Run(config, resume).train()
+    finish_distributed()
+    return summary

@@ -39,6 +39,25 @@ def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
     return rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
 
+def finish_distributed() -> None:
+    """Leave the process group at the end of a run, once every rank has got there.
+
+    Without this a rank that finished early exits while its peers may still be inside their last
+    collective (which then fails with "Connection closed by peer"), and the group is never
+    destroyed (torch warns about it). The ranks check in through the rendezvous store rather than
+    the collective backend, and under torchrun a rank that crashes meanwhile gets the whole job
+    stopped by the agent, so the wait cannot hang on a dead peer.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world_size = dist.get_world_size()
+    store = dist.distributed_c10d._get_default_store()
+    if store.add("vigface/finished", 1) == world_size:
+        store.set("vigface/all_finished", "1")
+    store.wait(["vigface/all_finished"])
+    dist.destroy_process_group()
+
+
 def shard_bounds(num_classes: int, world_size: int) -> list[tuple[int, int]]:
     """Contiguous [lo, hi) class ranges, sizes differing by at most one."""
     base, extra = divmod(num_classes, world_size)

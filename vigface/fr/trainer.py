@@ -51,7 +51,7 @@ from vigface.fr.checkpoint import (
     trim_metrics,
 )
 from vigface.fr.config import FRTrainConfig
-from vigface.fr.distributed import setup_distributed, wrap_ddp
+from vigface.fr.distributed import finish_distributed, setup_distributed, wrap_ddp
 from vigface.fr.embed import BACKBONE_META, BACKBONE_WEIGHTS, embed_images, file_sha256
 from vigface.fr.iresnet import build_backbone
 from vigface.fr.prototypes import VirtualPrototypeHead, gather_shards, resolve_head_loss
@@ -349,5 +349,6 @@ def _write_json(path: Path, data: dict) -> None:
 def train_fr(config: FRTrainConfig, *, resume: bool = False) -> dict:
     """Train (or resume) stage 1; returns a summary (step, last validation, prototype stats)."""
     torch.set_flush_denormal(True)  # subnormals slow x86 CPU arithmetic ~10x (see the diffusion trainer)
-    run = _Run(config, resume)
-    return run.train()
+    summary = _Run(config, resume).train()
+    finish_distributed()
+    return summary

@@ -41,7 +41,7 @@ from vigface.diffusion.pose import landmark_image
 from vigface.diffusion.sampling import ENGINES, SAMPLERS, FaceSampler
 from vigface.engines.base import PRECISIONS
 from vigface.errors import DataFormatError, VigfaceError
-from vigface.fr.distributed import setup_distributed
+from vigface.fr.distributed import finish_distributed, setup_distributed
 from vigface.fr.rng import step_seed
 
 # The paper's datasets: (identities, images per identity).
@@ -212,12 +212,13 @@ class _Generator:
         plan = {"config": {k: v for k, v in self.config.to_dict().items() if k not in ("device", "progress")},
                 "images": len(self.jobs), "shards": self.num_shards}  # fmt: skip
         path = self.out / "generation.json"
+        # Every rank must reach the barrier below: a rank that returned early because rank 0 had
+        # just written the file would be one barrier behind for the rest of the run (seen in CI).
         if path.is_file():
             saved = json.loads(path.read_text())
             if saved.get("plan") != plan:
                 raise VigfaceError(f"{self.out} holds a generation with other settings; choose another --out")
-            return
-        if self.rank == 0:
+        elif self.rank == 0:
             self.shard_root.mkdir(parents=True, exist_ok=True)
             labels = {}
             for label, kind, proto, _ in self.jobs:
@@ -323,4 +324,6 @@ class _Generator:
 def generate_dataset(config: GenerationConfig) -> dict:
     """Generate (or finish generating) the dataset described by `config`."""
     torch.set_flush_denormal(True)  # subnormals slow x86 CPU arithmetic ~10x (see the trainers)
-    return _Generator(config).run()
+    summary = _Generator(config).run()
+    finish_distributed()
+    return summary
