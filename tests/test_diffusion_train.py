@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from vigface.cli import train_diffusion as cli
 from vigface.diffusion.config import DiffusionTrainConfig
 from vigface.diffusion.denoiser import Denoiser, DenoiserConfig
-from vigface.diffusion.trainer import train_diffusion
+from vigface.diffusion.trainer import ema_decay_at, train_diffusion
 from vigface.errors import VigfaceError
 from vigface.fr.checkpoint import latest_checkpoint
 
@@ -64,6 +64,24 @@ def test_resume_is_bit_exact(uninterrupted, small_toy, fr_model, tmp_path):
         load_file(out / "denoiser.safetensors")["final.weight"],
         load_file(uninterrupted / "denoiser.safetensors")["final.weight"],
     )
+
+
+def test_ema_warms_up(small_toy, fr_model, tmp_path):
+    """EMA after step 2 = d * EMA after step 1 + (1 - d) * weights after step 2, d = 2/11, not 0.9999:
+    a fixed 0.9999 would export mostly the random initial weights of a short run."""
+    assert ema_decay_at(0, 0.9999) == pytest.approx(0.1)
+    assert ema_decay_at(8990, 0.9999) == pytest.approx(0.999)
+    assert ema_decay_at(10**7, 0.9999) == 0.9999 and ema_decay_at(50, 0.5) == 0.5
+    out = tmp_path / "ema"
+    train_diffusion(tiny(small_toy, fr_model, out, steps=2, save_every=1, keep_checkpoints=3))
+    one = load_file(out / "checkpoints" / "step_00000001" / "state.safetensors")
+    two = load_file(out / "checkpoints" / "step_00000002" / "state.safetensors")
+    d = 2 / 11
+    # (not attention weights: they get no gradient while the AdaLN gates are still at zero)
+    for name in ("final.weight", "in_blocks.0.ada.1.weight"):
+        expected = d * one[f"ema.{name}"] + (1 - d) * two[f"model.{name}"]
+        torch.testing.assert_close(two[f"ema.{name}"], expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(two[f"ema.{name}"], one[f"ema.{name}"])
 
 
 def test_errors(small_toy, fr_model, tmp_path, capsys):

@@ -46,7 +46,7 @@ class DiffusionTrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     clip_grad: float = 1.0
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999  # upper bound, reached after a warm-up (trainer.ema_decay_at)
     amp: str = "auto"
     loader: str = "torch"  # torch | dali | auto: vigface.data.loaders
     seed: int = 0

@@ -173,7 +173,7 @@ class _Run:
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        d = self.config.ema_decay
+        d = ema_decay_at(self.step, self.config.ema_decay)
         for k, v in self.denoiser.state_dict().items():
             if v.dtype.is_floating_point:
                 self.ema[k].mul_(d).add_(v.float(), alpha=1 - d)
@@ -282,6 +282,17 @@ class _Run:
             with open(self.out / f".{POSE_TABLE}.tmp", "wb") as f:
                 np.save(f, table.astype(np.float32))
             os.replace(self.out / f".{POSE_TABLE}.tmp", self.out / POSE_TABLE)
+
+
+def ema_decay_at(step: int, max_decay: float) -> float:
+    """EMA decay for the update after optimizer step `step` (0-based): min(max_decay, (1+n)/(10+n)).
+
+    A fixed 0.9999 keeps 0.9999^n of the random initial weights: 67 % after 4,000 steps, and
+    the toy model exported that way produced the same face for every identity (top-1 0 %, vs
+    82 % from its raw weights). The warm-up lets the average follow the weights early on and
+    reaches 0.999 near step 9,000, 0.9999 near step 90,000.
+    """
+    return min(max_decay, (1 + step) / (10 + step))
 
 
 def train_diffusion(config: DiffusionTrainConfig, *, resume: bool = False) -> dict:
