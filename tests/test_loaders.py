@@ -101,6 +101,14 @@ def test_workers_do_not_change_batches(aligned_rec):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
 
 
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_batches_are_nchw_contiguous_unless_channels_last_is_asked(aligned_rec, loader):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    (batch, *_) = _epoch(make_loader(aligned_rec, 3, loader=loader, image_size=None, workers=0))
+    assert batch.images.shape == (3, 3, 112, 112) and batch.images.is_contiguous()
+
+
 def test_bf16_channels_last_output(aligned_rec):
     (batch, *_) = _epoch(
         make_loader(aligned_rec, 3, loader="torch", dtype="bfloat16", channels_last=True, workers=0)

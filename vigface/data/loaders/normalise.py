@@ -28,7 +28,11 @@ def normalise_uint8(
     images: torch.Tensor, *, device: torch.device, image_size: int | None, mirror: torch.Tensor | None
 ) -> torch.Tensor:
     """uint8 (b, H, W, 3) -> float32 (b, 3, S, S) in [-1, 1] on `device`, mirrored where `mirror`."""
-    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    # Plain NCHW strides: a bare .float() of the permuted view would keep NHWC memory, which the
+    # model then receives unasked (torch 2.13's CPU backward crashed on such batches with one
+    # thread). Channels-last is the loader's channels_last option, applied after this.
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    x = x.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
     x = resize_to(x, image_size)
     if mirror is not None:
         x = torch.where(mirror.to(device)[:, None, None, None], x.flip(-1), x)
