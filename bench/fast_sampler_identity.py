@@ -25,15 +25,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from vigface.data.recordio import FaceRecordDataset
+from vigface.eval.similarity import mean_genuine_imposter
 from vigface.fr.embed import embed_images, load_backbone
 from vigface.generate.dataset import GenerationConfig, generate_dataset
-
-
-def pair_means(emb: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    sim = emb @ emb.T
-    same = labels[:, None] == labels[None, :]
-    off = ~np.eye(len(labels), dtype=bool)
-    return float(sim[same & off].mean()), float(sim[~same].mean())
 
 
 def main() -> None:
@@ -86,7 +80,7 @@ def main() -> None:
                 [label_map[str(label)][1] + (len(real) if kind == "virtual" else 0) for label in labels]
             )[rows]
             e = emb[rows]
-            same, diff = pair_means(e, labels[rows])
+            same, diff = mean_genuine_imposter(e, labels[rows])
             entry[kind] = {
                 "cst_same_id_cos": round(same, 4),
                 "different_id_cos": round(diff, 4),

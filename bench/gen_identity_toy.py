@@ -24,15 +24,9 @@ from safetensors.torch import load_file
 
 from vigface.data.recordio import FaceRecordDataset
 from vigface.diffusion.model_folder import fr_model_dir
+from vigface.eval.similarity import mean_genuine_imposter
 from vigface.fr.embed import embed_images, load_backbone
 from vigface.generate.dataset import GenerationConfig, generate_dataset
-
-
-def pair_means(emb: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    sim = emb @ emb.T
-    same = labels[:, None] == labels[None, :]
-    off = ~np.eye(len(labels), dtype=bool)
-    return float(sim[same & off].mean()), float(sim[~same].mean())
 
 
 def identity_entry(emb: np.ndarray, labels: np.ndarray, own: np.ndarray, prototypes: np.ndarray) -> dict:
@@ -41,7 +35,7 @@ def identity_entry(emb: np.ndarray, labels: np.ndarray, own: np.ndarray, prototy
     own_cos = sims[np.arange(len(emb)), own]
     others = sims.copy()
     others[np.arange(len(emb)), own] = -np.inf
-    same, diff = pair_means(emb, labels)
+    same, diff = mean_genuine_imposter(emb, labels)
     return {
         "cos_to_own_prototype": round(float(own_cos.mean()), 4),
         "best_other_prototype_cos": round(float(others.max(1).mean()), 4),

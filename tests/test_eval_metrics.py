@@ -9,7 +9,7 @@ import torch
 from vigface.errors import VigfaceError
 from vigface.eval.metrics import class_consistency, class_diversity, class_separability, dataset_metrics
 from vigface.eval.serfiq import _trunk_and_head, serfiq_quality, serfiq_scores
-from vigface.eval.similarity import distribution_iou, genuine_imposter, histogram_iou
+from vigface.eval.similarity import distribution_iou, genuine_imposter, histogram_iou, mean_genuine_imposter
 from vigface.fr.iresnet import BackboneConfig, build_backbone
 
 # ---- CST (eq. 10) -------------------------------------------------------------------------------
@@ -170,6 +170,7 @@ def test_genuine_imposter_enumerates_every_pair():
     ref_i = sorted(u[i] @ u[j] for i, j in pairs if labels[i] != labels[j])
     np.testing.assert_allclose(np.sort(genuine), ref_g)
     np.testing.assert_allclose(np.sort(imposter), ref_i)
+    np.testing.assert_allclose(mean_genuine_imposter(e, labels), (np.mean(ref_g), np.mean(ref_i)))
     # Sampled when there are more pairs than max_pairs: the right count, drawn from the right kind.
     g, i = genuine_imposter(e, labels, max_pairs=15, seed=1)
     assert len(g) == 15 and len(i) == 15

@@ -71,6 +71,12 @@ def genuine_imposter(
     return genuine, imposter
 
 
+def mean_genuine_imposter(embeddings, labels) -> tuple[float, float]:
+    """(mean genuine cosine, mean imposter cosine): the same-id / different-id figures of the notes."""
+    genuine, imposter = genuine_imposter(embeddings, labels)
+    return float(genuine.mean()), float(imposter.mean())
+
+
 def histogram(values, bins: int = HIST_BINS, value_range: tuple[float, float] = HIST_RANGE) -> np.ndarray:
     """Bin frequencies summing to 1 (values outside the range land in the end bins)."""
     v = np.clip(np.asarray(values, dtype=np.float64), *value_range)
