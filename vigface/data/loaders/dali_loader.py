@@ -24,6 +24,7 @@ the failing batch, DALI's error is raised with the batch's images named.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -162,36 +163,48 @@ class DaliLoader(FaceLoader):
                 failed.append((int(row), f"{self.source.describe(row)}: {err}"))
         return [kept[n] for n in good], [encoded[n] for n in good], np.asarray(mats).reshape(-1, 2, 3)
 
+    def _prepare(self, job: Job) -> tuple[list, list, list, np.ndarray | None]:
+        """The CPU side of one step: read its records, estimate its alignment matrices."""
+        kept, encoded, failed = self._read(job)
+        matrices = None
+        if not self.options.aligned and kept:
+            kept, encoded, forward = self._matrices(job, kept, encoded, failed)
+            matrices = dali_warp_matrices(forward)
+        return kept, encoded, failed, matrices
+
     def _produce(self, jobs: list[Job]) -> Iterator[Produced]:
-        o = self.options
-        for job in jobs:
-            kept, encoded, failed = self._read(job)
-            matrices = None
-            if not o.aligned and kept:
-                kept, encoded, forward = self._matrices(job, kept, encoded, failed)
-                matrices = dali_warp_matrices(forward)
-            while kept:
-                mirror = job.mirror[kept].numpy() if job.mirror is not None else np.zeros(len(kept), bool)
-                try:
-                    x = self._run(encoded, mirror, matrices)
-                    break
-                except RuntimeError as err:
-                    self._pipe = None  # a pipeline that raised is no longer valid
-                    bad = self._undecodable(job, kept, encoded)
-                    if not bad:
-                        names = ", ".join(self.source.describe(job.indices[p]) for p in kept[:8])
-                        raise VigfaceError(
-                            f"DALI failed on a batch that PIL decodes ({names}, ...): {err}"
-                        ) from None
-                    failed += [(int(job.indices[kept[n]]), reason) for n, reason in bad]
-                    drop = {n for n, _ in bad}
-                    keep = [n for n in range(len(kept)) if n not in drop]
-                    kept, encoded = [kept[n] for n in keep], [encoded[n] for n in keep]
-                    matrices = matrices[keep] if matrices is not None else None
-            if not kept:
-                yield Produced(job, np.zeros(0, dtype=np.int64), None, failed)
-                continue
-            yield Produced(job, np.asarray(kept, dtype=np.int64), x, failed)
+        # Step k+1 is read (preads and vigface._C release the GIL) while DALI decodes step k, so
+        # the reads do not add to the decode time. One step ahead is enough: a step's reads are
+        # far shorter than its decode.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dali-read") as pool:
+            ahead = pool.submit(self._prepare, jobs[0]) if jobs else None
+            for n, job in enumerate(jobs):
+                prepared = ahead.result()
+                ahead = pool.submit(self._prepare, jobs[n + 1]) if n + 1 < len(jobs) else None
+                yield self._decode(job, *prepared)
+
+    def _decode(self, job: Job, kept: list, encoded: list, failed: list, matrices) -> Produced:
+        """Run the pipeline on one prepared step; images DALI cannot decode are dropped (see top)."""
+        while kept:
+            mirror = job.mirror[kept].numpy() if job.mirror is not None else np.zeros(len(kept), bool)
+            try:
+                x = self._run(encoded, mirror, matrices)
+                break
+            except RuntimeError as err:
+                self._pipe = None  # a pipeline that raised is no longer valid
+                bad = self._undecodable(job, kept, encoded)
+                if not bad:
+                    names = ", ".join(self.source.describe(job.indices[p]) for p in kept[:8])
+                    message = f"DALI failed on a batch that PIL decodes ({names}, ...): {err}"
+                    raise VigfaceError(message) from None
+                failed += [(int(job.indices[kept[n]]), reason) for n, reason in bad]
+                drop = {n for n, _ in bad}
+                keep = [n for n in range(len(kept)) if n not in drop]
+                kept, encoded = [kept[n] for n in keep], [encoded[n] for n in keep]
+                matrices = matrices[keep] if matrices is not None else None
+        if not kept:
+            return Produced(job, np.zeros(0, dtype=np.int64), None, failed)
+        return Produced(job, np.asarray(kept, dtype=np.int64), x, failed)
 
     def _undecodable(self, job: Job, kept: list, encoded: list) -> list[tuple[int, str]]:
         bad = []
