@@ -1,12 +1,12 @@
 """Train the tiny toy-world model pair that ships inside the package, and install it.
 
-    python scripts/make_tiny_model.py --work runs/tiny_model            # ~1 h on 2 CPU cores
+    python scripts/make_tiny_model.py --work runs/tiny_model            # ~1.5 h on 2 CPU cores
     python scripts/make_tiny_model.py --work runs/tiny_model --install  # copy into vigface/assets
 
 Three stages, each skipped when its output exists and resumed when it was interrupted:
   1. toy world: 100 identities x 30 aligned images (`vigface data toy --ids 100 --per-id 30`)
   2. stage 1: IResNet-18 (width 16) at 32 px, 128-d, CosFace s = 30, 100 virtual prototypes, 20 epochs
-  3. stage 2: tiny U-ViT at 32 px (patch 4, 64 tokens) on eq. 8, 6,000 steps of 32 images
+  3. stage 2: tiny U-ViT at 32 px (patch 4, 64 tokens) on eq. 8, 8,000 steps of 32 images
 `--install` writes vigface/assets/tiny_model/: the denoiser's EMA weights in fp16 (half the size;
 sampling runs in fp32 either way), its prototypes and pose table, and the FR model (fp32, so its
 sha256 still matches the one the denoiser records) under fr/. `fr_model` becomes the relative
@@ -46,7 +46,7 @@ def fr_config(work: Path) -> FRTrainConfig:
 def diffusion_config(work: Path) -> DiffusionTrainConfig:
     return DiffusionTrainConfig(
         data=str(work / "toy" / "train.rec"), fr_model=str(work / "fr"), out=str(work / "diffusion"),
-        size="tiny", image_size=32, patch=4, batch_size=32, steps=6000, lr=3e-4, warmup_steps=200,
+        size="tiny", image_size=32, patch=4, batch_size=32, steps=8000, lr=3e-4, warmup_steps=200,
         workers=1, save_every=500, log_every=100,
     )  # fmt: skip
 
