@@ -48,7 +48,7 @@ class DemoConfig:
     dm_steps: int = 1000  # ~65 % of the demo's time; identity is carried, faces are not yet drawn
     dm_batch: int = 24
     dm_lr: float = 3e-4
-    dm_ema: float = 0.99  # a short run: the EMA must forget the random initialisation
+    dm_ema: float = 0.99  # the cap; the trainer's EMA warm-up reaches it near step 900 of 1,000
     dm_image_size: int = 32
     dm_patch: int = 4
     # generation
@@ -101,19 +101,16 @@ QUICK = DemoConfig(
 class _Clock:
     """Seconds per stage, printed as each stage ends (progress bars aside, a demo narrates)."""
 
-    def __init__(self, verbose: bool = True):
-        self.verbose = verbose
+    def __init__(self):
         self.times: dict[str, float] = {}
         self.start = time.perf_counter()
 
     def run(self, name: str, fn, *args, **kwargs):
-        if self.verbose:
-            print(f"[demo] {name} ...", flush=True)
+        print(f"[demo] {name} ...", flush=True)
         t0 = time.perf_counter()
         result = fn(*args, **kwargs)
         self.times[name] = round(time.perf_counter() - t0, 1)
-        if self.verbose:
-            print(f"[demo] {name}: {self.times[name]:.1f} s", flush=True)
+        print(f"[demo] {name}: {self.times[name]:.1f} s", flush=True)
         return result
 
     def total(self) -> float:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm import tqdm
 
@@ -178,7 +179,7 @@ def _load_prototypes(path: Path) -> dict[str, torch.Tensor]:
     """Unit-length real and virtual prototypes from a stage-1 prototypes.safetensors."""
     try:
         protos = load_file(path)
-    except Exception as exc:  # safetensors' own error type for a damaged header or body
+    except (SafetensorError, OSError) as exc:
         raise DataFormatError(path, f"cannot be read as safetensors: {exc}") from None
     missing = [k for k in ("real", "virtual") if k not in protos or protos[k].ndim != 2]
     if missing:
