@@ -1,11 +1,9 @@
 """Partial FC over 2 gloo processes equals one process on the same global batch."""
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import run_on_gloo_ranks
 
 from vigface.fr.margins import MarginConfig
 from vigface.fr.prototypes import VirtualPrototypeHead
@@ -24,7 +22,7 @@ def _inputs():
     return x, labels, backbone
 
 
-def _run(kind: str, rank: int, world_size: int) -> dict:
+def _run(rank: int, world_size: int, kind: str) -> dict:
     """Two steps of head + backbone; returns loss, grads and the full prototype matrix."""
     x, labels, backbone = _inputs()
     head = VirtualPrototypeHead(N_REAL, N_VIRTUAL, DIM, MarginConfig(kind=kind, scale=16.0), seed=5)
@@ -55,21 +53,10 @@ def _run(kind: str, rank: int, world_size: int) -> dict:
     }
 
 
-def _worker(rank: int, world_size: int, init_file: str, kind: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        result = _run(kind, rank, world_size)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("kind", ["arcface", "adaface"])
 def test_two_gloo_ranks_match_one_process(tmp_path, kind):
-    single = _run(kind, 0, 1)
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), kind, str(tmp_path)), nprocs=2, join=True)
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+    single = _run(0, 1, kind)
+    for got in run_on_gloo_ranks(_run, kind, out_dir=tmp_path):
         assert got["losses"] == pytest.approx(single["losses"], rel=1e-5)
         assert torch.allclose(got["backbone_grad"], single["backbone_grad"], atol=1e-5, rtol=1e-4)
         assert torch.allclose(got["backbone"], single["backbone"], atol=1e-5, rtol=1e-4)

@@ -18,10 +18,9 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 import vigface.kernels.margin_softmax as ms
+from gloo_ranks import run_on_gloo_ranks
 
 from vigface.cli.common import config_from_args
 from vigface.cli.train_fr import build_parser
@@ -266,21 +265,11 @@ def _gloo_step(rank: int, world_size: int, loss: str) -> dict:
     return {"loss": total.item(), "grad_emb": emb.grad, "grad_weight": gather_shards(head.weight.grad, 32)}
 
 
-def _gloo_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        torch.save(_gloo_step(rank, world_size, "fused"), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="gloo CPU processes; the GPU runs the kernels natively")
 def test_two_gloo_ranks_fused_match_one_process_reference(tmp_path):
     """All-reduce of max / sum over 2 processes: the fused head equals the one-process reference."""
     single = _gloo_step(0, 1, "reference")
-    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+    for rank, got in enumerate(run_on_gloo_ranks(_gloo_step, "fused", out_dir=tmp_path)):
         assert got["loss"] == pytest.approx(single["loss"], rel=1e-5)
         # Each rank's rows get the gradient of the global loss (times W: DDP averages it back).
         rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
