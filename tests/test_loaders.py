@@ -361,3 +361,180 @@ def test_dali_missing_is_named(aligned_rec, monkeypatch):
     with pytest.raises(BackendUnavailableError, match=r"vigface\[dali\]"):
         make_loader(aligned_rec, 4, loader="dali")
     assert make_loader(aligned_rec, 4, loader="auto").name == "torch"
+
+
+# --------------------------------------------------------------------------- torch loader decoders
+
+
+def _torchvision_io():
+    try:
+        import torchvision.io as tio
+    except Exception as exc:  # missing, or built for another torch
+        pytest.skip(f"torchvision is not usable here: {type(exc).__name__}: {exc}")
+    return tio
+
+
+def _nvjpeg_device() -> torch.device:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    _torchvision_io()
+    from vigface.data.align import available_backends
+
+    if "cuda" not in available_backends():
+        pytest.skip("vigface._C was built without CUDA")
+    return torch.device("cuda")
+
+
+def test_decoder_arguments_are_checked(aligned_rec, monkeypatch):
+    with pytest.raises(VigfaceError, match="decoder must be one of"):
+        make_loader(aligned_rec, 4, loader="torch", decoder="opencv")
+    with pytest.raises(VigfaceError, match="decoder='nvjpeg' decodes on the GPU and needs a CUDA device"):
+        make_loader(aligned_rec, 4, loader="torch", decoder="nvjpeg", device="cpu")
+    assert make_loader(aligned_rec, 4, loader="torch", device="cpu").decoder == "pil"
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision now raises ImportError
+    with pytest.raises(BackendUnavailableError, match="decoder='torchvision' needs torchvision"):
+        make_loader(aligned_rec, 4, loader="torch", decoder="torchvision")
+
+
+def test_decoder_is_the_torch_loaders_option(aligned_rec):
+    pytest.importorskip("nvidia.dali")
+    with pytest.raises(VigfaceError, match="applies to loader='torch'"):
+        make_loader(aligned_rec, 4, loader="dali", decoder="pil")
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+def test_torchvision_cpu_decoder_gives_the_pil_batches(aligned_rec, wild_rec, aligned):
+    _torchvision_io()
+    rec = aligned_rec if aligned else wild_rec
+    kw = dict(aligned=aligned, loader="torch", seed=2, flip=True, drop_last=False, workers=0)
+    ref = _epoch(make_loader(rec, 5, decoder="pil", **kw))
+    got = _epoch(make_loader(rec, 5, decoder="torchvision", **kw))
+    assert len(ref) == len(got) == 5
+    for a, b in zip(ref, got, strict=True):
+        assert torch.equal(a.index, b.index) and torch.equal(a.labels, b.labels)
+        assert (a.images - b.images).abs().max() <= ONE_LEVEL  # both libjpeg-turbo
+
+
+def test_torchvision_cpu_decoder_skips_the_pil_corrupt_images(corrupt_rec):
+    _torchvision_io()
+    path, bad = corrupt_rec
+    ld = make_loader(
+        path, 5, loader="torch", decoder="torchvision", drop_last=False, shuffle=False, workers=0
+    )
+    with pytest.warns(CorruptImageWarning, match="skipped 3 corrupt images"):
+        batches = _epoch(ld)
+    assert sorted(ld.corrupt.skipped) == bad
+    assert [len(b.index) for b in batches] == [4, 5, 4, 4, 4]
+
+
+def _pil_stand_in_for_nvjpeg(payloads, device):
+    """decode_jpegs_on_gpu's contract, computed with PIL on the CPU: (3, H, W) uint8 tensors or reasons."""
+    from vigface.data.images import decode_image
+
+    out = []
+    for p in payloads:
+        try:
+            out.append(torch.from_numpy(decode_image(p.tobytes())).permute(2, 0, 1).to(device))
+        except VigfaceError as err:
+            out.append(str(err))
+    return out
+
+
+def _nvjpeg_loader_on_cpu(monkeypatch, path, **kw):
+    """A torch loader running decoder='nvjpeg''s main-process code on the CPU: PIL in place of
+    nvJPEG and the C warp in place of the CUDA one, so its batches must equal decoder='pil''s."""
+    from vigface.data import align
+    from vigface.data.loaders import torch_loader
+
+    def align_on_cpu(images, landmarks, out_size, backend="auto", **kw):
+        if backend != "cuda":  # a worker's own alignment (decoder="pil" loaders in the same test)
+            return align.align_faces(images, landmarks, out_size, backend=backend, **kw)
+        aligned, m = align.align_faces(images.numpy(), landmarks, out_size, backend="c")
+        return torch.from_numpy(aligned), m
+
+    monkeypatch.setattr(torch_loader, "decode_jpegs_on_gpu", _pil_stand_in_for_nvjpeg)
+    monkeypatch.setattr(torch_loader, "align_faces", align_on_cpu)
+    ld = make_loader(path, 5, loader="torch", decoder="pil", **kw)
+    ld.decoder = "nvjpeg"
+    return ld
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+def test_nvjpeg_main_process_path_with_a_cpu_stand_in(aligned_rec, wild_rec, aligned, monkeypatch):
+    rec = aligned_rec if aligned else wild_rec
+    kw = dict(aligned=aligned, seed=3, flip=True, drop_last=False, workers=0)
+    ref = _epoch(make_loader(rec, 5, loader="torch", decoder="pil", **kw))
+    got = _epoch(_nvjpeg_loader_on_cpu(monkeypatch, rec, **kw))
+    for a, b in zip(ref, got, strict=True):
+        assert torch.equal(a.index, b.index) and torch.equal(a.images, b.images)
+
+
+def test_nvjpeg_path_skips_what_pil_skips_with_a_cpu_stand_in(corrupt_rec, wild_rec, monkeypatch):
+    path, bad = corrupt_rec
+    ld = _nvjpeg_loader_on_cpu(monkeypatch, path, drop_last=False, shuffle=False, workers=0)
+    with pytest.warns(CorruptImageWarning, match="skipped 3 corrupt images"):
+        batches = _epoch(ld)
+    assert sorted(ld.corrupt.skipped) == bad
+    assert [len(b.index) for b in batches] == [4, 5, 4, 4, 4]
+    # landmarks that admit no similarity: the GPU path's alignment skips that image alone
+    ref = make_loader(wild_rec, 5, aligned=False, loader="torch", shuffle=False, workers=0)
+    got = _nvjpeg_loader_on_cpu(monkeypatch, wild_rec, aligned=False, shuffle=False, workers=0)
+    for ld in (ref, got):
+        ld.source.landmarks[7] = np.nan
+    with pytest.warns(CorruptImageWarning, match="skipped 1 corrupt images"):
+        a = _epoch(ref)
+    with pytest.warns(CorruptImageWarning, match="skipped 1 corrupt images"):
+        b = _epoch(got)
+    assert sorted(got.corrupt.skipped) == sorted(ref.corrupt.skipped) == [7]
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.index, y.index) and torch.equal(x.images, y.images)
+
+
+def _level_stats(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """Mean, 99.9th percentile and max |a - b| in intensity levels."""
+    d = ((a.float() - b.float()).abs() * 127.5).flatten().cpu()
+    return d.mean().item(), d.kthvalue(max(1, int(0.999 * d.numel()))).values.item(), d.max().item()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+def test_nvjpeg_decoder_on_the_gpu_is_close_to_pil(aligned_rec, wild_rec, aligned):
+    device = _nvjpeg_device()
+    rec = aligned_rec if aligned else wild_rec
+    kw = dict(aligned=aligned, loader="torch", seed=2, flip=True, drop_last=False, workers=2, device=device)
+    ref = _epoch(make_loader(rec, 5, decoder="pil", **kw))
+    got = _epoch(make_loader(rec, 5, decoder="nvjpeg", **kw))
+    assert len(ref) == len(got) == 5
+    for a, b in zip(ref, got, strict=True):
+        assert torch.equal(a.index, b.index) and torch.equal(a.labels, b.labels)
+        assert b.images.is_cuda and b.images.shape == a.images.shape and b.images.dtype == torch.float32
+    mean, p999, top = _level_stats(torch.cat([a.images for a in ref]), torch.cat([b.images for b in got]))
+    print(f"nvJPEG vs PIL ({'aligned' if aligned else 'unaligned'}): mean {mean:.3f}, "
+          f"99.9th pct {p999:.1f}, max {top:.1f} levels")  # fmt: skip
+    # nvJPEG's IDCT / chroma upsampling are not libjpeg-turbo's: close on average, not bit-equal
+    assert mean <= 1.0 and p999 <= 16
+
+
+@pytest.mark.cuda
+def test_nvjpeg_decoder_skips_the_images_nvjpeg_rejects(corrupt_rec):
+    device = _nvjpeg_device()
+    tio = _torchvision_io()
+    path, bad = corrupt_rec
+    ds = FaceRecordDataset(path)
+    rejected = []
+    for i in range(len(ds)):  # the reference: nvJPEG on each image alone
+        try:
+            tio.decode_jpeg(torch.frombuffer(bytearray(ds.encoded(i)[0]), dtype=torch.uint8), device=device)
+        except RuntimeError:
+            rejected.append(i)
+    print(f"nvJPEG rejects {rejected} of the damaged {bad}")
+    assert 10 in rejected  # the garbage payload
+    ld = make_loader(path, 5, loader="torch", decoder="nvjpeg", drop_last=False, shuffle=False, device=device)
+    if rejected:
+        with pytest.warns(CorruptImageWarning, match=f"skipped {len(rejected)} corrupt images"):
+            batches = _epoch(ld)
+    else:
+        batches = _epoch(ld)
+    assert sorted(ld.corrupt.skipped) == rejected
+    seen = np.concatenate([b.index.numpy() for b in batches]).tolist()
+    assert seen == [i for i in range(len(ds)) if i not in rejected]

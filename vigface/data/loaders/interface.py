@@ -5,7 +5,8 @@
     for images, labels, index, step in loader.epoch(epoch, first_step):
         ...  # images (b, 3, 112, 112) in [-1, 1] on the device, labels (b,) int64
 
-"torch" is the reference (PIL + vigface._C in DataLoader workers) and runs everywhere; "dali"
+"torch" is the reference (PIL + vigface._C in DataLoader workers) and runs everywhere; its
+`decoder` picks PIL, torchvision on the CPU, or nvJPEG on the GPU (decoders.py); "dali"
 needs the `dali` extra and runs on the CPU or a CUDA device. Both read the same images in the
 same order (`order.rank_batches`), mirror the same ones, and skip the same corrupt ones; their
 pixels agree within one intensity level (tests/test_loaders.py). "auto" picks "dali" when DALI
@@ -22,6 +23,7 @@ import os
 import torch
 
 from vigface.data.loaders.base import FaceLoader, LoaderOptions
+from vigface.data.loaders.decoders import resolve_decoder
 from vigface.data.loaders.source import FaceSource
 from vigface.errors import VigfaceError
 
@@ -71,6 +73,7 @@ def make_loader(
     flip: bool = False,
     workers: int = 2,
     channels_last: bool = False,
+    decoder: str = "auto",
 ) -> FaceLoader:
     """A loader over a .rec (or a folder holding train.rec) or an image folder.
 
@@ -81,6 +84,8 @@ def make_loader(
     folder manifest), as `vigface data align` does. rank/world_size shard every epoch (each image
     once across ranks; drop_last drops the last partial global batch). flip mirrors half of the
     images, drawn per (seed, step, rank). workers: worker processes ("torch") or threads ("dali").
+    decoder ("torch" only): "pil" | "torchvision" | "nvjpeg" | "auto" (nvjpeg on CUDA when
+    torchvision imports, else pil).
     """
     batch_size = _positive("batch_size", batch_size)
     world_size = _positive("world_size", world_size)
@@ -99,6 +104,9 @@ def make_loader(
     except (RuntimeError, TypeError):
         raise VigfaceError(f"make_loader: device {device!r} is not a torch device") from None
     name = resolve_loader(loader, device)
+    chosen_decoder = resolve_decoder(decoder, name, device)
+    if decoder == "auto" and name == "torch":
+        log.info("make_loader: decoder='auto' -> %r (device %s)", chosen_decoder, device)
     if not isinstance(source, FaceSource):
         source = FaceSource(source, landmarks=landmarks, need_landmarks=not aligned)
     elif not aligned and source.landmarks is None:
@@ -114,4 +122,4 @@ def make_loader(
         return DaliLoader(source, options)
     from vigface.data.loaders.torch_loader import TorchLoader
 
-    return TorchLoader(source, options)
+    return TorchLoader(source, options, decoder=chosen_decoder)

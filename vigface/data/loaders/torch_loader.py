@@ -1,9 +1,14 @@
-"""loader="torch": the reference and fallback. DataLoader workers decode (PIL) and align (vigface._C).
+"""loader="torch": the reference and fallback. DataLoader workers read (and decode) the images.
 
-Workers return uint8 HWC images; the main process moves a batch to the device and normalises it
-there (`normalise_uint8`, the arithmetic of `vigface.fr.data.prepare_batch`). Alignment is
+With decoder "pil" (the reference) or "torchvision", workers decode and align (vigface._C) and
+return uint8 HWC images; the main process moves a batch to the device and normalises it there
+(`normalise_uint8`, the arithmetic of `vigface.fr.data.prepare_batch`). Alignment is
 `vigface.data.align.align_faces`, the function `vigface data align` runs, so an aligned image is
 bit-identical to what that command writes (before it encodes the file).
+
+With decoder "nvjpeg" (decoders.py) workers only read the bytes: the main process decodes each
+step's JPEGs on the GPU in one batched nvJPEG call and aligns them with the vigface._C CUDA warp
+(the same warp specification, within one level of the CPU warp).
 
 Errors never cross the worker boundary as exceptions (a worker cannot re-raise a VigfaceError
 faithfully): an image that fails comes back as its reason, and the batch goes on without it.
@@ -16,37 +21,47 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from vigface.data.align import align_faces
+from vigface.data.align import align_faces, estimate_similarity
 from vigface.data.images import decode_image
 from vigface.data.loaders.base import FaceLoader, Job, Produced
+from vigface.data.loaders.decoders import decode_jpegs_on_gpu, decode_torchvision, read_for_nvjpeg
 from vigface.data.loaders.normalise import normalise_uint8
 from vigface.errors import VigfaceError
 
 
 class DecodeAlign(torch.utils.data.Dataset):
-    """ds[i] -> (i, uint8 HWC image, None), or (i, None, reason) for an image that failed."""
+    """ds[i] -> (i, payload, is_jpeg_bytes, None), or (i, None, False, reason) for an image that failed.
 
-    def __init__(self, source, aligned: bool, image_size: int):
-        self.source, self.aligned, self.image_size = source, aligned, image_size
+    payload: the uint8 HWC image (aligned unless the source is), or with decoder="nvjpeg" the raw
+    JPEG bytes (is_jpeg_bytes True; other formats come decoded, unaligned).
+    """
+
+    def __init__(self, source, aligned: bool, image_size: int, decoder: str = "pil"):
+        self.source, self.aligned, self.image_size, self.decoder = source, aligned, image_size, decoder
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, i: int):
         try:
-            image = decode_image(self.source.encoded(i), self.source.describe(i))
+            data, where = self.source.encoded(i), self.source.describe(i)
+            if self.decoder == "nvjpeg":
+                payload, is_jpeg = read_for_nvjpeg(data, where)
+                return i, payload, is_jpeg, None
+            decode = decode_torchvision if self.decoder == "torchvision" else decode_image
+            image = decode(data, where)
             if not self.aligned:
                 # One thread: the workers are the parallelism.
                 image, _ = align_faces(image, self.source.landmarks[i], self.image_size, num_threads=1)
         except VigfaceError as err:
-            return i, None, str(err)
-        return i, image, None
+            return i, None, False, str(err)
+        return i, image, False, None
 
 
 def collate_kept(items) -> tuple[np.ndarray, torch.Tensor | None, list]:
     """(positions of usable images, their stacked uint8 (b, H, W, 3) or None, [(index, reason)])."""
-    kept = [pos for pos, (_, image, _) in enumerate(items) if image is not None]
-    failed = [(i, reason) for i, image, reason in items if image is None]
+    kept = [pos for pos, (_, image, _, _) in enumerate(items) if image is not None]
+    failed = [(i, reason) for i, image, _, reason in items if image is None]
     if not kept:
         return np.zeros(0, dtype=np.int64), None, failed
     shapes = {items[pos][1].shape for pos in kept}
@@ -57,27 +72,95 @@ def collate_kept(items) -> tuple[np.ndarray, torch.Tensor | None, list]:
     return np.asarray(kept, dtype=np.int64), images, failed
 
 
+def collate_payloads(items) -> tuple[np.ndarray, list, list, list]:
+    """decoder="nvjpeg": (positions of readable images, their payloads, is-JPEG flags, [(index, reason)])."""
+    kept = [pos for pos, (_, payload, _, _) in enumerate(items) if payload is not None]
+    failed = [(i, reason) for i, payload, _, reason in items if payload is None]
+    return (np.asarray(kept, dtype=np.int64), [items[p][1] for p in kept], [items[p][2] for p in kept],
+            failed)  # fmt: skip
+
+
 class TorchLoader(FaceLoader):
     name = "torch"
 
+    def __init__(self, source, options, decoder: str = "pil"):
+        super().__init__(source, options)
+        self.decoder = decoder
+
     def _produce(self, jobs: list[Job]) -> Iterator[Produced]:
         o = self.options
-        dataset = DecodeAlign(self.source, o.aligned, o.image_size)
+        gpu_decode = self.decoder == "nvjpeg"
+        dataset = DecodeAlign(self.source, o.aligned, o.image_size, self.decoder)
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=[job.indices.tolist() for job in jobs],
             num_workers=o.workers,
-            collate_fn=collate_kept,
-            pin_memory=o.device.type == "cuda",
+            collate_fn=collate_payloads if gpu_decode else collate_kept,
+            pin_memory=o.device.type == "cuda" and not gpu_decode,
         )
-        for job, (kept, images, failed) in zip(jobs, loader, strict=True):
-            if failed and failed[0][0] == -1:
-                raise VigfaceError(
-                    f"{self.source.path}: {failed[0][1]}; set aligned=False or resize the dataset"
-                )
+        for job, collated in zip(jobs, loader, strict=True):
+            if gpu_decode:
+                kept, images, failed = self._decode_on_gpu(job, *collated)
+            else:
+                kept, images, failed = collated
+                if failed and failed[0][0] == -1:
+                    raise self._mixed_sizes(failed[0][1])
             if images is None:
                 yield Produced(job, kept, None, failed)
                 continue
             mirror = job.mirror[torch.from_numpy(kept)] if job.mirror is not None else None
             x = normalise_uint8(images, device=o.device, image_size=o.image_size, mirror=mirror)
             yield Produced(job, kept, x, failed)
+
+    def _mixed_sizes(self, what: str) -> VigfaceError:
+        return VigfaceError(f"{self.source.path}: {what}; set aligned=False or resize the dataset")
+
+    def _decode_on_gpu(self, job: Job, kept: np.ndarray, payloads: list, is_jpeg: list, failed: list):
+        """nvJPEG-decode (and align) one step's images on the device -> (kept, NHWC uint8 or None, failed)."""
+        o = self.options
+        jpeg_at = [k for k, j in enumerate(is_jpeg) if j]
+        images: list[torch.Tensor | None] = [None] * len(payloads)
+        decoded = decode_jpegs_on_gpu([payloads[k] for k in jpeg_at], o.device)
+        for k, out in zip(jpeg_at, decoded, strict=True):
+            if isinstance(out, str):
+                index = int(job.indices[kept[k]])
+                failed.append((index, f"{self.source.describe(index)}: {out}"))
+            else:
+                images[k] = out.permute(1, 2, 0)
+        for k, j in enumerate(is_jpeg):
+            if not j:
+                images[k] = torch.from_numpy(payloads[k]).to(o.device, non_blocking=True)
+        usable = [k for k, image in enumerate(images) if image is not None]
+        if not usable:
+            return kept[:0], None, failed
+        shapes = {tuple(images[k].shape) for k in usable}
+        if len(shapes) > 1:
+            raise self._mixed_sizes(f"images in one batch differ in shape: {sorted(shapes)}")
+        kept = kept[usable]
+        batch = torch.stack([images[k] for k in usable])
+        if not o.aligned:
+            kept, batch = self._align_on_gpu(job, kept, batch, failed)
+        return kept, batch, failed
+
+    def _align_on_gpu(self, job: Job, kept: np.ndarray, batch: torch.Tensor, failed: list):
+        """The CUDA warp to the ArcFace template; images whose landmarks admit no similarity are skipped."""
+        o = self.options
+        indices = job.indices[kept]
+        landmarks = self.source.landmarks[indices]
+        ok = np.ones(len(kept), dtype=bool)
+        try:
+            estimate_similarity(landmarks)
+        except VigfaceError:  # find the bad ones (5 points each: cheap on the CPU)
+            for k, index in enumerate(indices):
+                try:
+                    estimate_similarity(landmarks[k])
+                except VigfaceError as err:
+                    ok[k] = False
+                    failed.append((int(index), f"{self.source.describe(index)}: {err}"))
+        if not ok.all():
+            kept, landmarks = kept[ok], landmarks[ok]
+            batch = batch[torch.from_numpy(ok).to(batch.device)]
+        if len(kept) == 0:
+            return kept, None
+        aligned, _ = align_faces(batch.contiguous(), landmarks, o.image_size, backend="cuda")
+        return kept, aligned

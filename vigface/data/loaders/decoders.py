@@ -1,0 +1,125 @@
+"""How the torch loader decodes: PIL (the reference), torchvision on the CPU, or nvJPEG on the GPU.
+
+===========  ============  ===================================================================
+decoder      runs in       what
+===========  ============  ===================================================================
+pil          workers       `vigface.data.images.decode_image` (PIL, libjpeg-turbo): the reference
+torchvision  workers       `torchvision.io.decode_image` on the CPU (libjpeg-turbo, libpng)
+nvjpeg       main process  workers only read the bytes; each step's JPEGs are decoded in one
+                           batched `torchvision.io.decode_jpeg(..., device="cuda")` call (nvJPEG)
+                           and aligned by the vigface._C CUDA warp, so pixels never touch the CPU
+auto         -             nvjpeg when the device is CUDA and torchvision imports, else pil
+===========  ============  ===================================================================
+
+A payload nvJPEG cannot take (PNG, BMP, ...) is decoded by PIL in the worker instead. When the
+batched nvJPEG call fails, the batch is decoded image by image so only the bad ones are skipped
+(and listed as corrupt), as with the other decoders. nvJPEG's IDCT and chroma upsampling are not
+libjpeg-turbo's: its pixels differ from PIL's by a few levels (measured in tests/test_loaders.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from vigface.data.images import decode_image, sniff_image_format
+from vigface.errors import BackendUnavailableError, DataFormatError, VigfaceError
+
+DECODERS = ("auto", "pil", "torchvision", "nvjpeg")
+
+
+def import_torchvision_io(decoder: str):
+    """torchvision.io, or BackendUnavailableError saying what `decoder` needs."""
+    try:
+        import torchvision.io as tio
+    except Exception as exc:  # a torchvision built for another torch raises RuntimeError/OSError
+        raise BackendUnavailableError(
+            f"decoder={decoder!r} needs torchvision built for this torch ({torch.__version__}), which "
+            f"failed to import ({type(exc).__name__}: {exc}); install the matching torchvision or use "
+            "decoder='pil'"
+        ) from None
+    return tio
+
+
+def torchvision_available() -> bool:
+    try:
+        import_torchvision_io("torchvision")
+    except BackendUnavailableError:
+        return False
+    return True
+
+
+def resolve_decoder(decoder: str, loader: str, device: torch.device) -> str:
+    """The concrete decoder for the torch loader ("auto" -> nvjpeg on CUDA with torchvision, else pil)."""
+    if decoder not in DECODERS:
+        raise VigfaceError(f"make_loader: decoder must be one of {DECODERS}, got {decoder!r}")
+    if loader != "torch":
+        if decoder != "auto":
+            raise VigfaceError(
+                f"make_loader: decoder={decoder!r} applies to loader='torch'; DALI decodes with its own "
+                "decoder (nvJPEG on a GPU device)"
+            )
+        return "auto"
+    if decoder == "auto":
+        return "nvjpeg" if device.type == "cuda" and torchvision_available() else "pil"
+    if decoder == "nvjpeg" and device.type != "cuda":
+        raise VigfaceError(
+            f"make_loader: decoder='nvjpeg' decodes on the GPU and needs a CUDA device, got device={device}; "
+            "use decoder='pil' or 'torchvision' on the CPU"
+        )
+    if decoder in ("torchvision", "nvjpeg"):
+        import_torchvision_io(decoder)
+    return decoder
+
+
+def _as_uint8_tensor(data) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(bytes(data), dtype=np.uint8).copy())
+
+
+def decode_torchvision(data, where: str) -> np.ndarray:
+    """torchvision's CPU decode of one payload -> uint8 HWC RGB; DataFormatError when it fails.
+
+    libjpeg reports a truncated or damaged stream as a warning and returns grey pixels; here that
+    warning is an error, as PIL makes it, so both decoders skip the same images.
+    """
+    tio = import_torchvision_io("torchvision")
+    if len(data) == 0:
+        raise DataFormatError(where, "image payload is empty, expected an encoded image")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            image = tio.decode_image(_as_uint8_tensor(data), mode=tio.ImageReadMode.RGB)
+        except RuntimeError as exc:
+            reason = str(exc).splitlines()[0]
+            raise DataFormatError(where, f"torchvision cannot decode it: {reason}") from None
+    if caught:
+        raise DataFormatError(where, f"torchvision decoded it with a warning: {caught[0].message}")
+    return np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+
+
+def read_for_nvjpeg(data, where: str) -> tuple[np.ndarray, bool]:
+    """A worker's share of the nvjpeg decoder: (JPEG bytes, True), or (PIL-decoded HWC pixels, False)."""
+    if sniff_image_format(data) == "jpeg":
+        return np.frombuffer(bytes(data), dtype=np.uint8).copy(), True
+    return decode_image(data, where), False
+
+
+def decode_jpegs_on_gpu(payloads: list[np.ndarray], device: torch.device) -> list[torch.Tensor | str]:
+    """JPEG byte arrays -> uint8 (3, H, W) tensors on `device`, or the reason an image failed."""
+    tio = import_torchvision_io("nvjpeg")
+    tensors = [torch.from_numpy(p) for p in payloads]
+    if not tensors:
+        return []
+    try:
+        return list(tio.decode_jpeg(tensors, mode=tio.ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        pass  # one bad image fails the whole batched call: find it
+    out: list[torch.Tensor | str] = []
+    for t in tensors:
+        try:
+            out.append(tio.decode_jpeg(t, mode=tio.ImageReadMode.RGB, device=device))
+        except RuntimeError as exc:
+            out.append(f"nvJPEG cannot decode it ({len(t)} bytes): {str(exc).splitlines()[0]}")
+    return out
