@@ -4,8 +4,12 @@
     python bench/sample_throughput.py --size tiny --batch 8    # the CPU-sized run (< 5 minutes on 2 cores)
 
 For every available engine x sampler (DDIM-100, DPM-Solver++-20) x precision: images/s, latency
-per step, peak memory, speed-up over eager fp32 with the same sampler, and the drift of its images
-from eager's (same seeds: mean and max |difference| in uint8 levels). Engines that cannot start
+per step, peak memory, speed-up over the baseline (eager bf16 on a GPU, eager fp32 on a CPU) with
+the same sampler, and the drift of its images from the baseline's (same seeds: mean and max
+|difference| in uint8 levels). An engine named "NAME+triton" runs the denoiser with the Triton
+attention and AdaLN kernels (kernels/) instead of SDPA and the PyTorch LayerNorm. On a GPU the
+run also measures the bf16 matmul rate and reports each row against the compute floor
+(forward FLOPs x 2 for CFG x steps at that rate; DESIGN.md's performance model). Engines that cannot start
 here get a row saying why; GPU-only figures are "pending" on a CPU run. Weights are random (a
 forward's cost does not depend on them) but non-zero, so numbers flow as in a trained model. Every
 step runs one batched forward of 2 x batch rows (conditional + unconditional), as generation does.
@@ -32,7 +36,7 @@ from vigface.errors import VigfaceError
 
 GPU_ONLY = ("cudagraph", "trt")
 DEFAULT_PRECISIONS = {
-    "cuda": {"eager": "fp32,bf16", "compile": "bf16,fp8", "cudagraph": "bf16", "onnx": "fp32", "trt": "bf16"},
+    "cuda": {"eager": "bf16", "compile": "bf16,fp8", "cudagraph": "bf16", "onnx": "fp32", "trt": "bf16"},
     "cpu": {"eager": "fp32", "compile": "fp32", "cudagraph": "bf16", "onnx": "fp32", "trt": "bf16"},
 }
 
@@ -76,15 +80,57 @@ class PeakMemory:
 
 def make_model(args, device) -> Denoiser:
     torch.manual_seed(0)
-    overrides = {"arch": args.arch}
-    if args.image_size:
-        overrides["image_size"] = args.image_size
-    model = Denoiser(DenoiserConfig.preset(args.size, **overrides)).to(device).eval()
+    model = Denoiser(model_config(args)).to(device).eval()
     with torch.no_grad():
         for p in model.parameters():
             if not p.abs().sum():
                 p.normal_(0, 0.02)
     return model
+
+
+def model_config(args, **changes) -> DenoiserConfig:
+    overrides = {"arch": args.arch, **changes}
+    if args.image_size:
+        overrides["image_size"] = args.image_size
+    return DenoiserConfig.preset(args.size, **overrides)
+
+
+def with_triton_kernels(model: Denoiser, args) -> Denoiser:
+    """The same weights with attention="triton" and adaln="triton"."""
+    p = next(model.parameters())
+    triton = Denoiser(model_config(args, attention="triton", adaln="triton")).to(p.device, p.dtype).eval()
+    triton.load_state_dict(model.state_dict())
+    return triton
+
+
+def forward_flops(args) -> int:
+    """FLOPs of one denoiser forward for one image (torch's FlopCounterMode on the reference ops)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = Denoiser(model_config(args)).eval()
+    s = model.config.image_size
+    x, t = torch.randn(1, 3, s, s), torch.tensor([500])
+    cond, pose = torch.randn(1, model.config.cond_dim), torch.rand(1, 5, s, s)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, t, cond, pose)
+    return int(counter.get_total_flops())
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> float:
+    """Measured bf16 matmul rate (random data; median of `repeats` timed with CUDA events)."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return 2 * n**3 / sorted(times)[len(times) // 2] / 1e12
 
 
 def parse_samplers(text: str) -> list[tuple[str, int]]:
@@ -122,8 +168,11 @@ def run_engine(engine, inputs, sampler, steps, args, device, sync) -> tuple[dict
     return row, to_uint8(first)
 
 
-def measure(args, device: torch.device) -> list[dict]:
+def measure(args, device: torch.device, floor: dict | None, rows: list, saved=lambda: None) -> list[dict]:
+    """Append one row per engine x precision x sampler to `rows`, calling `saved()` after each (a run
+    cut short by a time limit keeps the rows it finished)."""
     model = make_model(args, device)
+    models = {"": model}
     schedule = NoiseSchedule("cosine", 1000)
     n, s = args.batch, model.config.image_size
     g = torch.Generator().manual_seed(0)
@@ -134,21 +183,36 @@ def measure(args, device: torch.device) -> list[dict]:
     inputs = (cond, pose, w, noises)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     defaults = DEFAULT_PRECISIONS[device.type]
-    rows, baseline = [], {}
-    for name in args.engines.split(","):
+    baseline = {}
+    for label in args.engines.split(","):
+        name, _, kernels = label.partition("+")
         precisions = (args.precisions or defaults[name]).split(",")
         for precision in precisions:
-            base = {"engine": name, "precision": precision}
+            base = {"engine": label, "precision": precision}
             if name in GPU_ONLY and device.type != "cuda":
                 rows.append({**base, "status": "pending: needs a GPU (no figures on a CPU run)"})
+                saved()
+                print(format_row(rows[-1]), flush=True)
                 continue
             options = {"plan": args.trt_plan} if name == "trt" else {}
+            if name == "compile" and args.compile_mode:
+                options["mode"] = args.compile_mode
             try:
+                if kernels and kernels not in models:
+                    if kernels != "triton":
+                        raise VigfaceError(f"engine {label!r}: only '+triton' variants exist")
+                    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                        raise VigfaceError(
+                            "the Triton kernels need CUDA (or TRITON_INTERPRET=1: the interpreter)"
+                        )
+                    models[kernels] = with_triton_kernels(model, args)
                 t0 = time.perf_counter()
-                engine = create_engine(name, model, schedule, device, precision, **options)
+                engine = create_engine(name, models[kernels], schedule, device, precision, **options)
                 setup = time.perf_counter() - t0
             except VigfaceError as exc:
                 rows.append({**base, "status": f"unavailable: {exc}"})
+                saved()
+                print(format_row(rows[-1]), flush=True)
                 continue
             for sampler, steps in parse_samplers(args.samplers):
                 row, images = run_engine(engine, inputs, sampler, steps, args, device, sync)
@@ -161,34 +225,42 @@ def measure(args, device: torch.device) -> list[dict]:
                     **row,
                 }
                 key = (sampler, steps)
-                if name == "eager" and precision == "fp32":
+                if f"{label}:{precision}" == args.baseline:
                     baseline[key] = (row["images_per_s"], images)
+                if floor:
+                    row["ratio_to_floor"] = round(row["images_per_s"] / floor_images_per_s(floor, steps), 3)
                 if key in baseline:
                     ips, ref = baseline[key]
                     diff = (images.int() - ref.int()).abs().float()
-                    row["speedup_vs_eager_fp32"] = round(row["images_per_s"] / ips, 3)
+                    row["speedup_vs_baseline"] = round(row["images_per_s"] / ips, 3)
                     row["drift_vs_eager_uint8"] = {
                         "mean": round(diff.mean().item(), 4),
                         "max": int(diff.max()),
                     }
                 rows.append(row)
+                saved()
                 print(format_row(row), flush=True)
             del engine
     return rows
 
 
+def floor_images_per_s(floor: dict, steps: int) -> float:
+    """Images/s if every step's FLOPs (2 forwards: CFG) ran at the measured matmul rate."""
+    return floor["matmul_tflops"] * 1e12 / (2 * floor["forward_flops_per_image"] * steps)
+
+
 HEADER = (
-    f"{'engine':<10}{'prec':<6}{'sampler':<11}{'img/s':>9}{'ms/step':>10}{'x eager':>9}{'peak GiB':>10}"
+    f"{'engine':<18}{'prec':<6}{'sampler':<11}{'img/s':>9}{'ms/step':>10}{'x base':>9}{'peak GiB':>10}"
     f"{'drift':>8}"
 )
 
 
 def format_row(row: dict) -> str:
     if row.get("status") != "ok":
-        return f"{row['engine']:<10}{row['precision']:<6}{row['status'][:90]}"
+        return f"{row['engine']:<18}{row['precision']:<6}{row['status'][:90]}"
     drift = row.get("drift_vs_eager_uint8", {}).get("mean", "")
-    return (f"{row['engine']:<10}{row['precision']:<6}{row['sampler'] + '-' + str(row['steps']):<11}"
-            f"{row['images_per_s']:>9}{row['ms_per_step']:>10}{row.get('speedup_vs_eager_fp32', ''):>9}"
+    return (f"{row['engine']:<18}{row['precision']:<6}{row['sampler'] + '-' + str(row['steps']):<11}"
+            f"{row['images_per_s']:>9}{row['ms_per_step']:>10}{row.get('speedup_vs_baseline', ''):>9}"
             f"{row['peak_memory_gib']:>10}{drift:>8}")  # fmt: skip
 
 
@@ -213,7 +285,15 @@ def main() -> None:
     ap.add_argument("--size", choices=tuple(DENOISER_SIZES), default="B")
     ap.add_argument("--arch", choices=ARCHS, default="uvit")
     ap.add_argument("--image-size", type=int, default=None)
-    ap.add_argument("--engines", default="eager,compile,cudagraph,onnx,trt")
+    ap.add_argument(
+        "--engines",
+        default="eager,compile,cudagraph,onnx,trt",
+        help="names, NAME+triton for the Triton kernels",
+    )
+    ap.add_argument(
+        "--baseline", default=None, help="ENGINE:PRECISION (default eager:bf16 on GPU, eager:fp32 on CPU)"
+    )
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default: the engine's)")
     ap.add_argument("--samplers", default="ddim:100,dpm++:20", help="name:steps,...")
     ap.add_argument("--precisions", default=None, help="for every engine (default: per engine and device)")
     ap.add_argument("--batch", type=int, default=64)
@@ -227,13 +307,23 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.baseline is None:
+        args.baseline = "eager:bf16" if device.type == "cuda" else "eager:fp32"
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
-    print(HEADER)
-    rows = measure(args, device)
-    config = DenoiserConfig.preset(
-        args.size, arch=args.arch, **({"image_size": args.image_size} if args.image_size else {})
-    )
+    floor = None
+    if device.type == "cuda":
+        floor = {
+            "forward_flops_per_image": forward_flops(args),
+            "matmul_tflops": round(matmul_tflops(device), 1),
+        }
+        floor["images_per_s"] = {
+            f"{name}-{steps}": round(floor_images_per_s(floor, steps), 2)
+            for name, steps in parse_samplers(args.samplers)
+        }
+        print(f"floor: {floor}", flush=True)
+    rows: list = []
+    config = model_config(args)
     result = {
         "benchmark": "sample_throughput",
         "config": {k: v for k, v in vars(args).items() if k != "out"},
@@ -248,12 +338,26 @@ def main() -> None:
         "gpu_figures": "measured"
         if device.type == "cuda"
         else "pending (CPU run: cudagraph/trt and GPU speed-ups not measured)",
-        "total_seconds": round(time.perf_counter() - t0, 1),
+        "baseline": args.baseline,
+        "compute_floor": floor
+        or "GPU only: forward FLOPs x 2 (CFG) x steps at the measured bf16 matmul rate",
+        "total_seconds": None,
         "rows": rows,
     }
     out = Path(args.out or f"bench/results/sample_throughput_{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    def saved(done: bool = False) -> None:
+        result["total_seconds"] = round(time.perf_counter() - t0, 1)
+        result["complete"] = done
+        result["load_average"][1] = round(os.getloadavg()[0], 2)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(out)
+
+    print(HEADER)
+    measure(args, device, floor, rows, saved)
+    saved(done=True)
     print(f"{result['total_seconds']} s -> {out}")
 
 
