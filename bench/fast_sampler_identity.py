@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from vigface.data.recordio import FaceRecordDataset
+from vigface.diffusion.model_folder import fr_model_dir
 from vigface.eval.similarity import mean_genuine_imposter
 from vigface.fr.embed import embed_images, load_backbone
 from vigface.generate.dataset import GenerationConfig, generate_dataset
@@ -42,15 +43,22 @@ def main() -> None:
         help="engine/sampler:steps,... (the first is the reference)",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--device", default="auto", help="generation device (auto: CUDA when present)")
     ap.add_argument("--out", default="bench/results/fast_sampler_identity_toy.json")
     args = ap.parse_args()
     meta = json.loads((Path(args.model) / "denoiser.json").read_text())
-    fr_dir = Path(meta["fr_model"])
+    fr_dir = fr_model_dir(args.model, meta)  # relative in the shipped model, absolute in trained runs
     backbone, _ = load_backbone(fr_dir)
     protos = load_file(fr_dir / "prototypes.safetensors")
     real, virtual = F.normalize(protos["real"].float(), dim=1), F.normalize(protos["virtual"].float(), dim=1)
     everything = np.concatenate([real.numpy(), virtual.numpy()])
-    result = {"config": vars(args), "settings": {}}
+    result = {
+        "config": vars(args),
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available() and args.device != "cpu"
+        else "cpu",
+        "settings": {},
+    }
     reference = None
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,7 +72,7 @@ def main() -> None:
             GenerationConfig(
                 model=args.model, out=str(work), ids="both", num_ids=args.num_ids, per_id=args.per_id,
                 steps=int(steps), sampler=sampler, engine=engine or "eager", batch_size=32, shard_size=256,
-                progress=False,
+                progress=False, device=args.device,
             )
         )  # fmt: skip
         seconds = time.perf_counter() - t0
@@ -101,8 +109,9 @@ def main() -> None:
                 )
         result["settings"][setting] = entry
         print(setting, json.dumps(entry), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        # after every setting: a run cut short keeps what it measured
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

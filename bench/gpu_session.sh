@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Every GPU-only check of the project in one call of a lent GPU machine (15 minutes of device time
+# per session, so one prepared script rather than many small calls). In priority order, each step
+# cut to what is left of DEADLINE seconds:
+#   1. build vigface._C with CUDA (sm_90) as `pip install -e .` does, without build isolation
+#   2. the tests marked cuda (cudagraph = eager images, the fused update op, the CUDA warp, nvJPEG)
+#   3. bench/loader_throughput.py on the GPU (torch loader: PIL workers vs nvJPEG)
+#   4. bench/fast_sampler_identity.py with the shipped toy model: DPM-Solver++ step counts vs DDIM-100,
+#      and the cudagraph engine's identity drift from eager (same seeds)
+#   5. bench/sample_throughput.py at ViT-B/4 (eager, cudagraph, Triton kernels, compile, fp8, trt)
+#   6. the Triton kernel tests natively, bench/kernels.py, bench/margin_softmax.py
+# Results land in $OUT (at most 8 files come back): logs and the JSON files for bench/results/.
+#   usage: OUT=/tmp/out DEADLINE=500 bash bench/gpu_session.sh
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/vigface_gpu}
+DEADLINE=${DEADLINE:-500}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+START=$SECONDS
+LOG="$OUT/session.log"
+
+# step NAME LIMIT CMD...: run CMD under min(LIMIT, time left before DEADLINE - 5 s); skip it when
+# under 20 s are left. Its output goes to the session log; its status to the summary.
+SUMMARY=""
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((DEADLINE - (SECONDS - START) - 5))
+  if ((left < 20)); then
+    SUMMARY+="$name: skipped (no time left)"$'\n'
+    return
+  fi
+  ((limit > left)) && limit=$left
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit}s, at $((SECONDS - START))s)" >>"$LOG"
+  timeout --kill-after=5 "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  SUMMARY+="$name: rc=$rc in $((SECONDS - t0))s"$'\n'
+}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+  python3 -c "import torch, triton, torchvision; print('torch', torch.__version__, 'triton', triton.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"
+  nvcc --version | tail -1
+} >>"$LOG" 2>&1
+
+if [[ -z "${SKIP_BUILD:-}" ]]; then  # SKIP_BUILD=1: a dry run of this script on a CPU machine
+  step build 150 env CUDAARCHS=90 VIGFACE_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -e .
+fi
+if ! python3 -c "import vigface" 2>/dev/null; then
+  export PYTHONPATH=$PWD  # the install failed: the pure-Python package from the tree, without vigface._C
+fi
+python3 -c "import vigface._C as C; print('vigface._C', C.build_info, 'devices', C.cuda_device_count())" >>"$LOG" 2>&1
+
+step tests_cuda 150 python3 -m pytest -q -rs -m cuda -p no:cacheprovider tests/ --junitxml="$OUT/tests_cuda.xml" -s
+
+step loader_bench 90 python3 bench/loader_throughput.py --device cuda --workers 4 16 --epochs 3 \
+  --data /tmp/loader_bench --out "$OUT/loader_throughput_gpu.json"
+
+step fast_sampler 100 python3 bench/fast_sampler_identity.py --model vigface/assets/tiny_model --work /tmp/fs \
+  --num-ids 50 --per-id 8 --out "$OUT/fast_sampler_identity_toy_gpu.json" \
+  --settings eager/ddim:100,cudagraph/ddim:100,eager/dpm++:20,cudagraph/dpm++:20,eager/dpm++:30,eager/dpm++:40,eager/dpm++:50,eager/ddim:50
+
+step sample_bench 230 python3 bench/sample_throughput.py --engines eager,cudagraph,cudagraph+triton,compile,trt \
+  --compile-mode default --out "$OUT/sample_throughput_cuda.json"
+
+step kernel_tests 90 env VIGFACE_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider \
+  tests/test_kernels_attention.py tests/test_kernels_adaln.py tests/test_kernels_margin_softmax.py
+step kernels_bench 60 python3 bench/kernels.py --out "$OUT/kernels_cuda.json"
+step margin_softmax_bench 60 python3 bench/margin_softmax.py --out "$OUT/margin_softmax_cuda.json"
+
+echo "=== summary (total $((SECONDS - START))s)" | tee -a "$LOG"
+printf "%s" "$SUMMARY" | tee -a "$LOG"
+# the reply carries the end of stdout: the tables and test outcomes, briefly
+grep -E "^(engine|eager|cudagraph|compile|trt)|^floor|^(aligned|unaligned|source) |passed|failed|rror|nvJPEG|warp CUDA" \
+  "$LOG" | cut -c1-400 | tail -70
