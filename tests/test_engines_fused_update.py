@@ -117,8 +117,8 @@ def test_bad_shapes_and_names_are_clear_errors():
         guided_update_(torch.zeros(2, 3, 4, 4), x, x.clone(), torch.ones(2), step)
     with pytest.raises(VigfaceError, match="w shape"):
         guided_update_(torch.zeros(4, 3, 4, 4), x, x.clone(), torch.ones(3), step)
-    with pytest.raises(VigfaceError, match="impl 'triton'"):
-        guided_update_(torch.zeros(4, 3, 4, 4), x, x.clone(), torch.ones(2), step, impl="triton")
+    with pytest.raises(VigfaceError, match="impl 'numba'"):
+        guided_update_(torch.zeros(4, 3, 4, 4), x, x.clone(), torch.ones(2), step, impl="numba")
     with pytest.raises(VigfaceError, match="sampler 'euler'"):
         plan_steps(SCHEDULE, "euler", 3)
 
@@ -143,3 +143,38 @@ def test_cuda_op_matches_the_reference(dtype, shape, step_index):
         # float32 arithmetic on identical inputs; only the order of roundings may differ
         assert torch.allclose(xc.cpu(), x_ref, atol=1e-5, rtol=1e-5)
         assert torch.allclose(pc.cpu(), x0_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 3, 9, 11), (3, 3, 37, 41)])  # 1,089 / 13,653 elements: ragged blocks
+def test_triton_update_matches_the_reference(dtype, shape):
+    """The Triton twin of the CUDA op (the interpreter on a CPU, compiled on a GPU)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(2)
+    n = shape[0]
+    model_out = torch.randn(2 * n, *shape[1:], generator=g).to(dtype)
+    x = torch.randn(shape, generator=g)
+    prev = torch.randn(shape, generator=g).clamp(-1, 1)
+    w = torch.linspace(0, 2.5, n)
+    for prediction, sampler, index in (("x0", "dpm++", 7), ("v", "dpm++", 19), ("x0", "ddim", 0)):
+        step = plan_steps(SCHEDULE, sampler, 20, prediction)[index]
+        x_ref, x0_ref = guided_update_ref(model_out, x, prev, w, step)
+        xd, pd = x.to(device), prev.to(device)
+        guided_update_(model_out.to(device), xd, pd, w.to(device), step, impl="triton")
+        assert torch.allclose(xd.cpu(), x_ref, atol=1e-5, rtol=1e-5), (xd.cpu() - x_ref).abs().max()
+        assert torch.allclose(pd.cpu(), x0_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_impl_follows_the_environment(monkeypatch):
+    step = plan_steps(SCHEDULE, "dpm++", 5)[2]
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton: compiled on a GPU, interpreted here
+    model_out, x = torch.randn(4, 3, 5, 5, device=device), torch.randn(2, 3, 5, 5, device=device)
+    prev, w = torch.zeros_like(x), torch.tensor([0.5, 2.5], device=device)
+    monkeypatch.setenv("VIGFACE_GUIDED_UPDATE", "triton")
+    x_auto, p_auto = x.clone(), prev.clone()
+    guided_update_(model_out, x_auto, p_auto, w, step)  # the interpreter on a CPU
+    x_ref, x0_ref = guided_update_ref(model_out, x, prev, w, step)
+    assert torch.allclose(x_auto, x_ref, atol=1e-5) and torch.allclose(p_auto, x0_ref, atol=1e-5)
+    monkeypatch.setenv("VIGFACE_GUIDED_UPDATE", "opencl")
+    with pytest.raises(VigfaceError, match="VIGFACE_GUIDED_UPDATE='opencl'"):
+        guided_update_(model_out, x.clone(), prev.clone(), w, step)

@@ -21,14 +21,17 @@ With a_t = alpha_bar at the step's timestep and a_n at the next one (1 after the
         c_p = sqrt(a_n) expm1(-h) / (2 r)
     The last step goes to a_n = 1, where both reduce to x = x0 (c_x = 0, c_0 = 1).
 
-`guided_update_ref` is the plain-PyTorch reference (and the CPU path); `guided_update_` runs the
-CUDA op of vigface._C on CUDA tensors (one kernel, no host sync, capturable in a CUDA graph)
-or the reference, in place.
+`guided_update_ref` is the plain-PyTorch reference (and the CPU path); `guided_update_` runs, in
+place, one of: impl "cuda", the CUDA op of vigface._C (one kernel, no host sync); impl "triton",
+its Triton twin (kernels/guided_update.py); impl "torch", the reference. impl "auto" is the CUDA
+op for CUDA tensors when it is built, else the reference; the environment variable
+VIGFACE_GUIDED_UPDATE=cuda|triton|torch overrides what "auto" picks (to compare them in one run).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +41,7 @@ from vigface.diffusion.schedule import NoiseSchedule
 from vigface.errors import BackendUnavailableError, VigfaceError
 
 SAMPLERS = ("ddim", "dpm++")
-IMPLS = ("auto", "torch", "cuda")
+IMPLS = ("auto", "torch", "cuda", "triton")
 CLAMP = (-1.0, 1.0)  # the x0 estimate of a face image in [-1, 1]
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/guided_update.h
 
@@ -108,6 +111,16 @@ def cuda_op_available() -> bool:
     return bool(_C.has_cuda) and _C.cuda_device_count() > 0
 
 
+def auto_impl(x: torch.Tensor) -> str:
+    """What impl "auto" runs for state x: VIGFACE_GUIDED_UPDATE if set, else cuda (when built) or torch."""
+    chosen = os.environ.get("VIGFACE_GUIDED_UPDATE", "")
+    if chosen:
+        if chosen not in IMPLS[1:]:
+            raise VigfaceError(f"VIGFACE_GUIDED_UPDATE={chosen!r}: choose one of {', '.join(IMPLS[1:])}")
+        return chosen
+    return "cuda" if x.is_cuda and cuda_op_available() else "torch"
+
+
 def _check(model_out: torch.Tensor, x: torch.Tensor, prev: torch.Tensor, w: torch.Tensor) -> None:
     n = x.shape[0]
     if model_out.shape != (2 * n, *x.shape[1:]):
@@ -135,7 +148,12 @@ def guided_update_(
         raise VigfaceError(f"guided_update impl {impl!r} is unknown; choose one of {', '.join(IMPLS)}")
     _check(model_out, x, prev, w)
     if impl == "auto":
-        impl = "cuda" if x.is_cuda and cuda_op_available() else "torch"
+        impl = auto_impl(x)
+    if impl == "triton":
+        from vigface.kernels.guided_update import guided_update_triton_
+
+        guided_update_triton_(model_out, x, prev, w, step, CLAMP)
+        return
     if impl == "torch":
         x_new, x0 = guided_update_ref(model_out, x, prev, w, step)
         x.copy_(x_new)
