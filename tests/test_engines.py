@@ -4,8 +4,11 @@ Engines that need a GPU (cudagraph; compile with Inductor at speed) are tested o
 (`cuda` marker); on CPU their clear "not available" errors are tested instead.
 """
 
+import dataclasses
+import gc
 import json
 import logging
+import weakref
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ from vigface.engines import create_engine
 from vigface.engines.base import Engine
 from vigface.engines.eager import EagerEngine
 from vigface.engines.fp8 import Fp8Linear, fp8_linear_ref
+from vigface.engines.fused_update import cuda_op_available, plan_steps
 from vigface.errors import BackendUnavailableError, VigfaceError
 
 SCHEDULE = NoiseSchedule("cosine", 1000)
@@ -183,6 +187,49 @@ def test_auto_picks_an_engine_that_starts_and_logs_it(model, caplog, monkeypatch
 # -- GPU ---------------------------------------------------------------------------------------------
 
 
+def _tensors_in(obj, depth=0):
+    """Tensors reachable from a closure cell: directly, in lists/tuples, or in dataclass fields."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth < 3 and isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors_in(item, depth + 1)
+    elif depth < 3 and dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for field in dataclasses.fields(obj):
+            yield from _tensors_in(getattr(obj, field.name), depth + 1)
+
+
+def test_cudagraph_loop_buffers_outlive_the_capture(model):
+    """A CUDA graph holds addresses, not tensors: every tensor the captured loop touches must still
+    be alive after capture, or the allocator reuses its memory and later replays read garbage (the
+    first H100 run: model_in and the timesteps lived only in the capture closure; the first replay
+    matched eager, the next ones did not). Checked on the CPU with the capture replaced by a call."""
+    from vigface.engines.cudagraph import CudaGraphEngine
+
+    engine = object.__new__(CudaGraphEngine)  # the CPU cannot build one: set what _capture_loop uses
+    engine.model, engine.dtype, engine.device, engine.update_impl = (
+        model.eval(),
+        torch.float32,
+        torch.device("cpu"),
+        "torch",
+    )
+    seen = {}
+
+    def call_instead_of_capture(fn):
+        fn()
+        seen["refs"] = [weakref.ref(t) for cell in fn.__closure__ for t in _tensors_in(cell.cell_contents)]
+        return "graph"
+
+    engine._capture = call_instead_of_capture
+    _, _, cond, pose = inputs(model, 2)
+    plan = plan_steps(SCHEDULE, "dpm++", 4, model.config.prediction)
+    cond2, pose2 = torch.cat([cond, torch.zeros_like(cond)]), torch.cat([pose, torch.zeros_like(pose)])
+    loop = engine._capture_loop(plan, cond2, pose2, torch.tensor([0.5, 2.5]), torch.randn(2, 3, 32, 32))
+    gc.collect()
+    assert loop.graph == "graph" and len(seen["refs"]) >= 7 + len(plan) - 1
+    assert all(ref() is not None for ref in seen["refs"])
+
+
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -195,24 +242,53 @@ def test_cudagraph_denoise_matches_eager(model, precision):
         assert err <= TOLERANCE[precision], err
 
 
+def _images(engine, cond, pose, w, x_T, sampler, steps):
+    x0 = engine.sample(cond, pose, w, sampler=sampler, steps=steps, x_T=x_T)
+    return ((x0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def _same_images(a, b, what):
+    diff = (a.int() - b.int()).abs()
+    print(f"{what}: max {diff.max().item()}, mean {diff.float().mean().item():.4f} levels, "
+          f"{(diff == 0).float().mean().item():.4f} equal")  # fmt: skip
+    assert diff.max() <= 1 and (diff == 0).float().mean() >= 0.99
+
+
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize("impl", ["cuda", "triton", "torch"])
 @pytest.mark.parametrize("sampler,steps", [("ddim", 100), ("dpm++", 20)])
-def test_cudagraph_images_equal_eager_images(model, sampler, steps):
+def test_cudagraph_images_equal_eager_images(model, sampler, steps, impl):
+    if impl == "cuda" and not cuda_op_available():
+        pytest.skip("vigface._C was built without CUDA")
     eager = create_engine("eager", model, SCHEDULE, "cuda")
-    graph = create_engine("cudagraph", model, SCHEDULE, "cuda")
+    graph = create_engine("cudagraph", model, SCHEDULE, "cuda", update_impl=impl)
     _, _, cond, pose = inputs(model, 4, device="cuda")
     w = torch.tensor([0.5, 2.5, 2.5, 1.0], device="cuda")
     for seed in (0, 1):  # the second batch replays the captured loop with new inputs
         x_T = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).cuda()
+        a = _images(eager, cond, pose, w, x_T, sampler, steps)
+        b = _images(graph, cond, pose, w, x_T, sampler, steps)
+        _same_images(a, b, f"cudagraph[{impl}] {sampler}-{steps} seed {seed} vs eager")
 
-        def images(engine, x_T=x_T):
-            x0 = engine.sample(cond, pose, w, sampler=sampler, steps=steps, x_T=x_T)
-            return ((x0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
-        a, b = images(eager), images(graph)
-        diff = (a.int() - b.int()).abs()
-        assert diff.max() <= 1 and (diff == 0).float().mean() >= 0.99
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+@pytest.mark.parametrize("sampler,steps", [("ddim", 100), ("dpm++", 20)])
+def test_stepped_loop_on_cuda_equals_eager_images(model, sampler, steps, impl, monkeypatch):
+    """The base loop (no graph) with the fused update on the GPU: the update op apart from capture."""
+    if impl == "cuda" and not cuda_op_available():
+        pytest.skip("vigface._C was built without CUDA")
+    monkeypatch.setenv("VIGFACE_GUIDED_UPDATE", impl)
+    eager = create_engine("eager", model, SCHEDULE, "cuda")
+    stepped = SteppedEager(model, SCHEDULE, "cuda")
+    _, _, cond, pose = inputs(model, 4, device="cuda")
+    w = torch.tensor([0.5, 2.5, 2.5, 1.0], device="cuda")
+    x_T = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)).cuda()
+    a = _images(eager, cond, pose, w, x_T, sampler, steps)
+    b = _images(stepped, cond, pose, w, x_T, sampler, steps)
+    _same_images(a, b, f"stepped[{impl}] {sampler}-{steps} vs eager")
 
 
 @pytest.mark.cuda

@@ -28,12 +28,19 @@ from vigface.errors import BackendUnavailableError
 
 @dataclass
 class _Loop:
-    graph: torch.cuda.CUDAGraph
+    """Everything the captured loop reads or writes. A CUDA graph holds addresses, not tensors: a
+    buffer it uses must live as long as the graph, or the allocator hands its memory to other
+    tensors and later replays read garbage (the first H100 run: the first replay matched eager,
+    later ones did not, because model_in and the timesteps lived only in the capture closure)."""
+
     cond: torch.Tensor  # (2N, d): [cond; 0]
     pose: torch.Tensor | None  # (2N, 5, S, S): [pose; 0]
     w: torch.Tensor  # (N,)
     x: torch.Tensor  # (N, 3, S, S): x_T in, the final x0 estimate out
     prev: torch.Tensor  # (N, 3, S, S): the previous step's x0
+    model_in: torch.Tensor  # (2N, 3, S, S): [x; x], the denoiser's input at every step
+    timesteps: list  # one (2N,) int64 tensor per step
+    graph: torch.cuda.CUDAGraph | None = None
 
 
 @dataclass
@@ -130,18 +137,22 @@ class CudaGraphEngine(Engine):
 
     def _capture_loop(self, plan, cond2, pose2, w, x_T) -> _Loop:
         n = x_T.shape[0]
-        cond_b, w_b, x_b = cond2.clone(), w.clone(), x_T.clone()
-        pose_b = None if pose2 is None else pose2.clone()
-        prev_b = torch.zeros_like(x_b)
-        model_in = torch.empty((2 * n, *x_b.shape[1:]), dtype=torch.float32, device=self.device)
-        timesteps = [torch.full((2 * n,), s.t, dtype=torch.long, device=self.device) for s in plan]
+        loop = _Loop(
+            cond=cond2.clone(),
+            pose=None if pose2 is None else pose2.clone(),
+            w=w.clone(),
+            x=x_T.clone(),
+            prev=torch.zeros_like(x_T),
+            model_in=torch.empty((2 * n, *x_T.shape[1:]), dtype=torch.float32, device=self.device),
+            timesteps=[torch.full((2 * n,), s.t, dtype=torch.long, device=self.device) for s in plan],
+        )
 
-        def run():
-            for step, t in zip(plan, timesteps, strict=True):
-                model_in[:n].copy_(x_b)
-                model_in[n:].copy_(x_b)
-                out = self._forward(model_in, t, cond_b, pose_b)
-                guided_update_(out, x_b, prev_b, w_b, step, self.update_impl)
+        def run():  # uses no tensor that `loop` does not hold
+            for step, t in zip(plan, loop.timesteps, strict=True):
+                loop.model_in[:n].copy_(loop.x)
+                loop.model_in[n:].copy_(loop.x)
+                out = self._forward(loop.model_in, t, loop.cond, loop.pose)
+                guided_update_(out, loop.x, loop.prev, loop.w, step, self.update_impl)
 
-        graph = self._capture(run)  # the warm-up ran the loop once on these buffers: reset before replay
-        return _Loop(graph, cond_b, pose_b, w_b, x_b, prev_b)
+        loop.graph = self._capture(run)  # the warm-up ran the loop once on these buffers: reset before replay
+        return loop
