@@ -13,6 +13,7 @@ import torch
 
 from vigface.cli.main import main
 from vigface.data.image_folder import ImageFolderDataset, write_image_folder
+from vigface.data.images import encode_image
 from vigface.data.loaders import CorruptImageWarning, FaceSource, make_loader
 from vigface.data.loaders.order import rank_batches, steps_per_epoch
 from vigface.data.recordio import FaceRecordDataset, FaceRecordWriter
@@ -511,30 +512,73 @@ def test_nvjpeg_decoder_on_the_gpu_is_close_to_pil(aligned_rec, wild_rec, aligne
     mean, p999, top = _level_stats(torch.cat([a.images for a in ref]), torch.cat([b.images for b in got]))
     print(f"nvJPEG vs PIL ({'aligned' if aligned else 'unaligned'}): mean {mean:.3f}, "
           f"99.9th pct {p999:.1f}, max {top:.1f} levels")  # fmt: skip
-    # nvJPEG's IDCT / chroma upsampling are not libjpeg-turbo's: close on average, not bit-equal
-    assert mean <= 1.0 and p999 <= 16
+    # The toy JPEGs are 4:2:0: nvJPEG upsamples chroma unlike libjpeg-turbo, so sharp colour edges
+    # differ by tens of levels (first H100 run: mean 1.64 / 1.10, 99.9th pct 39 / 30, max 74 / 81);
+    # a swapped channel or a wrong warp moves the mean by far more.
+    assert mean <= 2.5 and p999 <= 64
 
 
 @pytest.mark.cuda
-def test_nvjpeg_decoder_skips_the_images_nvjpeg_rejects(corrupt_rec):
+def test_nvjpeg_equals_pil_within_idct_rounding_without_chroma_subsampling():
+    """4:4:4 JPEGs have no chroma upsampling: what is left between nvJPEG and PIL is the IDCT."""
+    device = _nvjpeg_device()
+    tio = _torchvision_io()
+    from io import BytesIO
+
+    from PIL import Image
+
+    from vigface.data.images import decode_image
+
+    images = [render_aligned(5, ident, k)[0] for ident in range(3) for k in range(2)]
+    diffs = []
+    for image in images:
+        buffer = BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=95, subsampling=0)
+        data = buffer.getvalue()
+        ref = torch.from_numpy(decode_image(data)).permute(2, 0, 1)
+        got = tio.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), device=device).cpu()
+        diffs.append((got.int() - ref.int()).abs())
+    d = torch.stack(diffs).float()
+    print(f"nvJPEG vs PIL, 4:4:4: mean {d.mean().item():.3f}, max {d.max().item():.0f} levels")
+    assert d.mean() <= 0.5 and d.max() <= 4
+
+
+@pytest.mark.cuda
+def test_nvjpeg_decoder_skips_the_pil_corrupt_images(corrupt_rec):
     device = _nvjpeg_device()
     tio = _torchvision_io()
     path, bad = corrupt_rec
     ds = FaceRecordDataset(path)
     rejected = []
-    for i in range(len(ds)):  # the reference: nvJPEG on each image alone
+    for i in range(
+        len(ds)
+    ):  # what nvJPEG alone refuses (it decodes the truncated one: read_for_nvjpeg refuses it)
         try:
             tio.decode_jpeg(torch.frombuffer(bytearray(ds.encoded(i)[0]), dtype=torch.uint8), device=device)
         except RuntimeError:
             rejected.append(i)
-    print(f"nvJPEG rejects {rejected} of the damaged {bad}")
-    assert 10 in rejected  # the garbage payload
+    print(f"nvJPEG alone rejects {rejected} of the damaged {bad}")
+    assert set(rejected) <= set(bad)
     ld = make_loader(path, 5, loader="torch", decoder="nvjpeg", drop_last=False, shuffle=False, device=device)
-    if rejected:
-        with pytest.warns(CorruptImageWarning, match=f"skipped {len(rejected)} corrupt images"):
-            batches = _epoch(ld)
-    else:
+    with pytest.warns(CorruptImageWarning, match="skipped 3 corrupt images"):
         batches = _epoch(ld)
-    assert sorted(ld.corrupt.skipped) == rejected
+    assert sorted(ld.corrupt.skipped) == bad
     seen = np.concatenate([b.index.numpy() for b in batches]).tolist()
-    assert seen == [i for i in range(len(ds)) if i not in rejected]
+    assert seen == [i for i in range(len(ds)) if i not in bad]
+
+
+def test_nvjpeg_workers_refuse_truncated_jpegs(aligned_rec):
+    """nvJPEG would decode a truncated JPEG (grey below the cut); the worker's marker check refuses it."""
+    from vigface.data.loaders.decoders import read_for_nvjpeg
+    from vigface.errors import DataFormatError
+
+    data = FaceRecordDataset(aligned_rec).encoded(0)[0]
+    payload, is_jpeg = read_for_nvjpeg(data, "train.rec key 1")
+    assert is_jpeg and payload.tobytes() == data
+    for cut in (len(data) // 2, len(data) - 2, len(data) - 1):
+        with pytest.raises(DataFormatError, match="truncated"):
+            read_for_nvjpeg(data[:cut], "train.rec key 1")
+    read_for_nvjpeg(data + b"\x00" * 7, "padded")  # bytes after the end-of-image marker are fine
+    png = encode_image(render_aligned(1, 0, 0)[0], "png")
+    pixels, is_jpeg = read_for_nvjpeg(png, "a.png")
+    assert not is_jpeg and pixels.shape == (112, 112, 3)
