@@ -46,20 +46,36 @@ def test_full_pipeline_writes_a_consistent_report(demo_run):
     out, result = demo_run
     report = _check_report(out, result, n_figures=8)
     # Every stage left its output.
-    for folder in ("toy", "fr_real", "diffusion", "generated", "fr_generated"):
+    for folder in ("toy", "fr_real", "diffusion", "generated", "fr_generated", "fr_real_matched"):
         assert (out / folder).is_dir()
     gen = read_labelled_set(out / "generated")
     assert len(gen.labels) == 2 * TINY.gen_ids * TINY.gen_per_id
     assert sorted(set(gen.kinds)) == ["real", "virtual"]
+    # The equal-size real set: the first identities of the real training set, as many images as generated.
+    matched, real = read_labelled_set(out / "real_matched"), read_labelled_set(out / "toy" / "train.rec")
+    ids = min(2 * TINY.gen_ids, len(set(real.labels)))
+    per_id = len(matched.labels) // ids
+    assert len(set(matched.labels)) == ids and abs(len(matched.labels) - len(gen.labels)) <= ids
+    for label in range(ids):
+        np.testing.assert_array_equal(
+            matched.images[matched.labels == label], real.images[real.labels == label][:per_id]
+        )
     # The verification table is what the saved models score on the held-out pairs.
     bins = [out / "toy" / "toy_val.bin", out / "toy" / "toy_pose.bin"]
     v = report["verification"]
-    for name, folder in (("real", "fr_real"), ("generated", "fr_generated")):
+    for name, folder in (
+        ("real", "fr_real"),
+        ("real, generated size", "fr_real_matched"),
+        ("generated", "fr_generated"),
+    ):
         model, _ = load_backbone(out / folder)
         again = summarise(verify_bins(model, bins))
         assert v["models"][name]["table"]["average"] == pytest.approx(again["average"])
     c = v["comparison"]
     assert c["generated / real"] == pytest.approx(c["generated average %"] / c["real average %"])
+    assert c["generated / real, generated size"] == pytest.approx(
+        c["generated average %"] / c["real, generated size average %"]
+    )
     # The sweep picked the w with the best average IoU, and the final generation used it.
     sweep = report["cfg_sweep"]
     for kind in ("real", "virtual"):
