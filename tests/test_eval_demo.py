@@ -20,7 +20,7 @@ TINY = DemoConfig(
     ids=8, per_id=6, val_ids=20, val_per_id=2, pose_per_id=1, pairs=40, fr_width=8, fr_input_size=16,
     fr_dim=16, fr_epochs=1, fr_batch=16, dm_steps=3, dm_batch=8, dm_image_size=16, dm_patch=4, gen_ids=4,
     gen_per_id=4, gen_steps=2, cfg_sweep=(0.5, 2.5), sweep_ids=2, sweep_per_id=2, serfiq_passes=4,
-    workers=0, progress=False,
+    workers=0, progress=False, matched_real=True,
 )  # fmt: skip
 
 
@@ -93,14 +93,20 @@ def test_full_pipeline_writes_a_consistent_report(demo_run):
         run_demo(TINY, str(out))
 
 
-@pytest.mark.slow  # ~20 s on the shared machine; the default test above runs the same pipeline
 def test_quick_mode_uses_trained_models_without_training_them(demo_run, tmp_path):
+    """Also the path without the equal-size real model (FULL's default): ~20 s."""
     full_out, _ = demo_run
     out = tmp_path / "quick"
-    config = dataclasses.replace(TINY, quick=True, model=str(full_out / "diffusion"), cfg_sweep=())
+    config = dataclasses.replace(
+        TINY, quick=True, model=str(full_out / "diffusion"), cfg_sweep=(), matched_real=False
+    )
     result = run_demo(config, str(out))
     report = _check_report(out, result, n_figures=6)
     assert not (out / "fr_real").exists() and not (out / "diffusion").exists()
+    assert not (out / "fr_real_matched").exists() and not (out / "real_matched").exists()
+    assert set(report["verification"]["models"]) == {"real", "generated"}
+    c = report["verification"]["comparison"]
+    assert set(c) == {"real average %", "generated average %", "generated / real", "gap to real (fraction)"}
     assert report["config"]["fr_model"] == str(full_out / "fr_real")
     assert report["config"]["ids"] == TINY.ids  # the FR model's real identities
     assert report["picked_w"] == {"real": 0.5, "virtual": 2.5, "from_sweep": False}
