@@ -123,18 +123,23 @@ def test_bad_shapes_and_names_are_clear_errors():
         plan_steps(SCHEDULE, "euler", 3)
 
 
+def update_inputs(shape, dtype, seed):
+    """Random [cond; uncond] model output (2N rows, `dtype`), float32 x, prev in [-1, 1], w in [0, 2.5]."""
+    g = torch.Generator().manual_seed(seed)
+    n = shape[0]
+    model_out = torch.randn(2 * n, *shape[1:], generator=g).to(dtype)
+    x = torch.randn(shape, generator=g)
+    prev = torch.randn(shape, generator=g).clamp(-1, 1)
+    return model_out, x, prev, torch.linspace(0, 2.5, n)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not cuda_op_available(), reason="needs vigface._C with CUDA and a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 3, 112, 112), (5, 3, 37, 41)])
 @pytest.mark.parametrize("step_index", [0, 7, 19])
 def test_cuda_op_matches_the_reference(dtype, shape, step_index):
-    g = torch.Generator().manual_seed(1)
-    n = shape[0]
-    model_out = torch.randn(2 * n, *shape[1:], generator=g).to(dtype)
-    x = torch.randn(shape, generator=g)
-    prev = torch.randn(shape, generator=g).clamp(-1, 1)
-    w = torch.linspace(0, 2.5, n)
+    model_out, x, prev, w = update_inputs(shape, dtype, seed=1)
     for prediction in ("x0", "v"):
         step = plan_steps(SCHEDULE, "dpm++", 20, prediction)[step_index]
         x_ref, x0_ref = guided_update_ref(model_out, x, prev, w, step)
@@ -150,12 +155,7 @@ def test_cuda_op_matches_the_reference(dtype, shape, step_index):
 def test_triton_update_matches_the_reference(dtype, shape):
     """The Triton twin of the CUDA op (the interpreter on a CPU, compiled on a GPU)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator().manual_seed(2)
-    n = shape[0]
-    model_out = torch.randn(2 * n, *shape[1:], generator=g).to(dtype)
-    x = torch.randn(shape, generator=g)
-    prev = torch.randn(shape, generator=g).clamp(-1, 1)
-    w = torch.linspace(0, 2.5, n)
+    model_out, x, prev, w = update_inputs(shape, dtype, seed=2)
     for prediction, sampler, index in (("x0", "dpm++", 7), ("v", "dpm++", 19), ("x0", "ddim", 0)):
         step = plan_steps(SCHEDULE, sampler, 20, prediction)[index]
         x_ref, x0_ref = guided_update_ref(model_out, x, prev, w, step)
