@@ -447,14 +447,14 @@ def _nvjpeg_loader_on_cpu(monkeypatch, path, **kw):
     from vigface.data import align
     from vigface.data.loaders import torch_loader
 
-    def align_on_cpu(images, landmarks, out_size, backend="auto", **kw):
-        if backend != "cuda":  # a worker's own alignment (decoder="pil" loaders in the same test)
-            return align.align_faces(images, landmarks, out_size, backend=backend, **kw)
-        aligned, m = align.align_faces(images.numpy(), landmarks, out_size, backend="c")
-        return torch.from_numpy(aligned), m
+    def warp_on_cpu(images, matrices, out_size, border_value=0, backend="auto"):
+        assert backend == "cuda"
+        return torch.from_numpy(
+            align.warp_affine(images.numpy(), matrices, out_size, border_value, backend="c")
+        )
 
     monkeypatch.setattr(torch_loader, "decode_jpegs_on_gpu", _pil_stand_in_for_nvjpeg)
-    monkeypatch.setattr(torch_loader, "align_faces", align_on_cpu)
+    monkeypatch.setattr(torch_loader, "warp_affine", warp_on_cpu)
     ld = make_loader(path, 5, loader="torch", decoder="pil", **kw)
     ld.decoder = "nvjpeg"
     return ld

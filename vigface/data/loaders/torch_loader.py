@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from vigface.data.align import align_faces, estimate_similarity
+from vigface.data.align import align_faces, arcface_template, estimate_similarity, warp_affine
 from vigface.data.images import decode_image
 from vigface.data.loaders.base import FaceLoader, Job, Produced
 from vigface.data.loaders.decoders import decode_jpegs_on_gpu, decode_torchvision, read_for_nvjpeg
@@ -143,24 +143,29 @@ class TorchLoader(FaceLoader):
         return kept, batch, failed
 
     def _align_on_gpu(self, job: Job, kept: np.ndarray, batch: torch.Tensor, failed: list):
-        """The CUDA warp to the ArcFace template; images whose landmarks admit no similarity are skipped."""
+        """The CUDA warp to the ArcFace template; images whose landmarks admit no similarity are skipped.
+
+        The matrices are `align_faces`'s (the same similarity, template and warp), computed once here
+        so that a bad landmark set drops its image instead of the whole batch.
+        """
         o = self.options
         indices = job.indices[kept]
         landmarks = self.source.landmarks[indices]
-        ok = np.ones(len(kept), dtype=bool)
+        template = arcface_template(o.image_size)
         try:
-            estimate_similarity(landmarks)
+            matrices = estimate_similarity(landmarks, template)
+            ok = np.ones(len(kept), dtype=bool)
         except VigfaceError:  # find the bad ones (5 points each: cheap on the CPU)
+            matrices, ok = np.zeros((len(kept), 2, 3), dtype=np.float32), np.zeros(len(kept), dtype=bool)
             for k, index in enumerate(indices):
                 try:
-                    estimate_similarity(landmarks[k])
+                    matrices[k], ok[k] = estimate_similarity(landmarks[k], template), True
                 except VigfaceError as err:
-                    ok[k] = False
                     failed.append((int(index), f"{self.source.describe(index)}: {err}"))
         if not ok.all():
-            kept, landmarks = kept[ok], landmarks[ok]
+            kept, matrices = kept[ok], matrices[ok]
             batch = batch[torch.from_numpy(ok).to(batch.device)]
         if len(kept) == 0:
             return kept, None
-        aligned, _ = align_faces(batch.contiguous(), landmarks, o.image_size, backend="cuda")
-        return kept, aligned
+        size = (o.image_size, o.image_size)
+        return kept, warp_affine(batch.contiguous(), matrices, size, 0, backend="cuda")
