@@ -32,6 +32,7 @@ import torch
 from vigface.diffusion.denoiser import ARCHS, DENOISER_SIZES, Denoiser, DenoiserConfig
 from vigface.diffusion.schedule import NoiseSchedule
 from vigface.engines import create_engine
+from vigface.engines.base import denoiser_with
 from vigface.errors import VigfaceError
 
 GPU_ONLY = ("cudagraph", "trt")
@@ -93,14 +94,6 @@ def model_config(args, **changes) -> DenoiserConfig:
     if args.image_size:
         overrides["image_size"] = args.image_size
     return DenoiserConfig.preset(args.size, **overrides)
-
-
-def with_triton_kernels(model: Denoiser, args) -> Denoiser:
-    """The same weights with attention="triton" and adaln="triton"."""
-    p = next(model.parameters())
-    triton = Denoiser(model_config(args, attention="triton", adaln="triton")).to(p.device, p.dtype).eval()
-    triton.load_state_dict(model.state_dict())
-    return triton
 
 
 def forward_flops(args) -> int:
@@ -205,7 +198,7 @@ def measure(args, device: torch.device, floor: dict | None, rows: list, saved=la
                         raise VigfaceError(
                             "the Triton kernels need CUDA (or TRITON_INTERPRET=1: the interpreter)"
                         )
-                    models[kernels] = with_triton_kernels(model, args)
+                    models[kernels] = denoiser_with(model, attention="triton", adaln="triton")
                 t0 = time.perf_counter()
                 engine = create_engine(name, models[kernels], schedule, device, precision, **options)
                 setup = time.perf_counter() - t0

@@ -46,22 +46,25 @@ def engine_model(denoiser: Denoiser, device, dtype: torch.dtype = torch.float32)
     return copy.deepcopy(denoiser).to(device=device, dtype=dtype).eval()
 
 
-def reference_denoiser(denoiser: Denoiser) -> Denoiser:
-    """The same weights with every fused-kernel backend switched to its plain-PyTorch reference."""
-    config, changes = denoiser.config, {}
-    names = {f.name for f in dataclasses.fields(config)}
-    for field, value in REFERENCE_BACKENDS.items():
-        if field in names and getattr(config, field) != value:
-            changes[field] = value
+def denoiser_with(denoiser: Denoiser, **changes) -> Denoiser:
+    """The same weights, device and dtype under a config with `changes` (e.g. attention="triton");
+    the denoiser itself when nothing changes."""
+    changes = {k: v for k, v in changes.items() if getattr(denoiser.config, k) != v}
     if not changes:
         return denoiser
     try:
-        reference = Denoiser(dataclasses.replace(config, **changes))
+        other = Denoiser(dataclasses.replace(denoiser.config, **changes))
     except VigfaceError as exc:
-        raise VigfaceError(f"cannot switch the denoiser to its reference ops {changes}: {exc}") from None
+        raise VigfaceError(f"cannot switch the denoiser to {changes}: {exc}") from None
     p = next(denoiser.parameters())
-    reference.load_state_dict(denoiser.state_dict())
-    return reference.to(device=p.device, dtype=p.dtype).eval()
+    other.load_state_dict(denoiser.state_dict())
+    return other.to(device=p.device, dtype=p.dtype).eval()
+
+
+def reference_denoiser(denoiser: Denoiser) -> Denoiser:
+    """The same weights with every fused-kernel backend switched to its plain-PyTorch reference."""
+    names = {f.name for f in dataclasses.fields(denoiser.config)}
+    return denoiser_with(denoiser, **{k: v for k, v in REFERENCE_BACKENDS.items() if k in names})
 
 
 class Engine:
