@@ -110,8 +110,10 @@ def main() -> None:
         result["settings"][setting] = entry
         print(setting, json.dumps(entry), flush=True)
         # after every setting: a run cut short keeps what it measured
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".tmp").write_text(json.dumps(result, indent=2) + "\n")
+        out.with_suffix(".tmp").replace(out)  # never a half-written JSON
 
 
 if __name__ == "__main__":
