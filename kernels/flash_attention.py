@@ -390,6 +390,54 @@ def flash_attention_backward(q, k, v, out, lse, grad_out, scale: float, tiles: t
     return dq, dk, dv
 
 
+# Under torch.compile the kernel runs as this custom op: opaque to Dynamo and Inductor (which would
+# otherwise trace the autotuner's Python), its fake implementation giving the outputs' shapes and
+# strides, and differentiable through the same backward as FlashAttentionFunction.
+@torch.library.custom_op("vigface::flash_attention", mutates_args=())
+def flash_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return flash_attention_forward(q, k, v, scale)
+
+
+@flash_attention_op.register_fake
+def _flash_attention_op_fake(q, k, v, scale):
+    n, heads, seq, _ = q.shape
+    return _new_bhld(q), q.new_empty(n, heads, seq, dtype=torch.float32)
+
+
+@torch.library.custom_op("vigface::flash_attention_backward", mutates_args=())
+def flash_attention_backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return flash_attention_backward(q, k, v, out, lse, grad_out, scale)
+
+
+@flash_attention_backward_op.register_fake
+def _flash_attention_backward_op_fake(q, k, v, out, lse, grad_out, scale):
+    return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+
+
+def _flash_attention_op_setup(ctx, inputs, output):
+    q, k, v, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.scale = scale
+
+
+def _flash_attention_op_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return (*flash_attention_backward_op(q, k, v, out, lse, grad_out, ctx.scale), None)
+
+
+flash_attention_op.register_autograd(_flash_attention_op_backward, setup_context=_flash_attention_op_setup)
+
+
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, tiles):
@@ -461,6 +509,8 @@ def flash_attention(
         raise VigfaceError(f"flash_attention: tiles must be two powers of 2 of at least 16, got {tiles}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if tiles is None and torch.compiler.is_compiling():
+        return flash_attention_op(q, k, v, scale)[0]
     return FlashAttentionFunction.apply(q, k, v, scale, tiles)
 
 
