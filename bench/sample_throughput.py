@@ -7,7 +7,8 @@ For every available engine x sampler (DDIM-100, DPM-Solver++-20) x precision: im
 per step, peak memory, speed-up over the baseline (eager bf16 on a GPU, eager fp32 on a CPU) with
 the same sampler, and the drift of its images from the baseline's (same seeds: mean and max
 |difference| in uint8 levels). An engine named "NAME+triton" runs the denoiser with the Triton
-attention and AdaLN kernels (kernels/) instead of SDPA and the PyTorch LayerNorm. On a GPU the
+attention and AdaLN kernels (kernels/) instead of SDPA and the PyTorch LayerNorm; "compile+triton"
+takes the Triton attention only (Inductor fuses the LayerNorm steps itself). On a GPU the
 run also measures the bf16 matmul rate and reports each row against the compute floor
 (forward FLOPs x 2 for CFG x steps at that rate; DESIGN.md's performance model). Engines that cannot start
 here get a row saying why; GPU-only figures are "pending" on a CPU run. Weights are random (a
@@ -190,6 +191,10 @@ def measure(args, device: torch.device, floor: dict | None, rows: list, saved=la
             options = {"plan": args.trt_plan} if name == "trt" else {}
             if name == "compile" and args.compile_mode:
                 options["mode"] = args.compile_mode
+            if name == "compile" and kernels:
+                # Inductor fuses the LayerNorm + modulate steps itself; only the attention kernel
+                # enters its graph (as a custom op)
+                options["attention"], kernels = kernels, ""
             try:
                 if kernels and kernels not in models:
                     if kernels != "triton":

@@ -88,6 +88,20 @@ def test_compile_denoise_matches_eager(model):
     assert err.max().item() <= TOLERANCE["fp32"]
 
 
+def test_compile_with_triton_attention_matches_eager(model):
+    # the Triton kernel enters the graph as the custom op vigface::flash_attention (interpreted on a
+    # CPU); aot_eager runs its fake implementation as Inductor would, without the code generation
+    engine = create_engine("compile", model, SCHEDULE, "cpu", "fp32", backend="aot_eager", attention="triton")
+    assert engine.model.config.attention == "triton" and engine.model.config.adaln == "reference"
+    x, t, cond, pose = inputs(model, 3)
+    err = (
+        engine.denoise(x, t, cond, pose) - create_engine("eager", model, SCHEDULE).denoise(x, t, cond, pose)
+    ).abs()
+    assert err.max().item() <= TOLERANCE["fp32"]
+    with pytest.raises(VigfaceError, match="attention 'flash2' is unknown"):
+        create_engine("compile", model, SCHEDULE, "cpu", "fp32", attention="flash2")
+
+
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_compile_fp8_denoise_is_within_the_fp8_tolerance(model, compiled):
     engine = create_engine("compile", model, SCHEDULE, "cpu", "fp8", backend="eager")
