@@ -8,9 +8,12 @@
 #   4. bench/fast_sampler_identity.py with the shipped toy model: DPM-Solver++ step counts vs DDIM-100,
 #      and the cudagraph engine's identity drift from eager (same seeds)
 #   5. bench/sample_throughput.py at ViT-B/4 (eager, cudagraph, Triton kernels, compile, fp8, trt)
-#   6. the Triton kernel tests natively, bench/kernels.py, bench/margin_softmax.py
+#   6. bench/denoiser_profile.py: where a ViT-B/4 forward's time goes (GEMMs, attention, the rest)
+#   7. the Triton kernel tests natively, bench/kernels.py, bench/margin_softmax.py
 # Results land in $OUT (at most 8 files come back): logs and the JSON files for bench/results/.
 #   usage: OUT=/tmp/out DEADLINE=500 bash bench/gpu_session.sh
+#   STEPS=tests_cuda,profile,...  runs only the named steps (build always runs); TESTS= the pytest
+#   paths of tests_cuda (default tests/); ENGINES= / SAMPLERS= for sample_bench.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/vigface_gpu}
@@ -26,6 +29,9 @@ SUMMARY=""
 step() {
   local name=$1 limit=$2
   shift 2
+  if [[ -n "${STEPS:-}" && ",$STEPS," != *",$name,"* ]]; then
+    return
+  fi
   local left=$((DEADLINE - (SECONDS - START) - 5))
   if ((left < 20)); then
     SUMMARY+="$name: skipped (no time left)"$'\n'
@@ -53,7 +59,7 @@ if ! python3 -c "import vigface" 2>/dev/null; then
 fi
 python3 -c "import vigface._C as C; print('vigface._C', C.build_info, 'devices', C.cuda_device_count())" >>"$LOG" 2>&1
 
-step tests_cuda 150 python3 -m pytest -q -rs -m cuda -p no:cacheprovider tests/ --junitxml="$OUT/tests_cuda.xml" -s
+step tests_cuda 150 python3 -m pytest -q -rs -m cuda -p no:cacheprovider ${TESTS:-tests/} --junitxml="$OUT/tests_cuda.xml" -s
 
 step loader_bench 90 python3 bench/loader_throughput.py --device cuda --workers 4 16 --epochs 3 \
   --data /tmp/loader_bench --out "$OUT/loader_throughput_gpu.json"
@@ -62,8 +68,11 @@ step fast_sampler 100 python3 bench/fast_sampler_identity.py --model vigface/ass
   --num-ids 50 --per-id 8 --out "$OUT/fast_sampler_identity_toy_gpu.json" \
   --settings eager/ddim:100,cudagraph/ddim:100,eager/dpm++:20,cudagraph/dpm++:20,eager/dpm++:30,eager/dpm++:40,eager/dpm++:50,eager/ddim:50
 
-step sample_bench 230 python3 bench/sample_throughput.py --engines eager,cudagraph,cudagraph+triton,compile,trt \
-  --compile-mode default --out "$OUT/sample_throughput_cuda.json"
+step sample_bench 230 python3 bench/sample_throughput.py \
+  --engines "${ENGINES:-eager,cudagraph,cudagraph+triton,compile,compile+triton,trt}" \
+  --samplers "${SAMPLERS:-ddim:100,dpm++:20}" --compile-mode default --out "$OUT/sample_throughput_cuda.json"
+
+step profile 170 python3 bench/denoiser_profile.py --out "$OUT/denoiser_profile_cuda.json"
 
 step kernel_tests 90 env VIGFACE_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider \
   tests/test_kernels_attention.py tests/test_kernels_adaln.py tests/test_kernels_margin_softmax.py
@@ -73,5 +82,5 @@ step margin_softmax_bench 60 python3 bench/margin_softmax.py --out "$OUT/margin_
 echo "=== summary (total $((SECONDS - START))s)" | tee -a "$LOG"
 printf "%s" "$SUMMARY" | tee -a "$LOG"
 # the reply carries the end of stdout: the tables and test outcomes, briefly
-grep -E "^(engine|eager|cudagraph|compile|trt)|^floor|^(aligned|unaligned|source) |passed|failed|rror|nvJPEG|warp CUDA" \
-  "$LOG" | cut -c1-400 | tail -70
+grep -E "^(engine|eager|cudagraph|compile|trt)|^floor|^(aligned|unaligned|source) |passed|failed|rror|nvJPEG|warp CUDA|^\{|^  " \
+  "$LOG" | cut -c1-400 | tail -110
