@@ -307,8 +307,9 @@ def test_stepped_loop_on_cuda_equals_eager_images(model, sampler, steps, impl, m
 
 @pytest.mark.cuda
 @needs_cuda
-def test_compile_inductor_on_cuda_matches_eager(model):
-    engine = create_engine("compile", model, SCHEDULE, "cuda", "bf16", mode="default")
+@pytest.mark.parametrize("attention", ["sdpa", "triton"])
+def test_compile_inductor_on_cuda_matches_eager(model, attention):
+    engine = create_engine("compile", model, SCHEDULE, "cuda", "bf16", mode="default", attention=attention)
     x, t, cond, pose = inputs(model, 4, device="cuda")
     eager = create_engine("eager", model, SCHEDULE, "cuda")
     assert (engine.denoise(x, t, cond, pose) - eager.denoise(x, t, cond, pose)).abs().max() <= TOLERANCE[
