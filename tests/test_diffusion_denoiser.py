@@ -81,6 +81,73 @@ def test_unavailable_backends_and_bad_configs_are_clear_errors():
         Denoiser(tiny())(torch.randn(1, 3, 56, 56), torch.tensor([1]), torch.randn(1, 512))
 
 
+def _tanh_gelu_addmm(bias, x, weight_t, use_gelu):
+    # what torch._addmm_activation computes on CUDA (its CPU version uses the exact GELU)
+    assert use_gelu
+    return torch.nn.functional.gelu(torch.addmm(bias, x, weight_t), approximate="tanh")
+
+
+@pytest.mark.parametrize("arch", ["uvit", "dit"])
+def test_fused_gelu_mlp_path_is_the_same_function(arch, monkeypatch):
+    # mlp="cublaslt" on a CPU: the fused op replaced by its CUDA definition, so the test checks the
+    # path around it (flattening, bias, the second Linear) gives the reference module's output
+    torch.manual_seed(0)
+    model = Denoiser(tiny(arch)).eval()
+    _randomise_zero_layers(model)
+    x, t = torch.randn(2, 3, 56, 56), torch.tensor([3, 700])
+    cond, pose = torch.randn(2, 512), torch.rand(2, 5, 56, 56)
+    with torch.no_grad():
+        want = model(x, t, cond, pose)
+    fused = Denoiser(tiny(arch, mlp="cublaslt")).eval()
+    fused.load_state_dict(model.state_dict())
+    monkeypatch.setattr("vigface.diffusion.denoiser.use_fused_gelu", lambda choice, h: choice == "cublaslt")
+    calls = []
+    monkeypatch.setattr(
+        torch, "_addmm_activation", lambda *a, **k: calls.append(1) or _tanh_gelu_addmm(*a, **k)
+    )
+    with torch.no_grad():
+        got = fused(x, t, cond, pose)
+    assert len(calls) == fused.config.depth
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_fused_gelu_mlp_choices():
+    h = torch.randn(2, 4, 128)
+    model = Denoiser(tiny(mlp="auto")).eval()
+    with torch.no_grad():  # auto on a CPU: the reference module, bit for bit
+        x, t, cond, pose = (
+            torch.randn(1, 3, 56, 56),
+            torch.tensor([5]),
+            torch.randn(1, 512),
+            torch.rand(1, 5, 56, 56),
+        )
+        reference = Denoiser(tiny()).eval()
+        reference.load_state_dict(model.state_dict())
+        assert torch.equal(model(x, t, cond, pose), reference(x, t, cond, pose))
+    with pytest.raises(BackendUnavailableError, match="mlp='cublaslt' needs CUDA tensors"):
+        AdaLNBlock(tiny(mlp="cublaslt")).run_mlp(h)
+    with pytest.raises(VigfaceError, match="mlp 'gelu' is unknown"):
+        tiny(mlp="gelu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cublaslt_gelu_mlp_matches_the_reference_on_cuda(dtype):
+    torch.manual_seed(0)
+    block = AdaLNBlock(tiny()).cuda().to(dtype)
+    fused = AdaLNBlock(tiny(mlp="cublaslt")).cuda().to(dtype)
+    fused.load_state_dict(block.state_dict())
+    h = torch.randn(3, 49, 128, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        want = block.mlp(h).float()
+        got = fused.run_mlp(h).float()
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2  # bf16: the reference rounds before the GELU
+    assert (got - want).abs().max().item() <= tolerance
+    with pytest.raises(VigfaceError, match="inference"):
+        fused.run_mlp(h.requires_grad_())
+
+
 def test_paper_size_has_784_tokens():
     cfg = DenoiserConfig.preset("B")
     assert cfg.tokens == 784 and cfg.width == 768 and cfg.depth == 13

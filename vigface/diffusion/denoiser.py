@@ -17,7 +17,11 @@ Fast paths (same weights, same state dict): `attention` picks the attention back
 vigface.diffusion.attention); `adaln="triton"` runs the LayerNorm + modulate steps as the fused
 kernels of vigface.kernels.adaln, each gated residual fused with the LayerNorm + modulate that
 follows it (the attention residual with the block's LN2, the MLP residual with the next block's
-LN1 or the final norm); "auto" = triton for CUDA tensors, the reference elsewhere.
+LN1 or the final norm); "auto" = triton for CUDA tensors, the reference elsewhere. `mlp="cublaslt"`
+runs the MLP's first Linear + bias + GELU(tanh) as one cuBLASLt GEMM with a GELU epilogue
+(torch._addmm_activation), which saves the GELU's pass over the 4x-wide hidden activations;
+inference only (the op has no backward), CUDA only (torch's CPU version computes the exact GELU,
+not this model's tanh GELU); "auto" = cublaslt for CUDA tensors outside autograd.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from vigface.errors import BackendUnavailableError, VigfaceError
 ARCHS = ("uvit", "dit")
 PREDICTIONS = ("x0", "v")
 ADALN = ("reference", "triton", "auto")
+MLP = ("reference", "cublaslt", "auto")
 log = logging.getLogger(__name__)
 _auto_logged: set[tuple[str, bool]] = set()
 POSE_CHANNELS = 5
@@ -62,6 +67,7 @@ class DenoiserConfig:
     prediction: str = "x0"
     attention: str = "sdpa"
     adaln: str = "reference"  # a runtime choice: checkpoints load under every value
+    mlp: str = "reference"  # a runtime choice too (inference)
 
     def __post_init__(self):
         def bad(why):
@@ -75,6 +81,8 @@ class DenoiserConfig:
             bad(f"attention {self.attention!r} is unknown; choose one of {', '.join(BACKENDS)}")
         if self.adaln not in ADALN:
             bad(f"adaln {self.adaln!r} is unknown; choose one of {', '.join(ADALN)}")
+        if self.mlp not in MLP:
+            bad(f"mlp {self.mlp!r} is unknown; choose one of {', '.join(MLP)}")
         if self.image_size % self.patch:
             bad(f"image_size {self.image_size} is not a multiple of patch {self.patch}")
         if self.width % self.heads:
@@ -142,6 +150,25 @@ def fused_adaln_kernels(choice: str, x: torch.Tensor):
     return kernels
 
 
+def use_fused_gelu(choice: str, x: torch.Tensor) -> bool:
+    """Whether the MLP runs its first Linear + GELU as one cuBLASLt GEMM (see the module notes)."""
+    if choice == "reference":
+        return False
+    differentiating = torch.is_grad_enabled() and x.requires_grad
+    if choice == "auto":
+        return x.is_cuda and not differentiating
+    if not x.is_cuda:
+        raise BackendUnavailableError(
+            f"mlp='cublaslt' needs CUDA tensors, got {x.device.type} (torch's CPU op computes the exact "
+            "GELU, not this model's tanh GELU); use mlp='reference' or 'auto'"
+        )
+    if differentiating:
+        raise VigfaceError(
+            "mlp='cublaslt' is for inference (the fused op has no backward); train with 'reference'"
+        )
+    return True
+
+
 class SelfAttention(nn.Module):
     def __init__(self, width: int, heads: int, backend: str):
         super().__init__()
@@ -169,7 +196,14 @@ class AdaLNBlock(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         nn.init.zeros_(self.ada[1].weight)  # AdaLN-Zero: the block starts as the identity
         nn.init.zeros_(self.ada[1].bias)
-        self.adaln = config.adaln
+        self.adaln, self.mlp_backend = config.adaln, config.mlp
+
+    def run_mlp(self, h):
+        if not use_fused_gelu(self.mlp_backend, h):
+            return self.mlp(h)
+        fc1, _, fc2 = self.mlp
+        hidden = torch._addmm_activation(fc1.bias, h.reshape(-1, h.shape[-1]), fc1.weight.t(), use_gelu=True)
+        return fc2(hidden.view(*h.shape[:-1], hidden.shape[-1]))
 
     def forward(self, x, c, skip=None):  # x (N, L, D), c (N, D)
         kernels = fused_adaln_kernels(self.adaln, x)
@@ -180,7 +214,7 @@ class AdaLNBlock(nn.Module):
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
-        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x + gate2[:, None] * self.run_mlp(modulate(self.norm2(x), shift2, scale2))
 
     def forward_fused(self, kernels, x, c, pending=None, skip=None):
         """The block on the fused AdaLN kernels, its MLP residual left for the next LayerNorm to add.
@@ -203,7 +237,7 @@ class AdaLNBlock(nn.Module):
             x, h = kernels.gated_residual_adaln(x, pending[0], pending[1], shift1, scale1, self.norm1.eps)
             x_in = x
         x, h = kernels.gated_residual_adaln(x, self.attn(h), gate1, shift2, scale2, self.norm2.eps)
-        return x_in, x, (self.mlp(h), gate2)
+        return x_in, x, (self.run_mlp(h), gate2)
 
 
 class Denoiser(nn.Module):

@@ -28,7 +28,7 @@ PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Exportable / capturable plain-PyTorch ops in place of the fused kernels (attention.py, the
 # AdaLN option of the Triton-kernels issue); a field the installed config lacks is skipped.
-REFERENCE_BACKENDS = {"attention": "sdpa", "adaln": "reference"}
+REFERENCE_BACKENDS = {"attention": "sdpa", "adaln": "reference", "mlp": "reference"}
 
 
 def check_precision(engine: str, precision: str, offered: tuple[str, ...]) -> None:
