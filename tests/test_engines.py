@@ -102,19 +102,42 @@ def test_compile_with_triton_attention_matches_eager(model):
         create_engine("compile", model, SCHEDULE, "cpu", "fp32", attention="flash2")
 
 
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_compile_fp8_denoise_is_within_the_fp8_tolerance(model, compiled):
-    engine = create_engine("compile", model, SCHEDULE, "cpu", "fp8", backend="eager")
+@pytest.mark.parametrize("scaling", ["static", "dynamic"])
+def test_compile_fp8_denoise_is_within_the_fp8_tolerance(model, scaling):
+    engine = create_engine("compile", model, SCHEDULE, "cpu", "fp8", backend="eager", fp8_scaling=scaling)
+    layers = [m for m in engine.model.modules() if isinstance(m, Fp8Linear)]
     # the block linears (qkv, proj, 2 MLP; skip merges in the 2 out blocks) are e4m3 now
-    assert (
-        sum(isinstance(m, Fp8Linear) for m in engine.model.modules())
-        == 4 * model.config.depth + model.config.depth // 2
-    )
+    assert len(layers) == 4 * model.config.depth + model.config.depth // 2
     x, t, cond, pose = inputs(model, 3)
-    run = engine.denoise if compiled else (lambda *a: engine.model(*a).float())
     with torch.no_grad():
-        err = (run(x, t, cond, pose) - model(x, t, cond, pose)).abs().max().item()
-    assert 1e-4 < err <= TOLERANCE["fp8"], err  # changed by fp8 rounding, but only that much
+        want = model(x, t, cond, pose)
+    first = engine.denoise(x, t, cond, pose)  # static: the calibration call (dynamic scales)
+    assert all((m.input_scale is not None) == (scaling == "static") for m in layers)
+    second = engine.denoise(x, t, cond, pose)  # static: the compiled graph with fixed scales
+    for got in (first, second):
+        err = (got - want).abs().max().item()
+        assert 1e-4 < err <= TOLERANCE["fp8"], err  # changed by fp8 rounding, but only that much
+    if scaling == "dynamic":
+        assert torch.equal(first, second)
+
+
+def test_fp8_calibration_fixes_each_scale_at_headroom_times_the_largest_input(model):
+    engine = create_engine("compile", model, SCHEDULE, "cpu", "fp8", backend="eager", fp8_headroom=3.0)
+    layers = [m for m in engine.model.modules() if isinstance(m, Fp8Linear)]
+    seen = {id(m): torch.zeros(()) for m in layers}
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.__setitem__(id(m), torch.maximum(
+        seen[id(m)], a[0].abs().amax()))) for m in layers]  # fmt: skip
+    x, t, cond, pose = inputs(model, 2)
+    engine.sample(cond, pose, 2.0, sampler="ddim", steps=3, x_T=x)  # the first call calibrates over 3 steps
+    for h in hooks:
+        h.remove()
+    for m in layers:
+        torch.testing.assert_close(m.input_scale, seen[id(m)] * 3.0 / 448, rtol=1e-6, atol=0)
+    assert not engine.needs_calibration and engine.describe()["fp8_scaling"] == "static"
+    with pytest.raises(VigfaceError, match="fp8_scaling 'delayed' is unknown"):
+        create_engine("compile", model, SCHEDULE, "cpu", "fp8", fp8_scaling="delayed")
+    with pytest.raises(VigfaceError, match="fp8_headroom must be >= 1"):
+        create_engine("compile", model, SCHEDULE, "cpu", "fp8", fp8_headroom=0.5)
 
 
 @pytest.mark.slow
@@ -138,6 +161,19 @@ def test_fp8_linear_matches_its_dequantised_reference(shape):
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)  # same quantisation, float32 product
     rel = ((got - exact).norm() / exact.norm()).item()
     assert 1e-3 < rel < 0.1, rel  # e4m3 has 3 mantissa bits: a few % error, never zero
+
+
+def test_static_fp8_linear_matches_its_reference_and_saturates():
+    g = torch.Generator().manual_seed(1)
+    linear = torch.nn.Linear(32, 16)
+    layer = Fp8Linear(linear)
+    layer.input_scale = torch.tensor(2.0 / 448)  # |x| up to 2 is representable
+    x = torch.randn(5, 32, generator=g)
+    torch.testing.assert_close(layer(x), fp8_linear_ref(x, linear.weight, linear.bias, layer.input_scale))
+    big = x.clone()
+    big[0, 0] = 50.0  # saturates at 2.0: the output is that of the clamped input
+    clamped = big.clamp(-2, 2)
+    torch.testing.assert_close(layer(big), layer(clamped), atol=0, rtol=0)
 
 
 class SteppedEager(EagerEngine):
@@ -315,6 +351,21 @@ def test_compile_inductor_on_cuda_matches_eager(model, attention):
     assert (engine.denoise(x, t, cond, pose) - eager.denoise(x, t, cond, pose)).abs().max() <= TOLERANCE[
         "bf16"
     ]
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("scaling", ["static", "dynamic"])
+def test_compile_fp8_on_cuda_is_within_the_fp8_tolerance(model, scaling):
+    if not torch.cuda.get_device_capability() >= (8, 9):
+        pytest.skip("fp8 needs sm_89+")
+    engine = create_engine("compile", model, SCHEDULE, "cuda", "fp8", mode="default", fp8_scaling=scaling,
+                           attention="triton", mlp="cublaslt")  # fmt: skip
+    x, t, cond, pose = inputs(model, 4, device="cuda")
+    want = create_engine("eager", model, SCHEDULE, "cuda").denoise(x, t, cond, pose)
+    for _ in range(2):  # static: the calibration call, then the compiled graph with fixed scales
+        err = (engine.denoise(x, t, cond, pose) - want).abs().max().item()
+        assert err <= TOLERANCE["fp8"], err
 
 
 # -- vigface-gen through an engine -------------------------------------------------------------------

@@ -5,12 +5,18 @@
     fullgraph=True: a graph break would silently fall back to Python per op, so it is an error.
     dynamic=False: one specialised graph per batch size; generation uses one or two sizes.
 
-Attention: "sdpa" (torch's fused attention, which Inductor keeps as one op) or "triton" (the
-Triton flash-attention kernel as the custom op vigface::flash_attention, opaque to Inductor); the
-LayerNorm + modulate steps are always the PyTorch reference here, for Inductor to fuse.
+Kernels inside the graph: attention "sdpa" (torch's fused attention, which Inductor keeps as one
+op) or "triton" (the Triton flash-attention kernel as the custom op vigface::flash_attention,
+opaque to Inductor); mlp "reference" or "cublaslt" (the first MLP Linear + GELU as one cuBLASLt
+GEMM with a GELU epilogue, CUDA only; Inductor keeps the op as an external kernel). The LayerNorm +
+modulate steps are always the PyTorch reference here, for Inductor to fuse.
 
 Precisions: fp32, bf16, fp16 (weights cast), and fp8: the transformer blocks' linears in e4m3
 through torch._scaled_mm (fp8.py) on top of bf16 (CUDA, sm_89+) or float32 (CPU, numbers only).
+fp8_scaling "static" (default): the engine's first call (a `sample` or a `denoise`) runs the model
+uncompiled with dynamic per-call activation scales while recording each linear's largest input,
+then fixes the scales (fp8_headroom x that) and every later call runs the compiled static graph;
+"dynamic": every call computes its activations' scales (an extra reduction pass per linear).
 The sampling loop is the base engine's: one compiled forward + the fused update per step.
 """
 
@@ -30,10 +36,11 @@ from vigface.engines.base import (
     engine_model,
     reference_denoiser,
 )
-from vigface.engines.fp8 import convert_block_linears_to_fp8, fp8_supported
+from vigface.engines.fp8 import calibrate_fp8, convert_block_linears_to_fp8, fp8_supported
 from vigface.errors import BackendUnavailableError, VigfaceError
 
 ATTENTION = ("sdpa", "triton")
+FP8_SCALING = ("static", "dynamic")
 
 
 class CompileEngine(Engine):
@@ -49,12 +56,22 @@ class CompileEngine(Engine):
         backend: str = "inductor",
         mode: str | None = None,
         attention: str = "sdpa",
+        mlp: str = "reference",
+        fp8_scaling: str = "static",
+        fp8_headroom: float = 2.0,
     ):
         check_precision(self.name, precision, self.precisions)
         if attention not in ATTENTION:
             raise VigfaceError(
                 f"engine 'compile': attention {attention!r} is unknown; choose one of {', '.join(ATTENTION)}"
             )
+        if fp8_scaling not in FP8_SCALING:
+            raise VigfaceError(
+                f"engine 'compile': fp8_scaling {fp8_scaling!r} is unknown; "
+                f"choose one of {', '.join(FP8_SCALING)}"
+            )
+        if not fp8_headroom >= 1:
+            raise VigfaceError(f"engine 'compile': fp8_headroom must be >= 1, got {fp8_headroom}")
         super().__init__(denoiser.config, schedule, device, precision)
         if precision == "fp8":
             ok, why = fp8_supported(self.device)
@@ -65,23 +82,59 @@ class CompileEngine(Engine):
             self.dtype = DTYPES[precision]
         if attention == "triton":
             _check_triton_attention(self.device)
-        model = denoiser_with(reference_denoiser(denoiser), attention=attention)
+        if mlp == "cublaslt" and self.device.type != "cuda":
+            raise BackendUnavailableError(
+                f"engine 'compile' mlp 'cublaslt' needs a CUDA device, got {self.device}"
+            )
+        model = denoiser_with(reference_denoiser(denoiser), attention=attention, mlp=mlp)
         model = engine_model(model, self.device, self.dtype)
         if precision == "fp8":
             model = _fp8_copy(model)
         self.model = model
         if mode is None and backend == "inductor" and self.device.type == "cuda":
             mode = "max-autotune"
-        self.backend, self.mode, self.attention = backend, mode, attention
+        self.backend, self.mode, self.attention, self.mlp = backend, mode, attention, mlp
         self.compiled = torch.compile(model, backend=backend, mode=mode, fullgraph=True, dynamic=False)
+        self.fp8_scaling, self.fp8_headroom = fp8_scaling, fp8_headroom
+        self.needs_calibration = precision == "fp8" and fp8_scaling == "static"
+        self._uncompiled = False  # True while the calibration call runs
 
     def describe(self) -> dict:
-        return {**super().describe(), "backend": self.backend, "mode": self.mode, "attention": self.attention}
+        return {
+            **super().describe(),
+            "backend": self.backend,
+            "mode": self.mode,
+            "attention": self.attention,
+            "mlp": self.mlp,
+            **(
+                {"fp8_scaling": self.fp8_scaling, "fp8_headroom": self.fp8_headroom}
+                if self.precision == "fp8"
+                else {}
+            ),
+        }
+
+    def _calibrating(self, run):
+        """run() uncompiled with dynamic fp8 scales, then the scales fixed (calibrate_fp8)."""
+        self._uncompiled = True
+        try:
+            result = calibrate_fp8(self.model, run, self.fp8_headroom)
+        finally:
+            self._uncompiled = False
+        self.needs_calibration = False
+        return result
 
     @torch.no_grad()
     def denoise(self, x_t, t, cond, pose=None):
+        if self.needs_calibration and not self._uncompiled:
+            return self._calibrating(lambda: self.denoise(x_t, t, cond, pose))
+        model = self.model if self._uncompiled else self.compiled
         p = None if pose is None else pose.to(self.dtype)
-        return self.compiled(x_t.to(self.dtype), t, cond.to(self.dtype), p).float()
+        return model(x_t.to(self.dtype), t, cond.to(self.dtype), p).float()
+
+    def sample(self, *args, **kwargs):
+        if self.needs_calibration and not self._uncompiled:
+            return self._calibrating(lambda: super(CompileEngine, self).sample(*args, **kwargs))
+        return super().sample(*args, **kwargs)
 
 
 def _check_triton_attention(device: torch.device) -> None:

@@ -2,10 +2,14 @@
 
     y = (x / s_x).to(e4m3) @ (W / s_w).to(e4m3)^T * s_x * s_w + b,   s = amax / 448
 
-The weight is quantised once, with its own scale; the activation scale is its amax, computed on
-the device each call (no host sync, so it works inside torch.compile and CUDA graphs). 448 is the
-largest finite e4m3 value. `fp8_linear_ref` is the same quantisation with the product done in
-float32 on the dequantised values: the oracle the _scaled_mm path is tested against.
+The weight is quantised once, with its own scale. The activation scale is either dynamic, the
+amax of each call's input computed on the device (no host sync, but a reduction over the whole
+activation before its cast: an extra pass per linear), or static: fixed after a calibration that
+records each linear's largest |input| over real calls (`calibrate_fp8`), with `headroom` above it;
+larger values saturate at +-448 s. A static scale turns the quantisation into one element-wise
+multiply + cast that Inductor fuses into the kernel producing the activation. 448 is the largest
+finite e4m3 value. `fp8_linear_ref` is the same quantisation with the product done in float32 on
+the dequantised values: the oracle the _scaled_mm path is tested against.
 
 On an H100 the e4m3 tensor cores run 2x the bf16 rate; on a CPU torch's _scaled_mm exists but is
 only for checking numbers. Only linears whose in and out widths are multiples of 16 (cuBLASLt's
@@ -30,9 +34,20 @@ def quantize_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
-def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The quantised linear in float32 on dequantised values (the oracle)."""
-    xq, sx = quantize_e4m3(x)
+def quantize_e4m3_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale as e4m3, saturating at +-448 (the calibrated scale's quantisation)."""
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
+def fp8_linear_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The quantised linear in float32 on dequantised values (the oracle); x_scale: a static
+    activation scale (default: dynamic, x's own amax)."""
+    if x_scale is None:
+        xq, sx = quantize_e4m3(x)
+    else:
+        xq, sx = quantize_e4m3_static(x, x_scale), x_scale
     wq, sw = quantize_e4m3(weight)
     y = (xq.float() * sx) @ (wq.float() * sw).t()
     return (y if bias is None else y + bias.float()).to(x.dtype)
@@ -51,25 +66,60 @@ def fp8_supported(device: torch.device) -> tuple[bool, str]:
 
 
 class Fp8Linear(nn.Module):
-    """nn.Linear with an e4m3 weight and per-call e4m3 activations through torch._scaled_mm."""
+    """nn.Linear with an e4m3 weight and e4m3 activations through torch._scaled_mm; the activation
+    scale is dynamic until `calibrate_fp8` fixes it."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         weight_q, weight_scale = quantize_e4m3(linear.weight)
         self.register_buffer("weight_q", weight_q)  # (out, in) row-major: its .t() is column-major
         self.register_buffer("weight_scale", weight_scale)
+        self.register_buffer("input_scale", None)  # set by calibrate_fp8: then static
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), False)
         self.out_dtype = linear.weight.dtype
+        self.observed_amax: torch.Tensor | None = None  # recorded while calibrating
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        xq, x_scale = quantize_e4m3(x.reshape(-1, shape[-1]))
+        x2 = x.reshape(-1, shape[-1])
+        if self.input_scale is not None:
+            xq, x_scale = quantize_e4m3_static(x2, self.input_scale), self.input_scale
+        else:
+            xq, x_scale = quantize_e4m3(x2)
+            if self.observed_amax is not None:
+                self.observed_amax = torch.maximum(self.observed_amax, x_scale * E4M3_MAX)
+        # the bias rides in the GEMM's epilogue where cuBLASLt takes it (16-bit outputs)
+        fused_bias = self.bias is not None and self.out_dtype in (torch.bfloat16, torch.float16)
         y = torch._scaled_mm(
-            xq, self.weight_q.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=self.out_dtype
+            xq,
+            self.weight_q.t(),
+            scale_a=x_scale,
+            scale_b=self.weight_scale,
+            bias=self.bias if fused_bias else None,
+            out_dtype=self.out_dtype,
         )
-        if self.bias is not None:
+        if self.bias is not None and not fused_bias:
             y = y + self.bias
         return y.view(*shape[:-1], y.shape[-1])
+
+
+@torch.no_grad()
+def calibrate_fp8(model: nn.Module, run, headroom: float = 2.0):
+    """Runs `run()` (real calls of `model`) with dynamic scales, recording every Fp8Linear's largest
+    |input|; then fixes each one's activation scale at headroom x that / 448. Returns run()'s result."""
+    layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    for layer in layers:
+        layer.input_scale = None
+        layer.observed_amax = torch.zeros((), device=layer.weight_q.device)
+    try:
+        result = run()
+    finally:
+        observed = [layer.observed_amax for layer in layers]
+        for layer in layers:
+            layer.observed_amax = None
+    for layer, amax in zip(layers, observed, strict=True):
+        layer.input_scale = (amax * headroom / E4M3_MAX).clamp_min(1e-12)
+    return result
 
 
 def convertible(layer: nn.Linear) -> bool:
