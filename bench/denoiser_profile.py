@@ -7,8 +7,9 @@
    the sum over the forward's linears: what the forward costs if everything else were free.
 2. attention at (rows, heads, tokens, head_dim) on the denoiser's packed q, k, v views: SDPA as
    torch picks, SDPA forced to each of its kernels (flash, cuDNN, memory-efficient), the Triton kernel.
-3. forwards: eager (SDPA + PyTorch LayerNorm), eager + Triton attention/AdaLN, eager + cuDNN SDPA,
-   compile (Inductor, SDPA), compile + Triton attention, compile + cuDNN SDPA.
+3. forwards (VARIANTS): eager (SDPA + PyTorch LayerNorm), eager with cuDNN SDPA, with the Triton
+   attention/AdaLN kernels, with those and the cuBLASLt GELU epilogue ("fast"); compile (Inductor)
+   with each attention, with the fast paths, and with those in fp8 (static scales).
 4. the kernels of one forward of a few variants (torch.profiler): device time by kernel name and by
    kind (GEMM, attention, the rest).
 Times are medians of CUDA-event-timed calls after warm-up. Writes JSON (default
@@ -128,19 +129,36 @@ def attention_part(config: DenoiserConfig, rows: int, device, dtype, layers: int
     return out
 
 
-def forward_variants(device) -> list[tuple[str, dict, bool, str]]:
-    """(label, config changes, compiled, SDPA kernel)."""
-    eager = [("eager", {}, False, "default"), ("eager+cudnn", {}, False, "cudnn")]
-    if device.type != "cuda":
-        return eager + [("compile", {}, True, "default")]
-    triton = {"attention": "triton", "adaln": "triton"}
-    return [
-        *eager,
-        ("eager+triton", triton, False, "default"),
-        ("compile", {}, True, "default"),
-        ("compile+triton", {"attention": "triton"}, True, "default"),
-        ("compile+cudnn", {}, True, "cudnn"),
-    ]
+FAST = {"attention": "triton", "adaln": "triton", "mlp": "cublaslt"}  # every fast path of eager
+VARIANTS = {  # label: (config changes, how it runs, SDPA kernel)
+    "eager": ({}, "eager", "default"),
+    "eager+cudnn": ({}, "eager", "cudnn"),
+    "eager+triton": ({"attention": "triton", "adaln": "triton"}, "eager", "default"),
+    "eager+fast": (FAST, "eager", "default"),
+    "compile": ({}, "compile", "default"),
+    "compile+cudnn": ({}, "compile", "cudnn"),
+    "compile+triton": ({"attention": "triton"}, "compile", "default"),
+    # Inductor fuses the LayerNorm steps itself: attention and the GELU epilogue only
+    "compile+fast": ({"attention": "triton", "mlp": "cublaslt"}, "compile", "default"),
+    # the compile engine's fp8 (static scales, calibrated on one dynamic call first)
+    "compile+fast:fp8": ({"attention": "triton", "mlp": "cublaslt"}, "compile-fp8", "default"),
+}
+CPU_VARIANTS = ("eager", "compile")
+
+
+def forward_fn(model: Denoiser, changes: dict, how: str, inputs):
+    """A no-argument callable running one forward of the variant."""
+    if how == "compile-fp8":
+        from vigface.diffusion.schedule import NoiseSchedule
+        from vigface.engines.compile import CompileEngine
+
+        engine = CompileEngine(model, NoiseSchedule("cosine", 1000), inputs[0].device, "fp8", mode="default",
+                               **changes)  # fmt: skip
+        engine.denoise(*inputs)  # the calibration call
+        return lambda: engine.compiled(*inputs)
+    variant = denoiser_with(model, **changes)
+    fn = torch.compile(variant, fullgraph=True, dynamic=False) if how == "compile" else variant
+    return lambda: fn(*inputs)
 
 
 def kernel_table(fn, device, top: int) -> dict:
@@ -179,23 +197,23 @@ def kernel_table(fn, device, top: int) -> dict:
     }
 
 
-def forward_part(model: Denoiser, rows: int, device, dtype, profiled: set, top: int, out: list, saved):
+def forward_part(model: Denoiser, rows: int, device, dtype, labels, profiled, top: int, out: list, saved):
     """Appends one row per forward variant to `out`, calling `saved()` after each."""
     inputs = model_inputs(model.config, rows, device, dtype)
-    for label, changes, compiled, kernel in forward_variants(device):
+    for label in labels:
+        changes, how, kernel = VARIANTS[label]
         try:
-            variant = denoiser_with(model, **changes)
-            fn = torch.compile(variant, fullgraph=True, dynamic=False) if compiled else variant
             with torch.no_grad(), sdpa_backend(kernel):
                 t0 = time.perf_counter()
-                fn(*inputs)
+                fn = forward_fn(model, changes, how, inputs)
+                fn()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 first = time.perf_counter() - t0
-                seconds = timed(lambda fn=fn: fn(*inputs), device)
+                seconds = timed(fn, device)
                 row = {"forward": label, "ms": round(1000 * seconds, 3), "first_call_s": round(first, 2)}
                 if label in profiled:
-                    row["kernels"] = kernel_table(lambda fn=fn: fn(*inputs), device, top)
+                    row["kernels"] = kernel_table(fn, device, top)
         except Exception as exc:
             row = {"forward": label, "status": f"unavailable: {str(exc).splitlines()[0][:200]}"}
         out.append(row)
@@ -213,7 +231,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=tuple(DENOISER_SIZES), default="B")
     ap.add_argument("--rows", type=int, default=128, help="forward batch: 2 x the sampling batch (CFG)")
-    ap.add_argument("--profile", default="eager,eager+triton,compile,compile+triton",
+    ap.add_argument("--forwards", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
+    ap.add_argument("--profile", default="eager,eager+fast,compile+fast,compile+fast:fp8",
                     help="forwards whose kernels are listed")  # fmt: skip
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", default=None)
@@ -252,7 +271,13 @@ def main() -> None:
     saved()
     result["forwards"] = []
     profiled = set(args.profile.split(","))
-    forward_part(model, args.rows, device, dtype, profiled, args.top, result["forwards"], saved)
+    labels = args.forwards.split(",")
+    unknown = [label for label in labels if label not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--forwards: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if device.type != "cuda":
+        labels = [label for label in labels if label in CPU_VARIANTS]
+    forward_part(model, args.rows, device, dtype, labels, profiled, args.top, result["forwards"], saved)
     saved()
     print(f"-> {out}")
 

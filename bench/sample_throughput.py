@@ -7,8 +7,9 @@ For every available engine x sampler (DDIM-100, DPM-Solver++-20) x precision: im
 per step, peak memory, speed-up over the baseline (eager bf16 on a GPU, eager fp32 on a CPU) with
 the same sampler, and the drift of its images from the baseline's (same seeds: mean and max
 |difference| in uint8 levels). An engine named "NAME+triton" runs the denoiser with the Triton
-attention and AdaLN kernels (kernels/) instead of SDPA and the PyTorch LayerNorm; "compile+triton"
-takes the Triton attention only (Inductor fuses the LayerNorm steps itself). On a GPU the
+attention and AdaLN kernels (kernels/) instead of SDPA and the PyTorch LayerNorm; "NAME+fast" also
+runs the MLP's first Linear + GELU as one cuBLASLt GEMM (mlp="cublaslt", CUDA only). The compile
+engine takes the attention and MLP choices only (Inductor fuses the LayerNorm steps itself). On a GPU the
 run also measures the bf16 matmul rate and reports each row against the compute floor
 (forward FLOPs x 2 for CFG x steps at that rate; DESIGN.md's performance model). Engines that cannot start
 here get a row saying why; GPU-only figures are "pending" on a CPU run. Weights are random (a
@@ -37,6 +38,11 @@ from vigface.engines.base import denoiser_with
 from vigface.errors import VigfaceError
 
 GPU_ONLY = ("cudagraph", "trt")
+# NAME+VARIANT: the denoiser's fast paths (same weights) that the engine runs
+KERNEL_VARIANTS = {
+    "triton": {"attention": "triton", "adaln": "triton"},
+    "fast": {"attention": "triton", "adaln": "triton", "mlp": "cublaslt"},
+}
 DEFAULT_PRECISIONS = {
     "cuda": {"eager": "bf16", "compile": "bf16,fp8", "cudagraph": "bf16", "onnx": "fp32", "trt": "bf16"},
     "cpu": {"eager": "fp32", "compile": "fp32", "cudagraph": "bf16", "onnx": "fp32", "trt": "bf16"},
@@ -141,14 +147,21 @@ def to_uint8(x0: torch.Tensor) -> torch.Tensor:
 
 def run_engine(engine, inputs, sampler, steps, args, device, sync) -> tuple[dict, torch.Tensor]:
     cond, pose, w, noises = inputs
+    # an fp8 engine still to calibrate runs its first call uncompiled: it compiles on the second
+    warmups = 2 if getattr(engine, "needs_calibration", False) else 1
     t0 = time.perf_counter()
-    first = engine.sample(cond, pose, w, sampler=sampler, steps=steps, x_T=noises[0])
+    for _ in range(warmups):
+        engine.sample(cond, pose, w, sampler=sampler, steps=steps, x_T=noises[0])
     sync()
     warmup = time.perf_counter() - t0
     with PeakMemory(device) as memory:
         t0 = time.perf_counter()
         for r in range(args.repeats):
-            engine.sample(cond, pose, w, sampler=sampler, steps=steps, x_T=noises[1 + r])
+            images = engine.sample(cond, pose, w, sampler=sampler, steps=steps, x_T=noises[1 + r])
+            if r == 0:
+                # drift is measured on a call after the warm-up, which may differ from the later
+                # ones (the compile engine's fp8 calibration call runs uncompiled)
+                after_warmup = images.clone()  # an engine may return a buffer it reuses
         sync()
         seconds = (time.perf_counter() - t0) / args.repeats
     row = {
@@ -159,7 +172,7 @@ def run_engine(engine, inputs, sampler, steps, args, device, sync) -> tuple[dict
         "peak_memory_gib": memory.gib,
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_rss_above_start",
     }
-    return row, to_uint8(first)
+    return row, to_uint8(after_warmup)
 
 
 def measure(args, device: torch.device, floor: dict | None, rows: list, saved=lambda: None) -> list[dict]:
@@ -191,19 +204,23 @@ def measure(args, device: torch.device, floor: dict | None, rows: list, saved=la
             options = {"plan": args.trt_plan} if name == "trt" else {}
             if name == "compile" and args.compile_mode:
                 options["mode"] = args.compile_mode
-            if name == "compile" and kernels:
-                # Inductor fuses the LayerNorm + modulate steps itself; only the attention kernel
-                # enters its graph (as a custom op)
-                options["attention"], kernels = kernels, ""
             try:
+                if kernels and kernels not in KERNEL_VARIANTS:
+                    raise VigfaceError(f"engine {label!r}: the variants are {', '.join(KERNEL_VARIANTS)}")
+                if kernels and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                    raise VigfaceError(
+                        "the Triton kernels need CUDA (or TRITON_INTERPRET=1: the interpreter)"
+                    )
+                if "mlp" in KERNEL_VARIANTS.get(kernels, {}) and device.type != "cuda":
+                    raise VigfaceError("the cuBLASLt GELU epilogue (mlp='cublaslt') needs CUDA")
+                if name == "compile" and kernels:
+                    # Inductor fuses the LayerNorm + modulate steps itself: the other kernels enter
+                    # its graph as engine options
+                    changes = KERNEL_VARIANTS[kernels]
+                    options.update({k: changes[k] for k in ("attention", "mlp") if k in changes})
+                    kernels = ""
                 if kernels and kernels not in models:
-                    if kernels != "triton":
-                        raise VigfaceError(f"engine {label!r}: only '+triton' variants exist")
-                    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-                        raise VigfaceError(
-                            "the Triton kernels need CUDA (or TRITON_INTERPRET=1: the interpreter)"
-                        )
-                    models[kernels] = denoiser_with(model, attention="triton", adaln="triton")
+                    models[kernels] = denoiser_with(model, **KERNEL_VARIANTS[kernels])
                 t0 = time.perf_counter()
                 engine = create_engine(name, models[kernels], schedule, device, precision, **options)
                 setup = time.perf_counter() - t0
