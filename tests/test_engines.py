@@ -4,6 +4,7 @@ Engines that need a GPU (cudagraph; compile with Inductor at speed) are tested o
 (`cuda` marker); on CPU their clear "not available" errors are tested instead.
 """
 
+import copy
 import dataclasses
 import gc
 import json
@@ -161,6 +162,20 @@ def test_fp8_linear_matches_its_dequantised_reference(shape):
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)  # same quantisation, float32 product
     rel = ((got - exact).norm() / exact.norm()).item()
     assert 1e-3 < rel < 0.1, rel  # e4m3 has 3 mantissa bits: a few % error, never zero
+
+
+def test_an_fp8_mlp_keeps_its_separate_gelu_under_mlp_cublaslt(model, monkeypatch):
+    # _scaled_mm has no GELU epilogue: with fp8 linears the cuBLASLt path must step aside
+    from vigface.engines.base import denoiser_with
+    from vigface.engines.fp8 import convert_block_linears_to_fp8
+
+    monkeypatch.setattr("vigface.diffusion.denoiser.use_fused_gelu", lambda choice, h: choice == "cublaslt")
+    fused, plain = denoiser_with(model, mlp="cublaslt"), copy.deepcopy(model)  # the fixture is not converted
+    for m in (fused, plain):
+        convert_block_linears_to_fp8(m)
+    x, t, cond, pose = inputs(model, 2)
+    with torch.no_grad():
+        assert torch.equal(fused(x, t, cond, pose), plain(x, t, cond, pose))
 
 
 def test_static_fp8_linear_matches_its_reference_and_saturates():

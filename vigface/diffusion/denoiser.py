@@ -199,9 +199,11 @@ class AdaLNBlock(nn.Module):
         self.adaln, self.mlp_backend = config.adaln, config.mlp
 
     def run_mlp(self, h):
-        if not use_fused_gelu(self.mlp_backend, h):
-            return self.mlp(h)
         fc1, _, fc2 = self.mlp
+        # an fp8 first linear (engines/fp8.py) has no GELU epilogue: its GELU stays a separate op,
+        # which Inductor fuses with the second linear's fp8 cast
+        if not isinstance(fc1, nn.Linear) or not use_fused_gelu(self.mlp_backend, h):
+            return self.mlp(h)
         hidden = torch._addmm_activation(fc1.bias, h.reshape(-1, h.shape[-1]), fc1.weight.t(), use_gelu=True)
         return fc2(hidden.view(*h.shape[:-1], hidden.shape[-1]))
 
