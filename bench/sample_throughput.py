@@ -213,16 +213,18 @@ def measure(args, device: torch.device, floor: dict | None, rows: list, saved=la
                     )
                 if "mlp" in KERNEL_VARIANTS.get(kernels, {}) and device.type != "cuda":
                     raise VigfaceError("the cuBLASLt GELU epilogue (mlp='cublaslt') needs CUDA")
+                model_kernels = kernels
                 if name == "compile" and kernels:
                     # Inductor fuses the LayerNorm + modulate steps itself: the other kernels enter
-                    # its graph as engine options
+                    # its graph as engine options, on the plain model
                     changes = KERNEL_VARIANTS[kernels]
                     options.update({k: changes[k] for k in ("attention", "mlp") if k in changes})
-                    kernels = ""
-                if kernels and kernels not in models:
-                    models[kernels] = denoiser_with(model, **KERNEL_VARIANTS[kernels])
+                    model_kernels = ""
+                if model_kernels and model_kernels not in models:
+                    models[model_kernels] = denoiser_with(model, **KERNEL_VARIANTS[model_kernels])
                 t0 = time.perf_counter()
-                engine = create_engine(name, models[kernels], schedule, device, precision, **options)
+                engine = create_engine(name, models[model_kernels], schedule, device, precision, **options)
+                base["engine_options"] = engine.describe()
                 setup = time.perf_counter() - t0
             except VigfaceError as exc:
                 rows.append({**base, "status": f"unavailable: {exc}"})
