@@ -5,7 +5,7 @@
             TRITON_INTERPRET=1), head_dim 16..256 in powers of 2
     flash   flash-attn-4 (`flash_attn.cute`, CuTe DSL, Hopper/Blackwell, fp16/bf16): `pip install
             flash-attn-4` or the `flash` extra
-    auto    triton for CUDA tensors it supports, else sdpa; the choice is logged once per kind
+    auto    triton for 16-bit CUDA tensors it supports, else sdpa; the choice is logged once per kind
 
 A backend that cannot run raises BackendUnavailableError naming what is missing. The Triton and
 flash-attn modules are imported on first use, so the core imports without them.
@@ -53,11 +53,17 @@ def _auto_backend(q: torch.Tensor) -> str:
             kernels = _triton_kernels()
         except BackendUnavailableError:
             kernels = None
-        if kernels is not None and q.shape[-1] in kernels.HEAD_DIMS:
+        # 16-bit only: the kernel's fp32 path (IEEE dots) is an exactness check, not a fast path
+        if (
+            kernels is not None
+            and q.shape[-1] in kernels.HEAD_DIMS
+            and q.dtype in (torch.float16, torch.bfloat16)
+        ):
             choice = "triton"
     if (q.device.type, choice) not in _auto_logged:
         _auto_logged.add((q.device.type, choice))
-        log.info("attention='auto' chose %s for %s tensors (head_dim %d)", choice, q.device.type, q.shape[-1])
+        log.info("attention='auto' chose %s for %s %s tensors (head_dim %d)", choice, q.device.type, q.dtype,
+                 q.shape[-1])  # fmt: skip
     return choice
 
 
