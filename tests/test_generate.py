@@ -169,6 +169,43 @@ def test_precision_flag(denoiser_dir, tmp_path, capsys):
     assert "precision 'bf16' is not offered" in capsys.readouterr().err
 
 
+def test_kernels_flag(denoiser_dir, tmp_path, capsys):
+    """--kernels fast sets the denoiser's runtime choices to auto (the fast paths on CUDA, the
+    reference ops on a CPU, so the same bytes here); the plan records it, so a rerun with other
+    kernels into the same folder is refused, while a reference run's plan has no such key (plans
+    written before the option existed still match)."""
+    sampler = FaceSampler.load(denoiser_dir, kernels="fast")
+    assert (sampler.config.attention, sampler.config.adaln, sampler.config.mlp) == ("auto", "auto", "auto")
+    assert gen_cli.main(gen_args(denoiser_dir, tmp_path / "ref")) == 0
+    assert gen_cli.main([*gen_args(denoiser_dir, tmp_path / "fast"), "--kernels", "fast"]) == 0
+    a, b = (FaceRecordDataset(tmp_path / d / "train.rec") for d in ("ref", "fast"))
+    assert len(a) == len(b) == 24 and all(np.array_equal(a[i][0], b[i][0]) for i in range(len(a)))
+    plans = {
+        d: json.loads((tmp_path / d / "generation.json").read_text())["plan"]["config"]
+        for d in ("ref", "fast")
+    }
+    assert "kernels" not in plans["ref"] and plans["fast"]["kernels"] == "fast"
+    assert gen_cli.main(gen_args(denoiser_dir, tmp_path / "fast")) == 2
+    assert "other settings" in capsys.readouterr().err
+    with pytest.raises(VigfaceError, match="kernels 'turbo' is unknown"):
+        FaceSampler.load(denoiser_dir, kernels="turbo")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("engine", ["eager", "cudagraph", "compile"])
+def test_fast_kernels_on_cuda_stay_within_bf16_rounding(denoiser_dir, engine):
+    samplers = {k: FaceSampler.load(denoiser_dir, "cuda", engine, "bf16", k) for k in ("reference", "fast")}
+    config, n = samplers["fast"].config, 6
+    g = torch.Generator().manual_seed(0)
+    cond = torch.nn.functional.normalize(torch.randn(n, config.cond_dim, generator=g), dim=1)
+    pose = torch.rand(n, 5, config.image_size, config.image_size, generator=g)
+    w, seeds = torch.full((n,), 1.5), list(range(n))
+    images = {k: s.sample(cond, pose, w, seeds, steps=10).astype(int) for k, s in samplers.items()}
+    diff = np.abs(images["fast"] - images["reference"])
+    assert diff.mean() < 2.0 and diff.max() < 64, (diff.mean(), diff.max())
+
+
 def test_shipped_model_generates_without_arguments(tmp_path, capsys):
     """`vigface-gen --out DIR` uses the tiny model inside the package (its FR model in fr/)."""
     out = tmp_path / "shipped"

@@ -16,7 +16,7 @@ import sys
 
 from vigface.cli.common import positive_int, run_command
 from vigface.diffusion.cfg import DEFAULT_W_REAL, DEFAULT_W_VIRTUAL
-from vigface.diffusion.sampling import ENGINES, SAMPLERS
+from vigface.diffusion.sampling import ENGINES, KERNELS, SAMPLERS
 from vigface.engines.base import PRECISIONS
 from vigface.generate.dataset import KINDS, PRESETS, GenerationConfig
 
@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     p.add_argument("--engine", choices=ENGINES, default="eager")
     p.add_argument("--precision", choices=PRECISIONS, help="denoiser precision (default: the engine's, fp32)")
+    p.add_argument(
+        "--kernels",
+        choices=KERNELS,
+        default="reference",
+        help="fast: the Triton attention / AdaLN kernels and the cuBLASLt GELU epilogue on CUDA "
+        "(use with --precision bf16); reference: plain PyTorch ops",
+    )
     p.add_argument("--format", choices=["rec", "folder"], default="rec")
     p.add_argument("--output-size", type=positive_int, default=112)
     p.add_argument("--batch-size", type=positive_int, default=64)

@@ -6,6 +6,9 @@
 The sampling loop runs in an engine (vigface.engines: eager | compile | cudagraph | onnx | trt |
 auto); the images come out in the same format whichever runs it. `load` finds the artifacts
 vigface-export wrote into <model>/engines/ (denoiser.onnx, denoiser.plan, each with its sidecar).
+`kernels="fast"` runs the denoiser's fast paths where the device has them (CUDA: the Triton
+attention and AdaLN kernels, the cuBLASLt GELU epilogue; meant for bf16 / fp16), "reference" the
+plain PyTorch ops; the weights are the same, the images differ by rounding only.
 
 Deterministic per image: x_T comes from a generator seeded by that image's own seed, and the
 samplers offered here (DDIM with eta = 0, DPM-Solver++(2M)) add no noise afterwards, so an image
@@ -14,6 +17,7 @@ does not depend on which other images share its batch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -28,7 +32,10 @@ from vigface.engines import ENGINES, create_engine
 from vigface.engines.fused_update import SAMPLERS
 from vigface.errors import BackendUnavailableError, DataFormatError, VigfaceError
 
-__all__ = ["ENGINES", "SAMPLERS", "FaceSampler", "engine_artifacts"]
+__all__ = ["ENGINES", "KERNELS", "SAMPLERS", "FaceSampler", "engine_artifacts"]
+KERNELS = ("reference", "fast")
+# kernels="fast": the denoiser's runtime choices (each "auto" picks its fast path on CUDA)
+FAST_CONFIG = {"attention": "auto", "adaln": "auto", "mlp": "auto"}
 
 
 def engine_artifacts(model_dir: str | os.PathLike) -> dict:
@@ -60,9 +67,12 @@ class FaceSampler:
         device: str | torch.device = "cpu",
         engine: str = "eager",
         precision: str | None = None,
+        kernels: str = "reference",
     ) -> FaceSampler:
         if engine not in ENGINES:
             raise BackendUnavailableError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
+        if kernels not in KERNELS:
+            raise VigfaceError(f"kernels {kernels!r} is unknown; choose one of {', '.join(KERNELS)}")
         model_dir = Path(model_dir)
         meta_path, weights = model_dir / "denoiser.json", model_dir / "denoiser.safetensors"
         if not meta_path.is_file() or not weights.is_file():
@@ -72,6 +82,8 @@ class FaceSampler:
         try:
             meta = json.loads(meta_path.read_text())
             config = DenoiserConfig(**meta["denoiser"])
+            if kernels == "fast":
+                config = dataclasses.replace(config, **FAST_CONFIG)
             schedule = NoiseSchedule(meta["schedule"]["kind"], meta["schedule"]["num_steps"])
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise DataFormatError(meta_path, f"not a valid denoiser description ({exc})") from None
@@ -85,6 +97,8 @@ class FaceSampler:
             options["plan"] = artifacts["trt"]
         if engine == "onnx" and artifacts["onnx"].is_file():
             options["onnx_path"] = artifacts["onnx"]
+        if engine == "compile" and kernels == "fast" and torch.device(device).type == "cuda":
+            options.update(attention="triton", mlp="cublaslt")  # Inductor fuses the LayerNorms itself
         return cls(model.to(device), schedule, meta, engine, precision, **options)
 
     @property

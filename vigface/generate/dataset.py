@@ -39,7 +39,7 @@ from vigface.data.recordio import FaceRecordDataset, FaceRecordWriter
 from vigface.diffusion.cfg import DEFAULT_W_REAL, DEFAULT_W_VIRTUAL
 from vigface.diffusion.model_folder import POSE_TABLE, PROTOTYPES, fr_model_dir
 from vigface.diffusion.pose import landmark_image
-from vigface.diffusion.sampling import ENGINES, SAMPLERS, FaceSampler
+from vigface.diffusion.sampling import ENGINES, KERNELS, SAMPLERS, FaceSampler
 from vigface.engines.base import PRECISIONS
 from vigface.errors import DataFormatError, VigfaceError
 from vigface.fr.distributed import finish_distributed, setup_distributed
@@ -67,6 +67,7 @@ class GenerationConfig:
     sampler: str = "ddim"
     engine: str = "eager"
     precision: str | None = None  # None: the engine's default (fp32); bf16 / fp16 / fp8 where it offers them
+    kernels: str = "reference"  # fast: the denoiser's fast paths on CUDA (FaceSampler.load)
     format: str = "rec"
     output_size: int = 112
     quality: int = 95
@@ -90,6 +91,8 @@ class GenerationConfig:
             bad("engine", f"{self.engine!r} is unknown; choose one of {', '.join(ENGINES)}")
         if self.precision is not None and self.precision not in PRECISIONS:
             bad("precision", f"{self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+        if self.kernels not in KERNELS:
+            bad("kernels", f"{self.kernels!r} is unknown; choose one of {', '.join(KERNELS)}")
         if self.format not in ("rec", "folder"):
             bad("format", f"{self.format!r} is unknown; choose rec or folder")
         for name in ("steps", "batch_size", "shard_size", "output_size"):
@@ -191,7 +194,7 @@ class _Generator:
     def __init__(self, config: GenerationConfig):
         self.config = c = config
         self.rank, self.world_size, self.device = setup_distributed(c.device)
-        self.sampler = FaceSampler.load(c.model, self.device, c.engine, c.precision)
+        self.sampler = FaceSampler.load(c.model, self.device, c.engine, c.precision, c.kernels)
         train_config = self.sampler.meta.get("train_config", {})
         if c.prototypes:
             proto_path = Path(c.prototypes)
@@ -210,8 +213,10 @@ class _Generator:
         self._check_or_write_plan()
 
     def _check_or_write_plan(self) -> None:
-        plan = {"config": {k: v for k, v in self.config.to_dict().items() if k not in ("device", "progress")},
-                "images": len(self.jobs), "shards": self.num_shards}  # fmt: skip
+        config = {k: v for k, v in self.config.to_dict().items() if k not in ("device", "progress")}
+        if config["kernels"] == "reference":
+            del config["kernels"]  # plans written before the option existed still match
+        plan = {"config": config, "images": len(self.jobs), "shards": self.num_shards}
         path = self.out / "generation.json"
         # Every rank must reach the barrier below: a rank that returned early because rank 0 had
         # just written the file would be one barrier behind for the rest of the run (seen in CI).
