@@ -8,6 +8,7 @@ name       what runs                                                       preci
 =========  ==============================================================  ===================
 eager      the PyTorch module and the reference samplers (the baseline)    fp32 bf16 fp16
 compile    torch.compile (max-autotune on CUDA) + fused update per step    fp32 bf16 fp16 fp8
+           (attention= / mlp= kernels in the graph; fp8 scales calibrated)
 cudagraph  the whole loop captured in one CUDA graph per (batch, steps)    fp32 bf16 fp16
 onnx       the exported graph in onnxruntime (CPU or CUDA EP)              fp32
 trt        a TensorRT 10 engine built by vigface-export (sidecar checked)  fp32 bf16 fp16 fp8
