@@ -17,6 +17,9 @@ fp8_scaling "static" (default): the engine's first call (a `sample` or a `denois
 uncompiled with dynamic per-call activation scales while recording each linear's largest input,
 then fixes the scales (fp8_headroom x that) and every later call runs the compiled static graph;
 "dynamic": every call computes its activations' scales (an extra reduction pass per linear).
+Either way fp8 images are not a function of their own seed alone: static scales come from the
+first call's inputs, dynamic ones from each call's batch; so vigface-gen's "an image does not
+depend on its batch" and byte-identical resume hold for fp32 / bf16 / fp16 only.
 The sampling loop is the base engine's: one compiled forward + the fused update per step.
 """
 

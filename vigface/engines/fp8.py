@@ -7,7 +7,7 @@ amax of each call's input computed on the device (no host sync, but a reduction 
 activation before its cast: an extra pass per linear), or static: fixed after a calibration that
 records each linear's largest |input| over real calls (`calibrate_fp8`), with `headroom` above it;
 larger values saturate at +-448 s. A static scale turns the quantisation into one element-wise
-multiply + cast that Inductor fuses into the kernel producing the activation. 448 is the largest
+multiply + cast that Inductor can fuse into the kernel producing the activation. 448 is the largest
 finite e4m3 value. `fp8_linear_ref` is the same quantisation with the product done in float32 on
 the dequantised values: the oracle the _scaled_mm path is tested against.
 
