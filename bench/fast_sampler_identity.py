@@ -7,8 +7,8 @@ embeds every image with the stage-1 FR backbone the denoiser was trained against
 identity kind: CST-like consistency (mean cosine between images of the same identity), SEP-like
 separability (same-id minus different-id mean cosine), mean cosine to the identity's own
 prototype, and, per image, the FR cosine between each setting's image and the first setting's
-(eager DDIM-100) image of the same seed: the identity drift of a sampler or an engine. The
-issue's bar: CST/SEP within 1 % of DDIM-100. Writes JSON.
+(eager DDIM-100) image of the same seed: the identity drift of a sampler or an engine (and its
+precision: `engine@precision/...`). The issue's bar: CST/SEP within 1 % of DDIM-100. Writes JSON.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument(
         "--settings",
         default="eager/ddim:100,eager/dpm++:20,eager/dpm++:10,eager/dpm++:25,onnx/ddim:100,onnx/dpm++:20",
-        help="engine/sampler:steps,... (the first is the reference)",
+        help="engine[@precision]/sampler:steps,... (the first is the reference), e.g. compile@fp8/ddim:50",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--device", default="auto", help="generation device (auto: CUDA when present)")
@@ -64,15 +64,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     for setting in args.settings.split(","):
         engine, _, rest = setting.rpartition("/")
+        engine, _, precision = engine.partition("@")
         sampler, steps = rest.split(":")
-        work = Path(args.work) / setting.replace(":", "_").replace("+", "p").replace("/", "_")
+        work = Path(args.work) / "".join("_" if ch in ":/@" else "p" if ch == "+" else ch for ch in setting)
         shutil.rmtree(work, ignore_errors=True)
         t0 = time.perf_counter()
         generate_dataset(
             GenerationConfig(
                 model=args.model, out=str(work), ids="both", num_ids=args.num_ids, per_id=args.per_id,
-                steps=int(steps), sampler=sampler, engine=engine or "eager", batch_size=32, shard_size=256,
-                progress=False, device=args.device,
+                steps=int(steps), sampler=sampler, engine=engine or "eager", precision=precision or None,
+                batch_size=32, shard_size=256, progress=False, device=args.device,
             )
         )  # fmt: skip
         seconds = time.perf_counter() - t0

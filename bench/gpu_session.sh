@@ -69,7 +69,7 @@ step fast_sampler 100 python3 bench/fast_sampler_identity.py --model vigface/ass
   --settings eager/ddim:100,cudagraph/ddim:100,eager/dpm++:20,cudagraph/dpm++:20,eager/dpm++:30,eager/dpm++:40,eager/dpm++:50,eager/ddim:50
 
 step sample_bench 230 python3 bench/sample_throughput.py \
-  --engines "${ENGINES:-eager,cudagraph,cudagraph+triton,compile,compile+triton,trt}" \
+  --engines "${ENGINES:-eager,compile+fast,cudagraph+fast,trt}" \
   --samplers "${SAMPLERS:-ddim:100,dpm++:20}" --compile-mode default --out "$OUT/sample_throughput_cuda.json"
 
 step profile 170 python3 bench/denoiser_profile.py --out "$OUT/denoiser_profile_cuda.json"
