@@ -98,7 +98,9 @@ class FaceSampler:
         if engine == "onnx" and artifacts["onnx"].is_file():
             options["onnx_path"] = artifacts["onnx"]
         if engine == "compile" and kernels == "fast" and torch.device(device).type == "cuda":
-            options.update(attention="triton", mlp="cublaslt")  # Inductor fuses the LayerNorms itself
+            # Inductor fuses the LayerNorms itself; the Triton attention for 16-bit only, as "auto" does
+            sixteen_bit = precision in ("bf16", "fp16", "fp8")
+            options.update(attention="triton" if sixteen_bit else "sdpa", mlp="cublaslt")
         return cls(model.to(device), schedule, meta, engine, precision, **options)
 
     @property
