@@ -237,6 +237,10 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    labels = args.forwards.split(",")
+    unknown = [label for label in labels if label not in VARIANTS]
+    if unknown:
+        ap.error(f"--forwards: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -271,10 +275,6 @@ def main() -> None:
     saved()
     result["forwards"] = []
     profiled = set(args.profile.split(","))
-    labels = args.forwards.split(",")
-    unknown = [label for label in labels if label not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"--forwards: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if device.type != "cuda":
         labels = [label for label in labels if label in CPU_VARIANTS]
     forward_part(model, args.rows, device, dtype, labels, profiled, args.top, result["forwards"], saved)
