@@ -31,7 +31,9 @@ import torch.nn.functional as F
 
 from vigface.diffusion.attention import attention
 from vigface.diffusion.denoiser import DENOISER_SIZES, Denoiser, DenoiserConfig
-from vigface.engines.base import denoiser_with
+from vigface.diffusion.schedule import NoiseSchedule
+from vigface.engines.base import FAST_BACKENDS, denoiser_with
+from vigface.engines.compile import CompileEngine, compile_options
 
 # kernel names: cuBLAS (sm90_xmma_gemm_*, nvjet_*, cutlass_*), Inductor GEMM templates (triton_tem_*);
 # FlashAttention-2 (flash_fwd_*), cuDNN SDPA, memory-efficient (fmha_*), ours (_fwd_kernel)
@@ -129,36 +131,34 @@ def attention_part(config: DenoiserConfig, rows: int, device, dtype, layers: int
     return out
 
 
-FAST = {"attention": "triton", "adaln": "triton", "mlp": "cublaslt"}  # every fast path of eager
 VARIANTS = {  # label: (config changes, how it runs, SDPA kernel)
     "eager": ({}, "eager", "default"),
     "eager+cudnn": ({}, "eager", "cudnn"),
     "eager+triton": ({"attention": "triton", "adaln": "triton"}, "eager", "default"),
-    "eager+fast": (FAST, "eager", "default"),
+    "eager+fast": (FAST_BACKENDS, "eager", "default"),
     "compile": ({}, "compile", "default"),
     "compile+cudnn": ({}, "compile", "cudnn"),
     "compile+triton": ({"attention": "triton"}, "compile", "default"),
     # Inductor fuses the LayerNorm steps itself: attention and the GELU epilogue only
-    "compile+fast": ({"attention": "triton", "mlp": "cublaslt"}, "compile", "default"),
+    "compile+fast": (FAST_BACKENDS, "compile", "default"),
     # the compile engine's fp8 (static scales, calibrated on one dynamic call first)
-    "compile+fast:fp8": ({"attention": "triton", "mlp": "cublaslt"}, "compile-fp8", "default"),
+    "compile+fast:fp8": (FAST_BACKENDS, "compile-fp8", "default"),
 }
 CPU_VARIANTS = ("eager", "compile")
 
 
 def forward_fn(model: Denoiser, changes: dict, how: str, inputs):
-    """A no-argument callable running one forward of the variant."""
-    if how == "compile-fp8":
-        from vigface.diffusion.schedule import NoiseSchedule
-        from vigface.engines.compile import CompileEngine
-
-        engine = CompileEngine(model, NoiseSchedule("cosine", 1000), inputs[0].device, "fp8", mode="default",
-                               **changes)  # fmt: skip
-        engine.denoise(*inputs)  # the calibration call
-        return lambda: engine.compiled(*inputs)
-    variant = denoiser_with(model, **changes)
-    fn = torch.compile(variant, fullgraph=True, dynamic=False) if how == "compile" else variant
-    return lambda: fn(*inputs)
+    """A no-argument callable running one forward of the variant; compiled ones through the compile
+    engine (mode "default"), which takes the attention / MLP choices and leaves the LayerNorms to Inductor."""
+    if how == "eager":
+        variant = denoiser_with(model, **changes)
+        return lambda: variant(*inputs)
+    precision = "fp8" if how == "compile-fp8" else "bf16" if inputs[0].dtype == torch.bfloat16 else "fp32"
+    engine = CompileEngine(model, NoiseSchedule("cosine", 1000), inputs[0].device, precision, mode="default",
+                           **compile_options(changes))  # fmt: skip
+    if engine.needs_calibration:
+        engine.denoise(*inputs)  # the fp8 calibration call, uncompiled
+    return lambda: engine.compiled(*inputs)
 
 
 def kernel_table(fn, device, top: int) -> dict:

@@ -34,14 +34,15 @@ import torch
 from vigface.diffusion.denoiser import ARCHS, DENOISER_SIZES, Denoiser, DenoiserConfig
 from vigface.diffusion.schedule import NoiseSchedule
 from vigface.engines import create_engine
-from vigface.engines.base import denoiser_with
+from vigface.engines.base import FAST_BACKENDS, denoiser_with
+from vigface.engines.compile import compile_options
 from vigface.errors import VigfaceError
 
 GPU_ONLY = ("cudagraph", "trt")
 # NAME+VARIANT: the denoiser's fast paths (same weights) that the engine runs
 KERNEL_VARIANTS = {
     "triton": {"attention": "triton", "adaln": "triton"},
-    "fast": {"attention": "triton", "adaln": "triton", "mlp": "cublaslt"},
+    "fast": FAST_BACKENDS,
 }
 DEFAULT_PRECISIONS = {
     "cuda": {"eager": "bf16", "compile": "bf16,fp8", "cudagraph": "bf16", "onnx": "fp32", "trt": "bf16"},
@@ -217,8 +218,7 @@ def measure(args, device: torch.device, floor: dict | None, rows: list, saved=la
                 if name == "compile" and kernels:
                     # Inductor fuses the LayerNorm + modulate steps itself: the other kernels enter
                     # its graph as engine options, on the plain model
-                    changes = KERNEL_VARIANTS[kernels]
-                    options.update({k: changes[k] for k in ("attention", "mlp") if k in changes})
+                    options.update(compile_options(KERNEL_VARIANTS[kernels]))
                     model_kernels = ""
                 if model_kernels and model_kernels not in models:
                     models[model_kernels] = denoiser_with(model, **KERNEL_VARIANTS[model_kernels])

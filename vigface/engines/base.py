@@ -29,6 +29,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Exportable / capturable plain-PyTorch ops in place of the fused kernels (attention.py, the
 # AdaLN option of the Triton-kernels issue); a field the installed config lacks is skipped.
 REFERENCE_BACKENDS = {"attention": "sdpa", "adaln": "reference", "mlp": "reference"}
+# Every fast path, named explicitly (CUDA; the benchmarks' NAME+fast): Triton attention and AdaLN,
+# the cuBLASLt GELU epilogue
+FAST_BACKENDS = {"attention": "triton", "adaln": "triton", "mlp": "cublaslt"}
 
 
 def check_precision(engine: str, precision: str, offered: tuple[str, ...]) -> None:

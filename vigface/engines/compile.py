@@ -43,6 +43,8 @@ from vigface.engines.fp8 import calibrate_fp8, convert_block_linears_to_fp8, fp8
 from vigface.errors import BackendUnavailableError, VigfaceError
 
 ATTENTION = ("sdpa", "triton")
+# the denoiser backends the engine takes as options: the LayerNorm steps (adaln) stay for Inductor
+KERNEL_OPTIONS = ("attention", "mlp")
 FP8_SCALING = ("static", "dynamic")
 
 
@@ -138,6 +140,11 @@ class CompileEngine(Engine):
         if self.needs_calibration and not self._uncompiled:
             return self._calibrating(lambda: super(CompileEngine, self).sample(*args, **kwargs))
         return super().sample(*args, **kwargs)
+
+
+def compile_options(backends: dict) -> dict:
+    """The part of denoiser backend choices (e.g. FAST_BACKENDS) that the compile engine takes."""
+    return {k: v for k, v in backends.items() if k in KERNEL_OPTIONS}
 
 
 def _check_triton_attention(device: torch.device) -> None:
