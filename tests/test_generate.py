@@ -206,6 +206,17 @@ def test_fast_kernels_on_cuda_stay_within_bf16_rounding(denoiser_dir, engine):
     assert diff.mean() < 2.0 and diff.max() < 64, (diff.mean(), diff.max())
 
 
+def test_a_damaged_generation_plan_is_a_one_line_error(denoiser_dir, tmp_path, capsys):
+    out = tmp_path / "gen"
+    assert gen_cli.main(gen_args(denoiser_dir, out)) == 0
+    for damage in ("garbage", "[1, 2]"):
+        (out / "generation.json").write_text(damage)
+        assert gen_cli.main(gen_args(denoiser_dir, out)) == 2
+        err = capsys.readouterr().err
+        assert "generation.json" in err and "not a generation plan" in err
+        assert "Traceback" not in err
+
+
 def test_shipped_model_generates_without_arguments(tmp_path, capsys):
     """`vigface-gen --out DIR` uses the tiny model inside the package (its FR model in fr/)."""
     out = tmp_path / "shipped"

@@ -221,7 +221,13 @@ class _Generator:
         # Every rank must reach the barrier below: a rank that returned early because rank 0 had
         # just written the file would be one barrier behind for the rest of the run (seen in CI).
         if path.is_file():
-            saved = json.loads(path.read_text())
+            try:
+                saved = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                saved = exc
+            if not isinstance(saved, dict):
+                why = saved if isinstance(saved, Exception) else "not a JSON object"
+                raise DataFormatError(path, f"is not a generation plan ({why}); choose another --out")
             if saved.get("plan") != plan:
                 raise VigfaceError(f"{self.out} holds a generation with other settings; choose another --out")
         elif self.rank == 0:
