@@ -148,6 +148,33 @@ def test_cublaslt_gelu_mlp_matches_the_reference_on_cuda(dtype):
         fused.run_mlp(h.requires_grad_())
 
 
+@pytest.mark.parametrize("arch", ["uvit", "dit"])
+def test_final_conv_is_a_3x3_convolution_of_the_unpatchified_output(arch):
+    torch.manual_seed(0)
+    plain = Denoiser(tiny(arch)).eval()
+    _randomise_zero_layers(plain)
+    with_conv = Denoiser(tiny(arch, final_conv=True)).eval()
+    missing, unexpected = with_conv.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["final_conv.bias", "final_conv.weight"] and not unexpected
+    g = torch.Generator().manual_seed(1)
+    x, pose, cond = (
+        torch.randn(2, 3, 56, 56, generator=g),
+        torch.rand(2, 5, 56, 56, generator=g),
+        torch.randn(2, 512),
+    )
+    t = torch.tensor([3, 700])
+    with torch.no_grad():
+        expected = torch.nn.functional.conv2d(
+            plain(x, t, cond, pose), with_conv.final_conv.weight, with_conv.final_conv.bias, padding=1
+        )
+        assert torch.allclose(with_conv(x, t, cond, pose), expected, atol=1e-6)
+        # a centred one-hot kernel without bias is the identity: the plain model again
+        with_conv.final_conv.weight.zero_()
+        with_conv.final_conv.weight[[0, 1, 2], [0, 1, 2], 1, 1] = 1.0
+        with_conv.final_conv.bias.zero_()
+        assert torch.allclose(with_conv(x, t, cond, pose), plain(x, t, cond, pose), atol=1e-6)
+
+
 def test_paper_size_has_784_tokens():
     cfg = DenoiserConfig.preset("B")
     assert cfg.tokens == 784 and cfg.width == 768 and cfg.depth == 13

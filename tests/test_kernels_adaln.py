@@ -166,22 +166,26 @@ def test_bad_inputs_are_clear_errors():
 # ---------------------------------------------------------------------------------------------
 
 
-def _denoiser_pair(arch):
+def _denoiser_pair(arch, final_conv=False):
     torch.manual_seed(0)
-    reference = Denoiser(DenoiserConfig.preset("tiny", arch=arch)).to(DEVICE)
+    reference = Denoiser(DenoiserConfig.preset("tiny", arch=arch, final_conv=final_conv)).to(DEVICE)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # AdaLN-Zero starts as the identity: give the zero layers weights
         for p in reference.parameters():
             if not p.abs().sum():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    fast = Denoiser(DenoiserConfig.preset("tiny", arch=arch, attention="triton", adaln="triton")).to(DEVICE)
+    fast = Denoiser(
+        DenoiserConfig.preset("tiny", arch=arch, attention="triton", adaln="triton", final_conv=final_conv)
+    ).to(DEVICE)
     fast.load_state_dict(reference.state_dict())  # same keys: the kernels add no parameters
     return reference, fast
 
 
-@pytest.mark.parametrize("arch", ["uvit", pytest.param("dit", marks=pytest.mark.slow)])
-def test_denoiser_with_triton_kernels_matches_reference(arch):
-    reference, fast = _denoiser_pair(arch)
+@pytest.mark.parametrize(
+    "arch, final_conv", [("uvit", False), ("uvit", True), pytest.param("dit", False, marks=pytest.mark.slow)]
+)
+def test_denoiser_with_triton_kernels_matches_reference(arch, final_conv):
+    reference, fast = _denoiser_pair(arch, final_conv)
     g = torch.Generator().manual_seed(1)
     x, pose = torch.randn(2, 3, 56, 56, generator=g), torch.rand(2, 5, 56, 56, generator=g)
     cond, target = torch.randn(2, 512, generator=g), torch.randn(2, 3, 56, 56, generator=g)

@@ -26,6 +26,7 @@ HELP = {
     "image_size": "denoiser resolution (default: the size's own; images are area-resized)",
     "patch": "patch side in pixels (default: the size's own)",
     "pose": "feed the 5-landmark image beside x_t",
+    "final_conv": "a 3x3 conv on the output image after unpatchify (U-ViT's; smooths patch seams)",
     "identity_weight": "lambda of the identity term of eq. 8",
     "drop_prob": "probability of dropping the condition (classifier-free guidance)",
     "batch_size": "images per rank per step",

@@ -31,6 +31,7 @@ class DiffusionTrainConfig:
     image_size: int | None = None  # None: the size preset's
     patch: int | None = None  # None: the size preset's
     pose: bool = True
+    final_conv: bool = False  # a 3x3 conv after unpatchify, as U-ViT has
     prediction: str = "x0"
     attention: str = "sdpa"  # sdpa | triton | flash | auto
     adaln: str = "reference"  # reference | triton | auto (fused Triton LayerNorm + modulate)
@@ -94,6 +95,7 @@ class DiffusionTrainConfig:
         overrides = {
             "arch": self.arch,
             "pose": self.pose,
+            "final_conv": self.final_conv,
             "prediction": self.prediction,
             "attention": self.attention,
             "adaln": self.adaln,

@@ -64,6 +64,7 @@ class DenoiserConfig:
     mlp_ratio: float = 4.0
     cond_dim: int = 512  # the FR embedding's size
     pose: bool = True  # 5 landmark channels beside x_t
+    final_conv: bool = False  # U-ViT's 3x3 conv on the unpatchified output (smooths the patch seams)
     prediction: str = "x0"
     attention: str = "sdpa"
     adaln: str = "reference"  # a runtime choice: checkpoints load under every value
@@ -266,6 +267,7 @@ class Denoiser(nn.Module):
         for layer in (self.final_ada[1], self.final):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        self.final_conv = nn.Conv2d(3, 3, 3, padding=1) if config.final_conv else None
 
     def forward(
         self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, pose: torch.Tensor | None = None
@@ -283,7 +285,7 @@ class Denoiser(nn.Module):
         if kernels is not None:
             x, (y, gate) = self.blocks_fused(kernels, x, c)
             _, h = kernels.gated_residual_adaln(x, y, gate, shift, scale, self.final_norm.eps)
-            return self.unpatchify(self.final(h))  # (N, L, p*p*3) -> (N, 3, S, S)
+            return self.to_image(self.final(h))
         if cfg.arch == "uvit":
             skips = []
             for block in self.in_blocks:
@@ -295,8 +297,7 @@ class Denoiser(nn.Module):
         else:
             for block in self.blocks:
                 x = block(x, c)
-        x = self.final(modulate(self.final_norm(x), shift, scale))  # (N, L, p*p*3)
-        return self.unpatchify(x)
+        return self.to_image(self.final(modulate(self.final_norm(x), shift, scale)))
 
     def blocks_fused(self, kernels, x, c):
         """All blocks on the fused kernels, each MLP residual added by the next block's first
@@ -317,6 +318,10 @@ class Denoiser(nn.Module):
         for block in self.out_blocks:
             _, x, pending = block.forward_fused(kernels, x, c, pending, skips.pop())
         return x, pending
+
+    def to_image(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, p*p*3) -> (N, 3, S, S)
+        image = self.unpatchify(x)
+        return image if self.final_conv is None else self.final_conv(image)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, p*p*3) -> (N, 3, S, S)
         p, side = self.config.patch, self.config.image_size // self.config.patch
