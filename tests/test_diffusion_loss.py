@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vigface.diffusion.loss import diffusion_loss
+from vigface.diffusion.loss import VirtualRows, diffusion_loss, spread_around
 from vigface.diffusion.schedule import NoiseSchedule
 
 
@@ -24,10 +24,10 @@ class HalfDenoiser(torch.nn.Module):
 
 
 class FlatFR(torch.nn.Module):
-    def __init__(self, size):
+    def __init__(self, size, dim=6):
         super().__init__()
         self.config = types.SimpleNamespace(input_size=size)
-        self.fc = torch.nn.Linear(3 * size * size, 6)
+        self.fc = torch.nn.Linear(3 * size * size, dim)
         self.requires_grad_(False)
 
     def forward(self, x):
@@ -109,3 +109,48 @@ def test_identity_features_resize_to_the_backbone_input():
         identity_weight=1.0,
     )
     assert torch.isfinite(loss) and parts["identity"] > 0
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+def test_virtual_rows_share_the_forward_and_add_their_own_term(prediction):
+    sched = NoiseSchedule("cosine", 1000)
+    x0, cond, pose, noise, t = _batch(4)
+    fr, drop = FlatFR(8, dim=16), torch.tensor([False, True, False, False])  # embeddings are conditions
+    g = torch.Generator().manual_seed(5)
+    rows = VirtualRows(
+        x_t=torch.randn(2, 3, 8, 8, generator=g),
+        t=torch.tensor([600, 950]),
+        cond=F.normalize(torch.randn(2, 16, generator=g), dim=1),
+        pose=torch.rand(2, 5, 8, 8, generator=g),
+    )
+    kwargs = dict(t=t, noise=noise, drop=drop, fr_backbone=fr, identity_weight=0.3, prediction=prediction)
+    plain_loss, plain = diffusion_loss(HalfDenoiser(), sched, x0, cond, pose, **kwargs)
+    model = HalfDenoiser()
+    loss, parts = diffusion_loss(model, sched, x0, cond, pose, virtual=rows, virtual_weight=0.7, **kwargs)
+    # one forward for all rows: the real ones first, then the virtual ones as given
+    assert model.seen["cond"].shape[0] == 6 and torch.equal(model.seen["cond"][4:], rows.cond)
+    assert torch.equal(model.seen["pose"][4:], rows.pose) and torch.equal(model.seen["t"][4:], rows.t)
+    # the real rows' terms are untouched
+    assert parts["pixel"].item() == pytest.approx(plain["pixel"].item(), rel=1e-6)
+    assert parts["identity"].item() == pytest.approx(plain["identity"].item(), rel=1e-6)
+    # the virtual term, by hand: |f(x0^) - c_v|^2 of the unit embedding, x0^ from the raw output
+    out = 0.5 * rows.x_t + rows.cond[:, :1, None, None] * 0.1
+    if prediction == "v":
+        a = sched.alphas_cumprod[rows.t].float().view(-1, 1, 1, 1)
+        out = a.sqrt() * rows.x_t - (1 - a).sqrt() * out
+    expected = (F.normalize(fr(out), dim=1) - rows.cond).pow(2).sum(1).mean()
+    assert parts["virtual"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(plain_loss.item() + 0.7 * expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="fr_backbone"):
+        diffusion_loss(HalfDenoiser(), sched, x0, cond, pose, t=t, noise=noise, drop=drop, virtual=rows)
+
+
+def test_spread_around_puts_unit_vectors_at_the_asked_cosine():
+    g = torch.Generator().manual_seed(0)
+    protos = F.normalize(torch.randn(500, 128, generator=g), dim=1)
+    noise = torch.randn(500, 128, generator=g)
+    for cos in (0.3, 0.6, 0.9):
+        out = spread_around(protos, noise, torch.tensor(cos))
+        assert torch.allclose(out.norm(dim=1), torch.ones(500), atol=1e-5)
+        assert (out * protos).sum(1).mean().item() == pytest.approx(cos, abs=0.02)
+    assert torch.allclose(spread_around(protos, noise, 1.0), protos, atol=1e-6)

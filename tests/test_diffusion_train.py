@@ -1,6 +1,7 @@
 """The stage-2 trainer on the small toy world: learning, outputs, bit-exact resume, errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -93,6 +94,27 @@ def test_errors(small_toy, fr_model, tmp_path, capsys):
     assert "--fr-model is required" in capsys.readouterr().err
 
 
+def test_virtual_identity_term_with_final_conv_resumes_bit_exact(small_toy, fr_model, tmp_path):
+    """The virtual-identity rows (beyond the paper) draw from their own per-step stream: a run
+    stopped at step 6 and resumed equals an uninterrupted one; its metrics carry the term."""
+    kw = dict(steps=12, save_every=6, virtual_weight=1.0, virtual_batch=3, final_conv=True)
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train_diffusion(tiny(small_toy, fr_model, whole, **kw))
+    train_diffusion(tiny(small_toy, fr_model, part, **{**kw, "steps": 6}))
+    train_diffusion(tiny(small_toy, fr_model, part, **kw), resume=True)
+    a = load_file(latest_checkpoint(whole) / "state.safetensors")
+    b = load_file(latest_checkpoint(part) / "state.safetensors")
+    assert "model.final_conv.weight" in a and [k for k in a if not torch.equal(a[k], b[k])] == []
+    records = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["virtual"] <= 4 for r in records)  # |unit - unit|^2
+    assert json.loads((whole / "denoiser.json").read_text())["denoiser"]["final_conv"] is True
+    no_protos = tmp_path / "fr_without_prototypes"
+    shutil.copytree(fr_model, no_protos)
+    (no_protos / "prototypes.safetensors").unlink()
+    with pytest.raises(VigfaceError, match="prototypes.safetensors: not found"):
+        train_diffusion(tiny(small_toy, no_protos, tmp_path / "c", **kw))
+
+
 def test_outputs_generate_on_their_own(uninterrupted, fr_model):
     """The export carries the FR model's prototypes and a pose table, so the folder can move."""
     protos = load_file(uninterrupted / "prototypes.safetensors")
@@ -108,6 +130,7 @@ def test_torchrun_two_gloo_processes(small_toy, fr_model, tmp_path):
     args = ["--data", str(small_toy / "train.rec"), "--fr-model", str(fr_model), "--out", str(out)]
     args += ["--size", "tiny", "--image-size", "32", "--batch-size", "8", "--steps", "6", "--lr", "1e-3"]
     args += ["--workers", "0", "--save-every", "3", "--log-every", "2", "--no-progress", "--device", "cpu"]
+    args += ["--virtual-weight", "0.5"]  # its rows share the one forward DDP allows per step
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     done = subprocess.run([*cmd, "-m", "vigface.cli.train_diffusion", *args], capture_output=True, text=True,
                           timeout=300)  # fmt: skip
@@ -119,4 +142,5 @@ def test_torchrun_two_gloo_processes(small_toy, fr_model, tmp_path):
     weights = load_file(out / "denoiser.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
     with pytest.raises(VigfaceError, match="2 process"):
-        train_diffusion(tiny(small_toy, fr_model, out, batch_size=8, steps=9), resume=True)
+        resumed = tiny(small_toy, fr_model, out, batch_size=8, steps=9, virtual_weight=0.5)
+        train_diffusion(resumed, resume=True)

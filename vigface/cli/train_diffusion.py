@@ -29,6 +29,9 @@ HELP = {
     "final_conv": "a 3x3 conv on the output image after unpatchify (U-ViT's; smooths patch seams)",
     "identity_weight": "lambda of the identity term of eq. 8",
     "drop_prob": "probability of dropping the condition (classifier-free guidance)",
+    "virtual_weight": "beyond the paper, 0 = off: weight of the term asking images of virtual conditions "
+    "to embed at them (extra rows without a pixel target)",
+    "virtual_batch": "rows per step for that term (0: batch size / 4)",
     "batch_size": "images per rank per step",
     "loader": "data loader: torch (the reference) or dali (extra `dali`); auto: dali when installed",
 }

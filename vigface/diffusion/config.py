@@ -40,6 +40,9 @@ class DiffusionTrainConfig:
     timesteps: int = 1000
     identity_weight: float = 1.0  # lambda of eq. 8
     drop_prob: float = 0.1  # condition dropout for classifier-free guidance
+    # Beyond the paper (0 = its stage 2): weight of the virtual-identity term (loss.virtual_identity_loss)
+    virtual_weight: float = 0.0
+    virtual_batch: int = 0  # rows per step for that term; 0 = batch_size // 4
     # optimisation
     batch_size: int = 64  # per rank
     steps: int = 100000
@@ -81,10 +84,12 @@ class DiffusionTrainConfig:
         for name in ("batch_size", "steps", "save_every", "keep_checkpoints", "log_every", "timesteps"):
             if getattr(self, name) < 1:
                 bad(name, f"must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay", "identity_weight", "clip_grad"):
+        for name in ("lr", "weight_decay", "identity_weight", "clip_grad", "virtual_weight"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 bad(name, f"must be a finite number >= 0, got {value}")
+        if self.virtual_batch < 0:
+            bad("virtual_batch", f"must be >= 0 (0 = batch_size // 4), got {self.virtual_batch}")
         if not 0 <= self.drop_prob < 1:
             bad("drop_prob", f"must be in [0, 1), got {self.drop_prob}")
         if not 0 <= self.ema_decay < 1:

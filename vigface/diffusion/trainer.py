@@ -26,14 +26,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from vigface.data.image_folder import ImageFolderDataset
 from vigface.data.loaders import make_loader
 from vigface.diffusion.config import DiffusionTrainConfig
 from vigface.diffusion.denoiser import Denoiser
-from vigface.diffusion.loss import diffusion_loss, identity_features
+from vigface.diffusion.loss import VirtualRows, diffusion_loss, identity_features, spread_around
 from vigface.diffusion.model_folder import (
     DENOISER_META,
     DENOISER_WEIGHTS,
@@ -105,6 +105,7 @@ class _Run:
         self.schedule = c.noise_schedule()
         # The condition is the FR embedding, whatever width the stage-1 model has.
         self.den_config = replace(c.denoiser_config(), cond_dim=self.fr.config.embedding_dim)
+        self.prototypes = self._virtual_prototypes() if c.virtual_weight > 0 else None
         torch.manual_seed(step_seed(c.seed, 0, "init"))
         self.denoiser = Denoiser(self.den_config).to(self.device)
         self.ema = {k: v.detach().clone().float() for k, v in self.denoiser.state_dict().items()}
@@ -119,6 +120,16 @@ class _Run:
         elif self.is_main:
             start_run_folder(self.out, c)
         self.model = wrap_ddp(self.denoiser, self.device, self.world_size)
+
+    def _virtual_prototypes(self) -> dict[str, torch.Tensor]:
+        """The FR model's unit real and virtual prototypes, for the virtual-identity term."""
+        path = Path(self.config.fr_model) / PROTOTYPES
+        if not path.is_file():
+            raise DataFormatError(path, "not found; virtual_weight > 0 needs the FR model's prototypes")
+        protos = load_file(path)
+        if protos.get("virtual") is None or len(protos["virtual"]) == 0:
+            raise DataFormatError(path, "holds no virtual prototypes (train the FR model with --num-virtual)")
+        return {k: F.normalize(v.float(), dim=1).to(self.device) for k, v in protos.items()}
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -171,6 +182,24 @@ class _Run:
         drop = (torch.rand(n, generator=g) < self.config.drop_prob).to(self.device)
         return x0, cond, pose, t, noise, drop
 
+    def virtual_rows(self, x0: torch.Tensor, cond: torch.Tensor, pose: torch.Tensor | None) -> VirtualRows:
+        """Rows for the virtual-identity term: random virtual prototypes spread like this batch's
+        real embeddings around their nearest real prototype, at t in the upper half of the
+        schedule, x_t made from the batch's first images (their pose image kept)."""
+        c = self.config
+        k = min(c.virtual_batch or max(1, c.batch_size // 4), x0.shape[0])
+        virtual = self.prototypes["virtual"]
+        g = step_generator(c.seed, self.step, "virtual", self.rank)
+        ids = torch.randint(0, len(virtual), (k,), generator=g).to(self.device)
+        z = torch.randn((k, virtual.shape[1]), generator=g).to(self.device)
+        half = self.schedule.num_steps // 2
+        t = torch.randint(half, self.schedule.num_steps, (k,), generator=g).to(self.device)
+        noise = torch.randn((k, *x0.shape[1:]), generator=g).to(self.device)
+        spread = (cond @ self.prototypes["real"].T).max(1).values.mean()
+        cond_v = spread_around(virtual[ids], z, spread)
+        x_t = self.schedule.q_sample(x0[:k], t, noise)
+        return VirtualRows(x_t, t, cond_v, None if pose is None else pose[:k])
+
     @torch.no_grad()
     def update_ema(self) -> None:
         d = ema_decay_at(self.step, self.config.ema_decay)
@@ -201,11 +230,13 @@ class _Run:
                 for group in self.opt.param_groups:
                     group["lr"] = lr
                 x0, cond, pose, t, noise, drop = self.batch_inputs(x0, index)
+                virtual = self.virtual_rows(x0, cond, pose) if c.virtual_weight > 0 else None
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     loss, parts = diffusion_loss(
                         self.model, self.schedule, x0, cond, pose, t=t, noise=noise, drop=drop,
                         fr_backbone=self.fr, identity_weight=c.identity_weight,
                         prediction=c.prediction, target_features=cond,
+                        virtual=virtual, virtual_weight=c.virtual_weight,
                     )  # fmt: skip
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), self.step, bad_step)
                 self.opt.zero_grad(set_to_none=True)
