@@ -23,8 +23,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from vigface.data.recordio import FaceRecordDataset
+from vigface.data.verification_bin import load_verification_pairs
 from vigface.diffusion.model_folder import fr_model_dir
 from vigface.eval.similarity import mean_genuine_imposter
+from vigface.eval.verification import best_threshold
 from vigface.fr.embed import embed_images, load_backbone
 from vigface.generate.dataset import GenerationConfig, generate_dataset
 
@@ -53,6 +55,33 @@ def training_image_reference(meta: dict, backbone, prototypes: np.ndarray, args)
     rows = np.concatenate([np.flatnonzero(labels == i)[: args.per_id] for i in range(args.num_ids)])
     emb = embed_images(backbone, np.stack([data[int(i)][0] for i in rows]))
     return identity_entry(emb, labels[rows], labels[rows], prototypes)
+
+
+def held_out_reference(meta: dict, backbone, real: np.ndarray, virtual: np.ndarray):
+    """Held-out people (toy_val.bin beside the training set): their best cosine to a real and to a
+    virtual prototype, and the FR model's verification accuracy and threshold on those pairs."""
+    val_bin = Path(meta["train_config"]["data"]).with_name("toy_val.bin")
+    images, issame = load_verification_pairs(val_bin)
+    emb = embed_images(backbone, images)
+    threshold, accuracy = best_threshold(np.sum(emb[0::2] * emb[1::2], axis=1), np.asarray(issame))
+    entry = {
+        "source": str(val_bin),
+        "images": len(emb),
+        "max_cos_to_any_real_prototype": round(float((emb @ real.T).max(1).mean()), 4),
+        "max_cos_to_any_virtual_prototype": round(float((emb @ virtual.T).max(1).mean()), 4),
+        "verification_threshold": round(float(threshold), 4),
+        "verification_accuracy": round(float(accuracy), 4),
+    }
+    return entry, emb
+
+
+def gallery_search(probes: np.ndarray, gallery: np.ndarray, threshold: float) -> dict:
+    """Best cosine of each probe to any gallery image: the mean, and the share above `threshold`."""
+    best = (probes @ gallery.T).max(1)
+    return {
+        "best_cos_to_a_training_image": round(float(best.mean()), 4),
+        "above_held_out_p95": round(float((best > threshold).mean()), 4),
+    }
 
 
 def main() -> None:
@@ -88,6 +117,12 @@ def main() -> None:
     label_map = json.loads((Path(args.work) / "generation.json").read_text())["labels"]
     result = {"config": vars(args), "generation_seconds": round(gen_seconds, 1), "images": len(images)}
     result["real_training_images"] = training_image_reference(meta, backbone, everything, args)
+    held_out, held_out_emb = held_out_reference(meta, backbone, real.numpy(), virtual.numpy())
+    train_data = FaceRecordDataset(meta["train_config"]["data"])
+    gallery = embed_images(backbone, np.stack([train_data[i][0] for i in range(len(train_data))]))
+    threshold = float(np.percentile((held_out_emb @ gallery.T).max(1), 95))
+    held_out.update(gallery_search(held_out_emb, gallery, threshold), held_out_p95=round(threshold, 4))
+    result["held_out_real_people"] = held_out
     for kind in ("real", "virtual"):
         rows = np.asarray([label_map[str(label)][0] == kind for label in labels])
         own_index = np.asarray(
@@ -97,6 +132,7 @@ def main() -> None:
         if kind == "virtual":
             nearest_real = (emb[rows] @ real.numpy().T).max(1)
             entry["max_cos_to_any_real_prototype"] = round(float(nearest_real.mean()), 4)
+        entry.update(gallery_search(emb[rows], gallery, threshold))
         result[kind] = entry
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
