@@ -9,12 +9,14 @@ from PIL import Image
 
 from vigface.cli import eval as eval_cli
 from vigface.cli import main as vigface_cli
+from vigface.data.verification_bin import load_verification_pairs
 from vigface.errors import VigfaceError
 from vigface.eval.demo import FULL, QUICK, DemoConfig, run_demo
 from vigface.eval.labelled_set import read_labelled_set
+from vigface.eval.privacy import training_set_search
 from vigface.eval.protocol import PEER_TABLE, ProtocolConfig, compare_to_real, train_config
 from vigface.eval.verification import summarise, verify_bins
-from vigface.fr.embed import load_backbone
+from vigface.fr.embed import embed_images, load_backbone
 
 TINY = DemoConfig(
     ids=8, per_id=6, val_ids=20, val_per_id=2, pose_per_id=1, pairs=40, fr_width=8, fr_input_size=16,
@@ -88,6 +90,20 @@ def test_full_pipeline_writes_a_consistent_report(demo_run):
         "generated, real ids",
         "generated, virtual ids",
     }
+    # The privacy check is the training-set search redone from the saved files and stage-1 model.
+    stage1, _ = load_backbone(out / "fr_real")
+    gen = read_labelled_set(out / "generated")
+    again = training_set_search(
+        {
+            f"generated, {k} ids": embed_images(stage1, gen.images[gen.kinds == k])
+            for k in ("real", "virtual")
+        },
+        embed_images(stage1, read_labelled_set(out / "toy" / "train.rec").images),
+        embed_images(stage1, load_verification_pairs(bins[0])[0]),
+    )
+    for name in ("never-seen people", "generated, real ids", "generated, virtual ids"):
+        assert report["training_set_search"][name] == pytest.approx(again[name])
+    assert any(line.startswith("Privacy check") for line in report["summary"])
     assert len(report["peers"]["rows"]) == 19
     with pytest.raises(VigfaceError, match="already holds"):
         run_demo(TINY, str(out))

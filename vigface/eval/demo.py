@@ -205,12 +205,14 @@ def run_demo(config: DemoConfig, out: str) -> dict:
     from safetensors.torch import load_file
 
     from vigface.data.toy_dataset import ToyConfig, make_toy_dataset
+    from vigface.data.verification_bin import load_verification_pairs
     from vigface.diffusion.model_folder import DENOISER_META, PROTOTYPES, fr_model_dir
     from vigface.diffusion.trainer import train_diffusion
     from vigface.eval import plots
     from vigface.eval.cfg_sweep import SweepConfig, cfg_sweep
     from vigface.eval.labelled_set import read_labelled_set
     from vigface.eval.metrics import dataset_metrics
+    from vigface.eval.privacy import training_set_search
     from vigface.eval.protocol import PEER_COLUMNS, PEER_NOTE, peer_rows
     from vigface.eval.prototypes import prototype_stats
     from vigface.eval.report import write_report
@@ -314,9 +316,9 @@ def run_demo(config: DemoConfig, out: str) -> dict:
             "generated, real ids": gen.select(gen.kinds == "real"),
             "generated, virtual ids": gen.select(gen.kinds == "virtual"),
         }
-        metrics, hists, images = {}, {}, {}
+        metrics, hists, images, embeddings = {}, {}, {}, {}
         for name, s in sets.items():
-            emb = embed_images(fr_real, s.images, device=device)
+            emb = embeddings[name] = embed_images(fr_real, s.images, device=device)
             quality = serfiq_scores(fr_real, s.images, passes=c.serfiq_passes, seed=c.seed, device=device)
             m = dataset_metrics(emb, s.labels, quality)
             m.pop("per_class")
@@ -324,9 +326,15 @@ def run_demo(config: DemoConfig, out: str) -> dict:
             g, i = genuine_imposter(emb, s.labels, seed=c.seed)
             hists[name] = {"genuine": histogram(g).tolist(), "imposter": histogram(i).tolist()}
             images[name] = _grid_rows(s.images, s.labels, c.grid_ids, c.grid_per_id)
-        return metrics, hists, images
+        # Privacy: do generated faces look like the training people, more than never-seen people do?
+        gallery = embed_images(fr_real, read_labelled_set(toy / "train.rec").images, device=device)
+        never_seen = embed_images(fr_real, load_verification_pairs(bins[0])[0], device=device)
+        generated = {k: embeddings[k] for k in ("generated, real ids", "generated, virtual ids")}
+        search = training_set_search(generated, gallery, never_seen)
+        search["gallery images"] = len(gallery)
+        return metrics, hists, images, search
 
-    metrics, hists, grids = clock.run("dataset metrics", measure)
+    metrics, hists, grids, search = clock.run("dataset metrics", measure)
     proto_stats = prototype_stats(prototypes["real"], prototypes["virtual"])
 
     # ---- report ------------------------------------------------------------------------------
@@ -408,6 +416,16 @@ def run_demo(config: DemoConfig, out: str) -> dict:
             f"{n}: {m['cst']:.3f} / {m['div']:.2e} / {m['sep']:.3f}" for n, m in metrics.items()
         ),
     ]  # fmt: skip
+    real_ids, virtual_ids, people = (
+        search[k] for k in ("generated, real ids", "generated, virtual ids", "never-seen people")
+    )
+    summary.append(
+        f"Privacy check (stage-1 FR model): best cosine of an image to one of the {search['gallery images']} "
+        f"real training images -- generated virtual ids {virtual_ids['best_cos']:.3f} "
+        f"({100 * virtual_ids['above_bar']:.1f} % above the bar), never-seen toy people "
+        f"{people['best_cos']:.3f} (the bar is their 95th percentile, {search['bar']:.3f}), generated "
+        f"real ids {real_ids['best_cos']:.3f} ({100 * real_ids['above_bar']:.1f} % above)."
+    )
     if sweep:
         summary.append(
             f"cfg sweep over w = {', '.join(f'{w:g}' for w in sweep['w'])}: picked w = {w_real:g} "
@@ -443,6 +461,7 @@ def run_demo(config: DemoConfig, out: str) -> dict:
         },
         "peers": {"columns": list(PEER_COLUMNS), "rows": peer_rows(), "note": PEER_NOTE},
         "dataset_metrics": metrics,
+        "training_set_search": search,
         "cfg_sweep": sweep,
         "picked_w": {"real": w_real, "virtual": w_virtual, "from_sweep": bool(sweep)},
         "prototypes": proto_stats,
