@@ -40,7 +40,7 @@ class DiffusionTrainConfig:
     timesteps: int = 1000
     identity_weight: float = 1.0  # lambda of eq. 8
     drop_prob: float = 0.1  # condition dropout for classifier-free guidance
-    # Beyond the paper (0 = its stage 2): weight of the virtual-identity term (loss.virtual_identity_loss)
+    # Beyond the paper (0 = its stage 2): weight of the virtual-identity term (diffusion_loss's `virtual`)
     virtual_weight: float = 0.0
     virtual_batch: int = 0  # rows per step for that term; 0 = batch_size // 4
     # optimisation

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vigface.errors import DataFormatError
+
 DENOISER_WEIGHTS = "denoiser.safetensors"
 DENOISER_META = "denoiser.json"
 PROTOTYPES = "prototypes.safetensors"
@@ -25,3 +27,19 @@ def fr_model_dir(model_dir: str | Path, meta: dict) -> Path:
     """The stage-1 model folder a denoiser was trained against (relative paths: inside model_dir)."""
     path = Path(meta.get("fr_model", ""))
     return path if path.is_absolute() else Path(model_dir) / path
+
+
+def load_prototypes(path: str | Path) -> dict:
+    """Unit-length real and virtual prototypes (float32 torch tensors) from a prototypes.safetensors."""
+    import torch.nn.functional as F  # here, not at import: the file names above are read by light code
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        protos = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise DataFormatError(path, f"cannot be read as safetensors: {exc}") from None
+    missing = [k for k in ("real", "virtual") if k not in protos or protos[k].ndim != 2]
+    if missing:
+        raise DataFormatError(path, f"has no 2-D {' / '.join(missing)} prototype table")
+    return {k: F.normalize(protos[k].float(), dim=1) for k in ("real", "virtual")}

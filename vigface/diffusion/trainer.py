@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from vigface.data.image_folder import ImageFolderDataset
@@ -40,6 +40,7 @@ from vigface.diffusion.model_folder import (
     MAX_POSE_ROWS,
     POSE_TABLE,
     PROTOTYPES,
+    load_prototypes,
 )
 from vigface.diffusion.pose import landmark_image
 from vigface.errors import DataFormatError, VigfaceError
@@ -126,10 +127,10 @@ class _Run:
         path = Path(self.config.fr_model) / PROTOTYPES
         if not path.is_file():
             raise DataFormatError(path, "not found; virtual_weight > 0 needs the FR model's prototypes")
-        protos = load_file(path)
-        if protos.get("virtual") is None or len(protos["virtual"]) == 0:
+        protos = load_prototypes(path)
+        if len(protos["virtual"]) == 0:
             raise DataFormatError(path, "holds no virtual prototypes (train the FR model with --num-virtual)")
-        return {k: F.normalize(v.float(), dim=1).to(self.device) for k, v in protos.items()}
+        return {k: v.to(self.device) for k, v in protos.items()}
 
     # ---- checkpoints -------------------------------------------------------------------------
 

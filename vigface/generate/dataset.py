@@ -27,8 +27,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from vigface.data.align import ARCFACE_TEMPLATE_112
@@ -37,7 +35,7 @@ from vigface.data.image_folder import ImageFolderWriter
 from vigface.data.images import encode_image
 from vigface.data.recordio import FaceRecordDataset, FaceRecordWriter
 from vigface.diffusion.cfg import DEFAULT_W_REAL, DEFAULT_W_VIRTUAL
-from vigface.diffusion.model_folder import POSE_TABLE, PROTOTYPES, fr_model_dir
+from vigface.diffusion.model_folder import POSE_TABLE, PROTOTYPES, fr_model_dir, load_prototypes
 from vigface.diffusion.pose import landmark_image
 from vigface.diffusion.sampling import ENGINES, KERNELS, SAMPLERS, FaceSampler
 from vigface.engines.base import PRECISIONS
@@ -178,18 +176,6 @@ def _load_pose_table(config: GenerationConfig, train_config: dict) -> np.ndarray
     return table
 
 
-def _load_prototypes(path: Path) -> dict[str, torch.Tensor]:
-    """Unit-length real and virtual prototypes from a stage-1 prototypes.safetensors."""
-    try:
-        protos = load_file(path)
-    except (SafetensorError, OSError) as exc:
-        raise DataFormatError(path, f"cannot be read as safetensors: {exc}") from None
-    missing = [k for k in ("real", "virtual") if k not in protos or protos[k].ndim != 2]
-    if missing:
-        raise DataFormatError(path, f"has no 2-D {' / '.join(missing)} prototype table")
-    return {k: F.normalize(protos[k].float(), dim=1) for k in ("real", "virtual")}
-
-
 class _Generator:
     def __init__(self, config: GenerationConfig):
         self.config = c = config
@@ -204,7 +190,7 @@ class _Generator:
             proto_path = fr_model_dir(c.model, self.sampler.meta) / PROTOTYPES
         if not proto_path.is_file():
             raise DataFormatError(proto_path, "prototypes not found (pass --prototypes)")
-        self.prototypes = _load_prototypes(proto_path)
+        self.prototypes = load_prototypes(proto_path)
         self.jobs = plan_jobs(c, len(self.prototypes["real"]), len(self.prototypes["virtual"]))
         self.table = _load_pose_table(c, train_config) if self.sampler.config.pose else None
         self.out = Path(c.out)
