@@ -312,16 +312,20 @@ def run_demo(config: DemoConfig, out: str) -> dict:
 
     # ---- dataset properties measured with the stage-1 model ---------------------------------
     def measure():
-        real = read_labelled_set(toy / "train.rec", max_ids=gen_ids)
+        train = read_labelled_set(toy / "train.rec")  # decoded and embedded once: metrics and privacy
+        gallery = embed_images(fr_real, train.images, device=device)
+        first_ids = np.isin(train.labels, np.unique(train.labels)[:gen_ids])
         gen = read_labelled_set(gen_dir)
         sets = {
-            "real toy data": real,
+            "real toy data": train.select(first_ids),
             "generated, real ids": gen.select(gen.kinds == "real"),
             "generated, virtual ids": gen.select(gen.kinds == "virtual"),
         }
-        metrics, hists, images, embeddings = {}, {}, {}, {}
+        metrics, hists, images, embeddings = {}, {}, {}, {"real toy data": gallery[first_ids]}
         for name, s in sets.items():
-            emb = embeddings[name] = embed_images(fr_real, s.images, device=device)
+            if name not in embeddings:
+                embeddings[name] = embed_images(fr_real, s.images, device=device)
+            emb = embeddings[name]
             quality = serfiq_scores(fr_real, s.images, passes=c.serfiq_passes, seed=c.seed, device=device)
             m = dataset_metrics(emb, s.labels, quality)
             m.pop("per_class")
@@ -330,7 +334,6 @@ def run_demo(config: DemoConfig, out: str) -> dict:
             hists[name] = {"genuine": histogram(g).tolist(), "imposter": histogram(i).tolist()}
             images[name] = _grid_rows(s.images, s.labels, c.grid_ids, c.grid_per_id)
         # Privacy: do generated faces look like the training people, more than never-seen people do?
-        gallery = embed_images(fr_real, read_labelled_set(toy / "train.rec").images, device=device)
         never_seen = embed_images(fr_real, load_verification_pairs(bins[0])[0], device=device)
         generated = {k: embeddings[k] for k in ("generated, real ids", "generated, virtual ids")}
         search = training_set_search(generated, gallery, never_seen)
