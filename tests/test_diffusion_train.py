@@ -1,5 +1,6 @@
 """The stage-2 trainer on the small toy world: learning, outputs, bit-exact resume, errors."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -83,6 +84,22 @@ def test_ema_warms_up(small_toy, fr_model, tmp_path):
         expected = d * one[f"ema.{name}"] + (1 - d) * two[f"model.{name}"]
         torch.testing.assert_close(two[f"ema.{name}"], expected, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(two[f"ema.{name}"], one[f"ema.{name}"])
+
+
+def test_cosine_lr_decay(small_toy, fr_model, tmp_path):
+    """Warm-up, then lr = lr0 (1 + cos(pi (s - w) / (S - w))) / 2 for 0-based step s: what the
+    trainer logs at each step, ending near 0; 'none' keeps lr0 after the warm-up."""
+    c = tiny(small_toy, fr_model, tmp_path / "cos", steps=10, warmup_steps=2, lr_decay="cosine", log_every=1)
+    train_diffusion(c)
+    lines = (tmp_path / "cos" / "metrics.jsonl").read_text().splitlines()
+    logged = [json.loads(line)["lr"] for line in lines]
+    expected = [1e-3 * 1 / 2, 1e-3] + [1e-3 * (1 + np.cos(np.pi * (s - 2) / 8)) / 2 for s in range(2, 10)]
+    assert logged == pytest.approx(expected, rel=1e-9)
+    assert logged[-1] == pytest.approx(1e-3 * (1 + np.cos(np.pi * 7 / 8)) / 2) and logged[-1] < 0.04 * 1e-3
+    flat = dataclasses.replace(c, lr_decay="none")
+    assert [flat.learning_rate(s) for s in (0, 1, 5, 9, 50)] == [5e-4, 1e-3, 1e-3, 1e-3, 1e-3]
+    with pytest.raises(VigfaceError, match="lr_decay 'linear' is unknown"):
+        dataclasses.replace(c, lr_decay="linear")
 
 
 def test_errors(small_toy, fr_model, tmp_path, capsys):

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from vigface.cli.common import config_from_args, config_parser, run_command
-from vigface.diffusion.config import DiffusionTrainConfig
+from vigface.diffusion.config import LR_DECAYS, DiffusionTrainConfig
 from vigface.diffusion.denoiser import ARCHS, DENOISER_SIZES, PREDICTIONS
 from vigface.diffusion.schedule import SCHEDULES
 
@@ -33,6 +33,7 @@ HELP = {
     "to embed at them (extra rows without a pixel target)",
     "virtual_batch": "rows per step for that term (0: batch size / 4)",
     "batch_size": "images per rank per step",
+    "lr_decay": "after the warm-up: none (constant lr) or cosine (to 0 at --steps)",
     "loader": "data loader: torch (the reference) or dali (extra `dali`); auto: dali when installed",
 }
 CHOICES = {
@@ -40,6 +41,7 @@ CHOICES = {
     "arch": ARCHS,
     "prediction": PREDICTIONS,
     "schedule": SCHEDULES,
+    "lr_decay": LR_DECAYS,
     "amp": ("auto", "bf16", "off"),
     "loader": ("torch", "dali", "auto"),
     "device": ("auto", "cpu", "cuda"),

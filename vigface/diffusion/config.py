@@ -14,6 +14,7 @@ from vigface.diffusion.denoiser import ARCHS, DENOISER_SIZES, PREDICTIONS, Denoi
 from vigface.diffusion.schedule import SCHEDULES, NoiseSchedule
 from vigface.errors import VigfaceError
 
+LR_DECAYS = ("none", "cosine")
 RESUMABLE_CHANGES = frozenset(
     {"steps", "workers", "save_every", "keep_checkpoints", "log_every", "progress", "device"}
 )
@@ -49,6 +50,7 @@ class DiffusionTrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_decay: str = "none"  # none | cosine: after the warm-up, lr follows a half cosine to 0 at `steps`
     clip_grad: float = 1.0
     ema_decay: float = 0.9999  # upper bound, reached after a warm-up (trainer.ema_decay_at)
     amp: str = "auto"
@@ -75,6 +77,8 @@ class DiffusionTrainConfig:
             bad("prediction", f"{self.prediction!r} is unknown; choose one of {', '.join(PREDICTIONS)}")
         if self.schedule not in SCHEDULES:
             bad("schedule", f"{self.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+        if self.lr_decay not in LR_DECAYS:
+            bad("lr_decay", f"{self.lr_decay!r} is unknown; choose one of {', '.join(LR_DECAYS)}")
         if self.loader not in ("torch", "dali", "auto"):
             bad("loader", f"{self.loader!r} is unknown; choose torch, dali or auto")
         if self.amp not in ("auto", "bf16", "off"):
@@ -110,6 +114,17 @@ class DiffusionTrainConfig:
         if self.patch is not None:
             overrides["patch"] = self.patch
         return DenoiserConfig.preset(self.size, **overrides)
+
+    def learning_rate(self, step: int) -> float:
+        """The lr of 0-based `step`: linear warm-up over `warmup_steps`, then constant or a half
+        cosine that reaches 0 at `steps` (for short runs, where annealing to 0 is what EMA
+        over a long run would give). Resuming with more `steps` stretches the cosine."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.lr_decay == "none":
+            return self.lr
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     def noise_schedule(self) -> NoiseSchedule:
         return NoiseSchedule(self.schedule, self.timesteps)

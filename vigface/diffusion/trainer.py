@@ -227,7 +227,7 @@ class _Run:
         while self.step < c.steps:
             epoch = self.step // steps_per_epoch
             for x0, _, index, _ in self.loader.epoch(epoch, self.step % steps_per_epoch):
-                lr = c.lr * min(1.0, (self.step + 1) / c.warmup_steps) if c.warmup_steps else c.lr
+                lr = c.learning_rate(self.step)
                 for group in self.opt.param_groups:
                     group["lr"] = lr
                 x0, cond, pose, t, noise, drop = self.batch_inputs(x0, index)
