@@ -54,14 +54,12 @@ def identity_entry(emb: np.ndarray, labels: np.ndarray, own: np.ndarray, prototy
     }
 
 
-def training_image_reference(meta: dict, backbone, prototypes: np.ndarray, args) -> dict:
+def training_image_reference(gallery: np.ndarray, labels: np.ndarray, prototypes: np.ndarray, args) -> dict:
     """The same numbers for real training images of the first num_ids identities (per_id each):
-    what the FR model itself achieves, the ceiling for generated images of real ids."""
-    data = FaceRecordDataset(meta["train_config"]["data"])
-    labels = np.asarray(data.labels)
+    what the FR model itself achieves, the ceiling for generated images of real ids. `gallery`:
+    the embeddings of every training image (file order), `labels` theirs."""
     rows = np.concatenate([np.flatnonzero(labels == i)[: args.per_id] for i in range(args.num_ids)])
-    emb = embed_images(backbone, np.stack([data[int(i)][0] for i in rows]))
-    return identity_entry(emb, labels[rows], labels[rows], prototypes)
+    return identity_entry(gallery[rows], labels[rows], labels[rows], prototypes)
 
 
 def held_out_reference(meta: dict, backbone, real: np.ndarray, virtual: np.ndarray):
@@ -114,10 +112,12 @@ def main() -> None:
     emb = embed_images(backbone, images)
     label_map = json.loads((Path(args.work) / "generation.json").read_text())["labels"]
     result = {"config": vars(args), "generation_seconds": round(gen_seconds, 1), "images": len(images)}
-    result["real_training_images"] = training_image_reference(meta, backbone, everything, args)
-    held_out, held_out_emb = held_out_reference(meta, backbone, real.numpy(), virtual.numpy())
+    # every real training image, embedded once: the ceiling rows and the privacy search's gallery
     train_data = FaceRecordDataset(meta["train_config"]["data"])
     gallery = embed_images(backbone, np.stack([train_data[i][0] for i in range(len(train_data))]))
+    train_labels = np.asarray(train_data.labels)
+    result["real_training_images"] = training_image_reference(gallery, train_labels, everything, args)
+    held_out, held_out_emb = held_out_reference(meta, backbone, real.numpy(), virtual.numpy())
     kinds = {
         kind: np.asarray([label_map[str(label)][0] == kind for label in labels])
         for kind in ("real", "virtual")
