@@ -100,6 +100,8 @@ def test_cosine_lr_decay(small_toy, fr_model, tmp_path):
     assert [flat.learning_rate(s) for s in (0, 1, 5, 9, 50)] == [5e-4, 1e-3, 1e-3, 1e-3, 1e-3]
     with pytest.raises(VigfaceError, match="lr_decay 'linear' is unknown"):
         dataclasses.replace(c, lr_decay="linear")
+    with pytest.raises(VigfaceError, match="warmup_steps must be >= 0, got -1"):
+        dataclasses.replace(c, warmup_steps=-1)
 
 
 def test_errors(small_toy, fr_model, tmp_path, capsys):

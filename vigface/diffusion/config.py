@@ -92,6 +92,8 @@ class DiffusionTrainConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 bad(name, f"must be a finite number >= 0, got {value}")
+        if self.warmup_steps < 0:
+            bad("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         if self.virtual_batch < 0:
             bad("virtual_batch", f"must be >= 0 (0 = batch_size // 4), got {self.virtual_batch}")
         if not 0 <= self.drop_prob < 1:
@@ -117,8 +119,8 @@ class DiffusionTrainConfig:
 
     def learning_rate(self, step: int) -> float:
         """The lr of 0-based `step`: linear warm-up over `warmup_steps`, then constant or a half
-        cosine that reaches 0 at `steps` (for short runs, where annealing to 0 is what EMA
-        over a long run would give). Resuming with more `steps` stretches the cosine."""
+        cosine that reaches 0 at `steps`. Resuming with more `steps` stretches the cosine. (On the
+        toy demo it did not beat constant lr + EMA: bench/results/demo_toy_cpu.json, "stage2_budget".)"""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
         if self.lr_decay == "none":
