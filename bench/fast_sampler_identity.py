@@ -21,11 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from vigface.data.recordio import FaceRecordDataset
-from vigface.diffusion.model_folder import fr_model_dir
+from vigface.diffusion.model_folder import PROTOTYPES, fr_model_dir, load_prototypes
 from vigface.eval.similarity import mean_genuine_imposter
 from vigface.fr.embed import embed_images, load_backbone
 from vigface.generate.dataset import GenerationConfig, generate_dataset
@@ -49,8 +47,8 @@ def main() -> None:
     meta = json.loads((Path(args.model) / "denoiser.json").read_text())
     fr_dir = fr_model_dir(args.model, meta)  # relative in the shipped model, absolute in trained runs
     backbone, _ = load_backbone(fr_dir)
-    protos = load_file(fr_dir / "prototypes.safetensors")
-    real, virtual = F.normalize(protos["real"].float(), dim=1), F.normalize(protos["virtual"].float(), dim=1)
+    protos = load_prototypes(fr_dir / PROTOTYPES)
+    real, virtual = protos["real"], protos["virtual"]
     everything = np.concatenate([real.numpy(), virtual.numpy()])
     result = {
         "config": vars(args),

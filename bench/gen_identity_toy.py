@@ -25,12 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from vigface.data.recordio import FaceRecordDataset
 from vigface.data.verification_bin import load_verification_pairs
-from vigface.diffusion.model_folder import fr_model_dir
+from vigface.diffusion.model_folder import PROTOTYPES, fr_model_dir, load_prototypes
 from vigface.eval.privacy import training_set_search
 from vigface.eval.similarity import mean_genuine_imposter
 from vigface.eval.verification import best_threshold
@@ -103,8 +101,8 @@ def main() -> None:
     meta = json.loads((Path(args.model) / "denoiser.json").read_text())
     fr_dir = fr_model_dir(args.model, meta)
     backbone, _ = load_backbone(fr_dir)
-    protos = load_file(fr_dir / "prototypes.safetensors")
-    real, virtual = F.normalize(protos["real"].float(), dim=1), F.normalize(protos["virtual"].float(), dim=1)
+    protos = load_prototypes(fr_dir / PROTOTYPES)
+    real, virtual = protos["real"], protos["virtual"]
     everything = torch.cat([real, virtual]).numpy()
     data = FaceRecordDataset(Path(args.work) / "train.rec")
     images = np.stack([data[i][0] for i in range(len(data))])

@@ -205,11 +205,10 @@ def _grid_rows(images: np.ndarray, labels: np.ndarray, ids: int, per_id: int) ->
 def run_demo(config: DemoConfig, out: str) -> dict:
     """Run the demo into `out`; returns {"report": html path, "json": ..., "summary": ...}."""
     import torch
-    from safetensors.torch import load_file
 
     from vigface.data.toy_dataset import ToyConfig, make_toy_dataset
     from vigface.data.verification_bin import load_verification_pairs
-    from vigface.diffusion.model_folder import DENOISER_META, PROTOTYPES, fr_model_dir
+    from vigface.diffusion.model_folder import DENOISER_META, PROTOTYPES, fr_model_dir, load_prototypes
     from vigface.diffusion.trainer import train_diffusion
     from vigface.eval import plots
     from vigface.eval.cfg_sweep import SweepConfig, cfg_sweep
@@ -265,8 +264,8 @@ def run_demo(config: DemoConfig, out: str) -> dict:
             "stage 2: diffusion", train_diffusion, _diffusion_config(c, toy / "train.rec", fr_dir, dm_dir)
         )
     fr_real, _ = load_backbone(fr_dir, device)
-    prototypes = (
-        load_file(dm_dir / PROTOTYPES) if (dm_dir / PROTOTYPES).is_file() else load_file(fr_dir / PROTOTYPES)
+    prototypes = load_prototypes(
+        dm_dir / PROTOTYPES if (dm_dir / PROTOTYPES).is_file() else fr_dir / PROTOTYPES
     )
     gen_ids = min(c.gen_ids, len(prototypes["real"]), len(prototypes["virtual"]))
     if gen_ids < 2:
