@@ -128,6 +128,11 @@ def test_quick_mode_uses_trained_models_without_training_them(demo_run, tmp_path
     assert report["picked_w"] == {"real": 0.5, "virtual": 2.5, "from_sweep": False}
     with pytest.raises(VigfaceError, match="not a denoiser folder"):
         run_demo(dataclasses.replace(config, model=str(tmp_path)), str(tmp_path / "again"))
+    assert not (tmp_path / "again").exists()  # a refused run leaves no folder
+    (tmp_path / "a_file").write_text("not a folder")
+    for bad_out in (tmp_path / "a_file", tmp_path / "a_file" / "below"):
+        with pytest.raises(VigfaceError, match=f"cannot create the output folder {bad_out}"):
+            run_demo(config, str(bad_out))
 
 
 def test_demo_command_line(monkeypatch, capsys, tmp_path):
