@@ -24,11 +24,22 @@ def positive_int(text: str) -> int:
 
 
 def run_command(prog: str, func, args) -> int:
-    """Run func(args); a VigfaceError becomes `prog: error: ...` and exit status 2, Ctrl-C 130."""
+    """Run func(args); a VigfaceError becomes `prog: error: ...` and exit status 2, Ctrl-C 130.
+
+    So does an OSError on a named path (an --out below a file, a folder without write permission):
+    the user's environment, not a bug, so one line naming the path. OSErrors without a path (a
+    write to a full disk usually has none) keep their traceback.
+    """
     try:
         return func(args)
     except VigfaceError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.filename is None:
+            raise
+        where = err.filename if err.filename2 is None else f"{err.filename} -> {err.filename2}"
+        print(f"{prog}: error: {where}: {err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -194,13 +194,6 @@ def _matched_real(train_rec: Path, out_rec: Path, num_images: int, max_ids: int)
     return len(ids), per_id
 
 
-def _make_out_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise VigfaceError(f"demo: cannot create the output folder {out}: {exc.strerror or exc}") from None
-
-
 def _grid_rows(images: np.ndarray, labels: np.ndarray, ids: int, per_id: int) -> tuple[list, list]:
     rows, names = [], []
     for label in np.unique(labels)[:ids]:
@@ -256,7 +249,7 @@ def run_demo(config: DemoConfig, out: str) -> dict:
         # held-out pairs use the identities after them.
         c = dataclasses.replace(c, ids=num_real, gen_ids=min(c.gen_ids, num_real))
     # Created only now: a run refused above (a wrong --model) leaves no folder behind.
-    _make_out_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
     toy = out / "toy"
     toy_cfg = ToyConfig(
         ids=c.ids, per_id=c.per_id, seed=c.seed, pairs=c.pairs, val_ids=c.val_ids,

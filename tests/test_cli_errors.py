@@ -1,0 +1,72 @@
+"""Every console script turns a filesystem error on a named path into one line, not a traceback."""
+
+import errno
+import os
+
+import pytest
+
+from vigface.assets import tiny_model_dir
+from vigface.cli import export as export_cli
+from vigface.cli import gen as gen_cli
+from vigface.cli import main as vigface_cli
+from vigface.cli import train_diffusion as train_diffusion_cli
+from vigface.cli import train_fr as train_fr_cli
+from vigface.cli.common import run_command
+
+
+def _raises(exc):
+    def func(args):
+        raise exc
+
+    return func
+
+
+def test_run_command_names_the_path_of_an_os_error(capsys):
+    err = NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), "runs/a_file/out")
+    assert run_command("prog", _raises(err), None) == 2
+    assert capsys.readouterr().err == f"prog: error: runs/a_file/out: {os.strerror(errno.ENOTDIR)}\n"
+    # two paths (a rename): both named
+    err = OSError(errno.EXDEV, os.strerror(errno.EXDEV), "a.tmp", None, "b")
+    assert run_command("prog", _raises(err), None) == 2
+    assert capsys.readouterr().err == f"prog: error: a.tmp -> b: {os.strerror(errno.EXDEV)}\n"
+
+
+def test_run_command_keeps_the_traceback_of_an_os_error_without_a_path():
+    # no path to name: nothing the user can act on, so the traceback stays
+    with pytest.raises(OSError, match="socket closed"):
+        run_command("prog", _raises(OSError("socket closed")), None)
+
+
+def test_an_output_below_a_file_is_one_line_in_every_command(small_toy, tiny_fr_model, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    out = a_file / "out"
+    fr_args = [
+        "--data", str(small_toy), "--out", str(out), "--arch", "iresnet18", "--width", "8",
+        "--input-size", "32", "--embedding-dim", "32", "--epochs", "1", "--workers", "0", "--no-progress",
+    ]  # fmt: skip
+    diffusion_args = [
+        "--data", str(small_toy), "--fr-model", str(tiny_fr_model), "--out", str(out), "--size", "tiny",
+        "--image-size", "32", "--steps", "1", "--workers", "0", "--no-progress",
+    ]  # fmt: skip
+    gen_args = [
+        "--out", str(out), "--ids", "both", "--num-ids", "2", "--per-id", "2", "--steps", "2", "--quiet",
+    ]  # fmt: skip
+    commands = {
+        "vigface data toy": lambda: vigface_cli.main(
+            ["data", "toy", "--out", str(out), "--ids", "3", "--per-id", "2", "--quiet"]
+        ),
+        "vigface-gen": lambda: gen_cli.main(gen_args),
+        "vigface-export": lambda: export_cli.main(
+            ["--model", str(tiny_model_dir()), "--out", str(out / "d.onnx")]
+        ),
+        "vigface-train-fr": lambda: train_fr_cli.main(fr_args),
+        "vigface-train-diffusion": lambda: train_diffusion_cli.main(diffusion_args),
+    }
+    for name, run in commands.items():
+        assert run() == 2, name
+        err = capsys.readouterr().err
+        last = err.splitlines()[-1]
+        assert "Traceback" not in err and err.count("error:") == 1, (name, err)
+        assert last.startswith(f"{name.split()[0]}: error: {a_file}"), (name, err)
+        assert not out.exists()
