@@ -8,8 +8,9 @@
 #   4. bench/fast_sampler_identity.py with the shipped toy model: DPM-Solver++ step counts vs DDIM-100,
 #      and the cudagraph engine's identity drift from eager (same seeds)
 #   5. bench/sample_throughput.py at ViT-B/4 (eager, cudagraph, Triton kernels, compile, fp8, trt)
-#   6. bench/denoiser_profile.py: where a ViT-B/4 forward's time goes (GEMMs, attention, the rest)
-#   7. the Triton kernel tests natively, bench/kernels.py, bench/margin_softmax.py
+#   6. bench/margin_softmax.py
+#   7. bench/denoiser_profile.py: where a ViT-B/4 forward's time goes (GEMMs, attention, the rest)
+#   8. the Triton kernel tests natively, bench/kernels.py
 # Results land in $OUT (at most 8 files come back): logs and the JSON files for bench/results/.
 #   usage: OUT=/tmp/out DEADLINE=500 bash bench/gpu_session.sh
 #   STEPS=tests_cuda,profile,...  runs only the named steps (build always runs); TESTS= the pytest
@@ -72,12 +73,13 @@ step sample_bench 230 python3 bench/sample_throughput.py \
   --engines "${ENGINES:-eager,compile+fast,cudagraph+fast,trt}" \
   --samplers "${SAMPLERS:-ddim:100,dpm++:20}" --compile-mode default --out "$OUT/sample_throughput_cuda.json"
 
+# the margin-softmax figures were never measured on a GPU: before the (twice measured) profile
+step margin_softmax_bench 60 python3 bench/margin_softmax.py --out "$OUT/margin_softmax_cuda.json"
 step profile 170 python3 bench/denoiser_profile.py --out "$OUT/denoiser_profile_cuda.json"
 
 step kernel_tests 90 env VIGFACE_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider \
   tests/test_kernels_attention.py tests/test_kernels_adaln.py tests/test_kernels_margin_softmax.py
 step kernels_bench 60 python3 bench/kernels.py --out "$OUT/kernels_cuda.json"
-step margin_softmax_bench 60 python3 bench/margin_softmax.py --out "$OUT/margin_softmax_cuda.json"
 
 echo "=== summary (total $((SECONDS - START))s)" | tee -a "$LOG"
 printf "%s" "$SUMMARY" | tee -a "$LOG"
