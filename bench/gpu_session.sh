@@ -14,7 +14,7 @@
 # Results land in $OUT (at most 8 files come back): logs and the JSON files for bench/results/.
 #   usage: OUT=/tmp/out DEADLINE=500 bash bench/gpu_session.sh
 #   STEPS=tests_cuda,profile,...  runs only the named steps (build always runs); TESTS= the pytest
-#   paths of tests_cuda (default tests/); ENGINES= / SAMPLERS= for sample_bench.
+#   paths of tests_cuda (default tests/); ENGINES= / SAMPLERS= for sample_bench; FORWARDS= for profile.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/vigface_gpu}
@@ -75,7 +75,8 @@ step sample_bench 230 python3 bench/sample_throughput.py \
 
 # the margin-softmax figures were never measured on a GPU: before the (twice measured) profile
 step margin_softmax_bench 60 python3 bench/margin_softmax.py --out "$OUT/margin_softmax_cuda.json"
-step profile 170 python3 bench/denoiser_profile.py --out "$OUT/denoiser_profile_cuda.json"
+step profile 170 python3 bench/denoiser_profile.py ${FORWARDS:+--forwards "$FORWARDS"} \
+  --out "$OUT/denoiser_profile_cuda.json"
 
 step kernel_tests 90 env VIGFACE_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider \
   tests/test_kernels_attention.py tests/test_kernels_adaln.py tests/test_kernels_margin_softmax.py
