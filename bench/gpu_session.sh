@@ -8,7 +8,7 @@
 #   4. bench/fast_sampler_identity.py with the shipped toy model: DPM-Solver++ step counts vs DDIM-100,
 #      and the cudagraph engine's identity drift from eager (same seeds)
 #   5. bench/sample_throughput.py at ViT-B/4 (eager, cudagraph, Triton kernels, compile, fp8, trt)
-#   6. bench/margin_softmax.py
+#   6. bench/margin_softmax.py, and bench/margin_softmax_tune.py: the fused kernels' tiles tuned
 #   7. bench/denoiser_profile.py: where a ViT-B/4 forward's time goes (GEMMs, attention, the rest)
 #   8. the Triton kernel tests natively, bench/kernels.py
 # Results land in $OUT (at most 8 files come back): logs and the JSON files for bench/results/.
@@ -75,6 +75,9 @@ step sample_bench 230 python3 bench/sample_throughput.py \
 
 # the margin-softmax figures were never measured on a GPU: before the (twice measured) profile
 step margin_softmax_bench 60 python3 bench/margin_softmax.py --out "$OUT/margin_softmax_cuda.json"
+# GPU_TUNING of the fused margin-softmax kernels was a first guess: tune it (ieee and tf32 dots)
+step margin_softmax_tune 260 python3 bench/margin_softmax_tune.py --deadline 200 \
+  --out "$OUT/margin_softmax_tune_cuda.json"
 step profile 170 python3 bench/denoiser_profile.py ${FORWARDS:+--forwards "$FORWARDS"} \
   --out "$OUT/denoiser_profile_cuda.json"
 
