@@ -1,4 +1,4 @@
-"""Tune the fused margin-softmax kernels' tiles on a GPU: coordinate descent from GPU_TUNING.
+"""Tune the fused margin-softmax kernels' tiles on a GPU: coordinate descent from the pinned tiles.
 
     python bench/margin_softmax_tune.py --out bench/results/margin_softmax_tune_cuda.json
     python bench/margin_softmax_tune.py --cpu --size 48:700:64 --passes 1   # the logic, interpreted
@@ -6,8 +6,9 @@
 For each fp32 dot mode ("ieee": PyTorch's default fp32 matmuls; "tf32": with
 torch.backends.cuda.matmul.allow_tf32, which the kernels follow) it times one forward + backward
 (ArcFace s = 64, m = 0.5, B x D rows against C prototypes, as bench/margin_softmax.py) of the
-reference and of the fused kernels at GPU_TUNING, then changes one tuning field at a time over its
-candidates, keeping a change when the step gets faster, for --passes rounds. Every candidate's loss
+reference and of the fused kernels at that mode's pinned tiles (GPU_TUNING, GPU_TUNING_TF32), then
+changes one tuning field at a time over its candidates, keeping a change when the step gets faster
+(by over 2 %), for --passes rounds. Every candidate's loss
 and gradients are compared with the reference of the same dot mode (a candidate that disagrees is
 rejected, one that fails to compile or launch is recorded with its error), so the pick is a
 checked configuration, not only a fast one. Times are medians of --repeats CUDA-event-timed steps
@@ -207,9 +208,11 @@ def main() -> None:
 
     device = torch.device("cpu" if args.cpu else "cuda")
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    base = ms.INTERPRETER_TUNING if args.cpu else ms.GPU_TUNING
-    if base.programs == 0:  # the 4 x SMs default, spelled out so the search can move it
-        base = dataclasses.replace(base, programs=4 * sms)
+
+    def start_tuning(mode):  # the pinned tiles of the mode, programs spelled out for the search
+        base = ms.INTERPRETER_TUNING if args.cpu else ms.GPU_TUNING if mode == "ieee" else ms.GPU_TUNING_TF32
+        return dataclasses.replace(base, programs=4 * sms) if base.programs == 0 else base
+
     candidates = CPU_CANDIDATES if args.cpu else CANDIDATES
     head = MarginHead(MarginConfig("arcface", 64.0, 0.5)).to(device)
     problem = make_problem(batch, classes, dim, device)
@@ -227,7 +230,15 @@ def main() -> None:
     for i, mode in enumerate(modes):  # each mode gets an equal share of the deadline
         stop_at = started + args.deadline * (i + 1) / len(modes)
         result["modes"][mode] = search(
-            mode, problem, lambda c: head.target_cosine(c, None), base, candidates, args, device, sms, stop_at
+            mode,
+            problem,
+            lambda c: head.target_cosine(c, None),
+            start_tuning(mode),
+            candidates,
+            args,
+            device,
+            sms,
+            stop_at,
         )
         ref_s, best = result["modes"][mode]["reference_step_s"], result["modes"][mode]["best"]
         ratio = best["fused_over_reference"]
