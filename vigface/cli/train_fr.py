@@ -34,7 +34,8 @@ HELP = {
     "--no-virtual-embeddings is the collapse ablation",
     "sigma_alpha": "EMA weight of the current batch's sigma (eq. 7)",
     "loss": "margin-softmax implementation: fused (Triton, no B x C logits) or reference "
-    "(materialised logits); auto: fused on CUDA, reference elsewhere",
+    "(materialised logits, faster); auto: reference, or fused on CUDA when the reference's logits "
+    "would take over 1/8 of the GPU's memory",
     "loader": "data loader: torch (PIL in worker processes, the reference) or dali (NVIDIA DALI, "
     "extra `dali`; same images and order, pixels within 1 level); auto: dali when installed",
     "batch_size": "images per rank per step",

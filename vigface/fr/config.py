@@ -55,7 +55,7 @@ class FRTrainConfig:
     num_virtual: int = 0  # k virtual prototypes W_V
     virtual_embeddings: bool = True  # False: the collapse ablation (W_V without eqs. 5-7)
     sigma_alpha: float = 0.9
-    loss: str = "auto"  # auto: fused Triton kernels on CUDA, the materialised reference elsewhere
+    loss: str = "auto"  # auto: the reference; the fused kernels on CUDA when its logits would not fit
     # optimisation
     batch_size: int = 128  # per rank
     epochs: int = 25

@@ -50,14 +50,41 @@ from vigface.fr.margins import MarginConfig, MarginHead
 from vigface.fr.rng import step_generator
 
 HEAD_LOSSES = ("auto", "fused", "reference")
+# The fused kernels save memory, not time. On an H200 (bench/results/margin_softmax_tune_cuda.json,
+# 512 rows x 100k classes x 512, forward + backward, tuned tiles) the reference takes 5.4 ms with
+# fp32 matmuls and 2.8 ms with TF32, the fused kernels 35.8 ms and 4.0 ms (Triton's fp32 dots run
+# without tensor cores). So 'auto' takes the reference unless its logits would crowd the GPU: about
+# REFERENCE_LOGIT_MATRICES (rows x classes) fp32 matrices are alive at its peak (measured,
+# bench/results/margin_softmax_cuda.json), and more than REFERENCE_MEMORY_SHARE of the device's
+# memory for them is left to the backbone's activations instead.
+REFERENCE_LOGIT_MATRICES = 3.3
+REFERENCE_MEMORY_SHARE = 1 / 8
 
 
-def resolve_head_loss(choice: str, device: torch.device) -> str:
-    """'auto' -> 'fused' on CUDA, 'reference' elsewhere; an explicit 'fused' must be able to run."""
+def device_memory_bytes(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+def reference_loss_bytes(rows: int, classes: int) -> int:
+    """The reference's working memory for `rows` x `classes` (this rank's shard) logits."""
+    return int(REFERENCE_LOGIT_MATRICES * rows * classes * 4)
+
+
+def resolve_head_loss(choice: str, device: torch.device, rows: int = 0, classes: int = 0) -> str:
+    """'auto': 'reference', or on CUDA 'fused' when the reference's logits for `rows` x `classes`
+    would take more than REFERENCE_MEMORY_SHARE of the GPU (and Triton can run there); an explicit
+    'fused' must be able to run."""
     if choice not in HEAD_LOSSES:
         raise VigfaceError(f"loss {choice!r} is unknown; choose one of {', '.join(HEAD_LOSSES)}")
     if choice == "auto":
-        return "fused" if device.type == "cuda" else "reference"
+        if device.type != "cuda":
+            return "reference"
+        if reference_loss_bytes(rows, classes) <= REFERENCE_MEMORY_SHARE * device_memory_bytes(device):
+            return "reference"
+        try:
+            return resolve_head_loss("fused", device)
+        except BackendUnavailableError:  # no Triton: the reference is the only way left
+            return "reference"
     if choice == "fused":
         try:
             from vigface.kernels.margin_softmax import fused_unavailable_reason

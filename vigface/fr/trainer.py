@@ -115,6 +115,11 @@ class _Run:
         if self.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self.bf16 = config.amp == "bf16" or (config.amp == "auto" and self.device.type == "cuda")
+        # the head's logits on this rank: the global batch of real rows (and as many virtual
+        # rows) against this rank's shard of the classes (Partial FC)
+        virtual_rows = config.virtual_embeddings and config.num_virtual > 0
+        head_rows = self.global_batch * (2 if virtual_rows else 1)
+        head_classes = -(-(self.num_real + config.num_virtual) // self.world_size)
         self.head = VirtualPrototypeHead(
             self.num_real,
             config.num_virtual,
@@ -125,7 +130,7 @@ class _Run:
             seed=config.seed,
             rank=self.rank,
             world_size=self.world_size,
-            loss=resolve_head_loss(config.loss, self.device),
+            loss=resolve_head_loss(config.loss, self.device, head_rows, head_classes),
         ).to(self.device)
         named = [(n, p) for n, p in self.backbone.named_parameters() if p.requires_grad]
         self.backbone_names = [n for n, _ in named]
@@ -315,6 +320,7 @@ class _Run:
             "num_real": self.num_real,
             "num_virtual": self.config.num_virtual,
             "margin": self.config.margin_config().to_dict(),
+            "head_loss": self.head.loss,  # what --loss auto chose
             "train_config": self.config.to_dict(),
         }
         _write_json(self.out / BACKBONE_META, meta)
