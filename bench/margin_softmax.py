@@ -2,6 +2,7 @@
 
     python bench/margin_softmax.py                 # GPU: B = 512, D = 512, C = 100k and 1M
     python bench/margin_softmax.py --cpu           # CPU: the kernels in Triton's interpreter
+    python bench/margin_softmax.py --tf32          # GPU: fp32 matmuls and dots in TF32, both sides
 
 One measurement is one forward + backward of `margin_cross_entropy` (ArcFace s = 64, m = 0.5, fp32
 as in the head) on B unit rows and C unit prototypes, `impl="fused"` or `impl="reference"`. Every
@@ -48,9 +49,11 @@ def _status_bytes(key: str) -> int:
     return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) * 1024
 
 
-def measure_one(batch: int, classes: int, dim: int, impl: str, repeats: int) -> dict:
+def measure_one(batch: int, classes: int, dim: int, impl: str, repeats: int, tf32: bool) -> dict:
     """One (B, C, impl) in this process: peak memory of one step, then the median step time."""
     import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = tf32  # the reference's matmuls; the kernels follow it
     import torch.nn.functional as F
     import vigface.kernels.margin_softmax as ms
 
@@ -115,7 +118,7 @@ def measure_one(batch: int, classes: int, dim: int, impl: str, repeats: int) -> 
     }
 
 
-def run_in_subprocess(batch, classes, dim, impl, repeats, cpu) -> dict:
+def run_in_subprocess(batch, classes, dim, impl, repeats, cpu, tf32) -> dict:
     env = dict(os.environ)
     if cpu:
         env["TRITON_INTERPRET"] = "1"  # read when vigface.kernels is imported
@@ -123,7 +126,7 @@ def run_in_subprocess(batch, classes, dim, impl, repeats, cpu) -> dict:
         # follows live memory instead of what glibc's heap kept from the warm-up step.
         env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     cmd = [sys.executable, __file__, "--one", str(batch), str(classes), impl, "--dim", str(dim)]
-    cmd += ["--repeats", str(repeats)]
+    cmd += ["--repeats", str(repeats)] + (["--tf32"] if tf32 else [])
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -138,6 +141,7 @@ def main() -> None:
     ap.add_argument(
         "--repeats", type=int, default=None, help="extra timed steps (GPU 5; CPU 3 reference, 0 fused)"
     )
+    ap.add_argument("--tf32", action="store_true", help="GPU: TF32 fp32 matmuls (reference) and dots (fused)")
     ap.add_argument("--append", action="store_true", help="add to the JSON's rows, replacing equal sizes")
     ap.add_argument("--one", nargs=3, metavar=("B", "C", "IMPL"), help=argparse.SUPPRESS)
     ap.add_argument(
@@ -146,7 +150,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.one:
         batch, classes, impl = int(args.one[0]), int(args.one[1]), args.one[2]
-        print(json.dumps(measure_one(batch, classes, args.dim, impl, args.repeats or 0)))
+        print(json.dumps(measure_one(batch, classes, args.dim, impl, args.repeats or 0, args.tf32)))
         return
 
     import torch
@@ -162,7 +166,7 @@ def main() -> None:
             repeats = args.repeats
             if repeats is None:  # interpreted kernels: the measured step alone (minutes at C = 100k)
                 repeats = 0 if cpu and impl == "fused" else 3 if cpu else 5
-            pair[impl] = run_in_subprocess(batch, classes, args.dim, impl, repeats, cpu)
+            pair[impl] = run_in_subprocess(batch, classes, args.dim, impl, repeats, cpu, args.tf32)
             rows.append(pair[impl])
             r = pair[impl]
             peak, working = r["peak_bytes"] / 2**20, r["working_bytes"] / 2**20
@@ -206,7 +210,13 @@ def main() -> None:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "threads": torch.get_num_threads(),
-        "config": {"dim": args.dim, "dtype": "float32", "margin": "arcface s=64 m=0.5", "step": "fwd+bwd"},
+        "config": {
+            "dim": args.dim,
+            "dtype": "float32",
+            "matmul": "tf32" if args.tf32 and not cpu else "fp32 (ieee)",
+            "margin": "arcface s=64 m=0.5",
+            "step": "fwd+bwd",
+        },
         "memory_method": (
             "peak rise of the process resident set (VmHWM after clear_refs) during one step, one "
             "subprocess per (B, C, impl), MALLOC_MMAP_THRESHOLD_=65536 so freed blocks leave the "
