@@ -93,6 +93,7 @@ def test_outputs_of_a_run(uninterrupted, small_toy):
     assert len(val) == 2 and 0.0 < val[-1]["toy_val"] <= 1.0  # one evaluation per epoch
     meta = json.loads((out / "backbone.json").read_text())
     assert meta["num_real"] == 40 and meta["num_virtual"] == 10 and len(meta["sha256"]) == 64
+    assert meta["head_loss"] == "reference"  # what --loss auto chose on a CPU
     kept = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert kept == ["step_00000039", "step_00000040"]  # keep_checkpoints=2; saves every 3 steps + the end
 

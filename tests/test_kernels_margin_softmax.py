@@ -355,6 +355,7 @@ def test_trainer_with_fused_loss_follows_the_reference_run(small_toy, tmp_path):
         train_fr(FRTrainConfig(data=str(small_toy / "train.rec"), out=str(out), loss=loss, **tiny))
         lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         logged[loss] = [r[k] for r in lines if "loss" in r for k in ("loss_real", "loss_virtual")]
+        assert json.loads((out / "backbone.json").read_text())["head_loss"] == loss
     assert len(logged["fused"]) == 6
     assert logged["fused"] == pytest.approx(logged["reference"], rel=1e-4, abs=2e-5)  # logged to 5 digits
 
