@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,7 +106,7 @@ def test_full_pipeline_writes_a_consistent_report(demo_run):
         assert report["training_set_search"][name] == pytest.approx(again[name])
     assert any(line.startswith("Privacy check") for line in report["summary"])
     assert len(report["peers"]["rows"]) == 19
-    with pytest.raises(VigfaceError, match="already holds"):
+    with pytest.raises(VigfaceError, match="holds a finished demo run"):
         run_demo(TINY, str(out))
 
 
@@ -139,8 +140,8 @@ def test_quick_mode_uses_trained_models_without_training_them(demo_run, tmp_path
 def test_demo_command_line(monkeypatch, capsys, tmp_path):
     seen = {}
 
-    def fake_run(config, out):
-        seen.update(config=config, out=out)
+    def fake_run(config, out, resume=False):
+        seen.update(config=config, out=out, resume=resume)
         return {"summary": ["ok"], "timings": {"total": 1.0}, "report": f"{out}/report.html"}
 
     monkeypatch.setattr("vigface.eval.demo.run_demo", fake_run)
@@ -150,8 +151,66 @@ def test_demo_command_line(monkeypatch, capsys, tmp_path):
     )
     assert seen["config"] == dataclasses.replace(QUICK, cfg_sweep=(0.5, 2.0), progress=False)
     assert f"report: {tmp_path}/report.html" in capsys.readouterr().out
-    assert vigface_cli.main(["demo", "--out", str(tmp_path)]) == 0
+    assert seen["resume"] is False
+    assert vigface_cli.main(["demo", "--out", str(tmp_path), "--resume"]) == 0
     assert seen["config"].quick is False and seen["config"].dm_steps == FULL.dm_steps
+    assert seen["resume"] is True
+
+
+def test_an_interrupted_demo_resumes_to_the_uninterrupted_report(demo_run, tmp_path, monkeypatch):
+    """Interrupted in stage 2 right after its second checkpoint, then resumed: finished stages are
+    kept, stage 2 continues from its checkpoint, and the report's numbers equal the uninterrupted
+    run's (which saved no checkpoint before its end)."""
+    import vigface.diffusion.trainer as diffusion_trainer
+    import vigface.fr.trainer as fr_trainer
+
+    full_out, _ = demo_run
+    out = tmp_path / "resumed"
+    config = dataclasses.replace(TINY, dm_save_every=1)
+    saves, save = [], diffusion_trainer.save_checkpoint
+
+    def save_then_interrupt(*args, **kwargs):
+        save(*args, **kwargs)
+        saves.append(args[1])
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # Ctrl-C just after the step-2 checkpoint
+
+    with monkeypatch.context() as m:
+        m.setattr(diffusion_trainer, "save_checkpoint", save_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run_demo(config, str(out))
+    assert saves == [1, 2] and not (out / "report.html").exists() and not (out / "generated").exists()
+
+    with pytest.raises(VigfaceError, match="already holds a demo run; pass --resume"):
+        run_demo(config, str(out))
+    with pytest.raises(VigfaceError, match="other settings .gen_per_id 4 there, 5 now"):
+        run_demo(dataclasses.replace(config, gen_per_id=5), str(out), resume=True)
+    with pytest.raises(VigfaceError, match="holds no demo run to continue"):
+        run_demo(config, str(tmp_path / "nothing"), resume=True)
+
+    trained = []
+    for module, name in ((fr_trainer, "train_fr"), (diffusion_trainer, "train_diffusion")):
+        original = getattr(module, name)
+
+        def recording(cfg, *, resume=False, original=original):
+            trained.append((Path(cfg.out).name, resume))
+            return original(cfg, resume=resume)
+
+        monkeypatch.setattr(module, name, recording)
+    result = run_demo(config, str(out), resume=True)
+    assert trained == [  # the finished stage 1 only exports again; stage 2 continues from step 2
+        ("fr_real", True), ("diffusion", True), ("fr_generated", False), ("fr_real_matched", False)
+    ]  # fmt: skip
+    resumed = json.loads(Path(result["json"]).read_text())
+    uninterrupted = json.loads((full_out / "report.json").read_text())
+    for key in ("dataset_metrics", "training_set_search", "picked_w", "prototypes"):
+        assert resumed[key] == uninterrupted[key], key
+    assert resumed["verification"]["comparison"] == uninterrupted["verification"]["comparison"]
+    for name, model in uninterrupted["verification"]["models"].items():  # descriptions name the folders
+        assert resumed["verification"]["models"][name]["table"] == model["table"], name
+    assert resumed["config"]["resumed"] is True
+    with pytest.raises(VigfaceError, match="holds a finished demo run"):
+        run_demo(config, str(out), resume=True)
 
 
 def test_eval_command_line(demo_run, capsys, tmp_path):

@@ -89,7 +89,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
     )
-    result = run_demo(config, args.out)
+    result = run_demo(config, args.out, resume=args.resume)
     print("\n".join(result["summary"]))
     print(f"demo finished in {result['timings']['total']:.0f} s")
     print(f"report: {result['report']}")
@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate at these guidance scales first and use the w with the best IoU (e.g. 0.5 1.5 2.5)",
     )  # fmt: skip
     demo.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    demo.add_argument(
+        "--resume", action="store_true", help="continue the interrupted demo in --out (same settings)"
+    )
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
     return parser

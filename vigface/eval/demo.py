@@ -4,6 +4,11 @@
       -> generate real and virtual ids -> a fresh FR trained on the generated set
       -> both FR models verified on held-out toy pairs -> dataset metrics -> report.html
 
+An interrupted demo continues with `resume=True` (`vigface demo --resume`): demo.json keeps the
+settings it started with, finished stages are kept, the trainers continue from their last
+checkpoint (stage 2 saves every `dm_save_every` steps; the FR trainings restart, they are short)
+and the generation from its last shard.
+
 `FULL` is sized for about 10 minutes on 2 CPU cores; `QUICK` skips both stage trainings and
 generates with the tiny model shipped in the package (`vigface.assets.tiny_model_dir()`), for
 under 2 minutes. Both are plain `DemoConfig`s, so tests run the same code at a tiny size.
@@ -61,6 +66,7 @@ class DemoConfig:
     # U-ViT's output conv: generated / real 83.2 % -> 87.4 % at 1,000 steps, CST of the generated
     # real ids 0.870 -> 0.888 (bench/results/demo_toy_cpu.json, "final_conv")
     dm_final_conv: bool = True
+    dm_save_every: int = 200  # an interrupted demo loses at most this many stage-2 steps
     # generation
     gen_ids: int = 50  # per kind (real and virtual)
     gen_per_id: int = 8
@@ -93,6 +99,7 @@ class DemoConfig:
             "gen_ids",
             "gen_per_id",
             "gen_steps",
+            "dm_save_every",
         ):
             if getattr(self, name) < 1:
                 bad(name, f"must be at least 1, got {getattr(self, name)}")
@@ -155,8 +162,57 @@ def _diffusion_config(c: DemoConfig, data: Path, fr: Path, out: Path):
         data=str(data), fr_model=str(fr), out=str(out), size="tiny", image_size=c.dm_image_size,
         patch=c.dm_patch, final_conv=c.dm_final_conv, batch_size=c.dm_batch, steps=c.dm_steps, lr=c.dm_lr,
         warmup_steps=min(100, c.dm_steps // 10), ema_decay=c.dm_ema, workers=c.workers,
-        save_every=10**9, log_every=50, device=c.device, progress=c.progress, seed=c.seed,
+        save_every=c.dm_save_every, log_every=50, device=c.device, progress=c.progress, seed=c.seed,
     )  # fmt: skip
+
+
+DEMO_PLAN = "demo.json"  # the settings a demo folder was started with
+
+
+def _check_folder(out: Path, resume: bool) -> None:
+    """Refuse a finished run, a started one without `resume`, and `resume` with nothing to resume."""
+    if (out / "report.html").exists():
+        raise VigfaceError(
+            f"demo: {out} holds a finished demo run (report.html); choose another --out or delete it"
+        )
+    started = (out / DEMO_PLAN).exists() or (out / "toy" / "toy.json").exists()
+    if started and not resume:
+        raise VigfaceError(
+            f"demo: {out} already holds a demo run; pass --resume to continue it, or choose another --out "
+            "or delete it"
+        )
+    if resume and not (out / DEMO_PLAN).is_file():
+        raise VigfaceError(f"demo --resume: {out} holds no demo run to continue (no {DEMO_PLAN})")
+
+
+def _settings(c: DemoConfig) -> dict:
+    """What a resumed run must share with the run it continues (progress bars aside), as JSON has it."""
+    return json.loads(json.dumps({k: v for k, v in asdict(c).items() if k != "progress"}))
+
+
+def _start_or_match_plan(out: Path, c: DemoConfig, resume: bool) -> None:
+    path = out / DEMO_PLAN
+    now = _settings(c)
+    if not resume:
+        path.with_suffix(".tmp").write_text(json.dumps({"demo_config": now}, indent=1))
+        path.with_suffix(".tmp").replace(path)
+        return
+    try:
+        before = json.loads(path.read_text())["demo_config"]
+        differs = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise VigfaceError(
+            f"demo --resume: {path}: is not a demo plan ({exc}); choose another --out"
+        ) from None
+    if differs:
+        changes = ", ".join(f"{k} {before.get(k)!r} there, {now.get(k)!r} now" for k in differs)
+        raise VigfaceError(f"demo --resume: {out} was started with other settings ({changes})")
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    from vigface.fr.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(folder) is not None
 
 
 def _describe_fr(fr_dir: Path, what: str) -> str:
@@ -202,8 +258,9 @@ def _grid_rows(images: np.ndarray, labels: np.ndarray, ids: int, per_id: int) ->
     return rows, names
 
 
-def run_demo(config: DemoConfig, out: str) -> dict:
-    """Run the demo into `out`; returns {"report": html path, "json": ..., "summary": ...}."""
+def run_demo(config: DemoConfig, out: str, resume: bool = False) -> dict:
+    """Run the demo into `out` (or continue the one there); returns {"report": html path, "json": ...,
+    "summary": ...}."""
     import torch
 
     from vigface.data.toy_dataset import ToyConfig, make_toy_dataset
@@ -227,8 +284,7 @@ def run_demo(config: DemoConfig, out: str) -> dict:
 
     c = config
     out = Path(out)
-    if (out / "report.html").exists() or (out / "toy" / "toy.json").exists():
-        raise VigfaceError(f"demo: {out} already holds a demo run; choose another --out or delete it")
+    _check_folder(out, resume)
     device = _device(c.device)
     clock = _Clock()
 
@@ -250,20 +306,23 @@ def run_demo(config: DemoConfig, out: str) -> dict:
         c = dataclasses.replace(c, ids=num_real, gen_ids=min(c.gen_ids, num_real))
     # Created only now: a run refused above (a wrong --model) leaves no folder behind.
     out.mkdir(parents=True, exist_ok=True)
+    _start_or_match_plan(out, c, resume)
     toy = out / "toy"
     toy_cfg = ToyConfig(
         ids=c.ids, per_id=c.per_id, seed=c.seed, pairs=c.pairs, val_ids=c.val_ids,
         val_per_id=c.val_per_id, pose_per_id=c.pose_per_id,
     )  # fmt: skip
     # Rendered in this process: a spawned pool costs more in start-up than it saves at these sizes.
-    clock.run("toy data", make_toy_dataset, toy, toy_cfg, workers=1, progress=c.progress)
+    if not (toy / "toy.json").exists():  # written last: a toy folder without it is re-rendered
+        clock.run("toy data", make_toy_dataset, toy, toy_cfg, workers=1, progress=c.progress)
     bins = [toy / "toy_val.bin", toy / "toy_pose.bin"]
     if not c.quick:
         fr_dir, dm_dir = out / "fr_real", out / "diffusion"
-        clock.run("stage 1: FR on real toy data", train_fr, _fr_config(c, toy / "train.rec", fr_dir, c.ids))
-        clock.run(
-            "stage 2: diffusion", train_diffusion, _diffusion_config(c, toy / "train.rec", fr_dir, dm_dir)
-        )
+        # a stage with a checkpoint continues from it (a finished one only exports again)
+        fr_cfg = _fr_config(c, toy / "train.rec", fr_dir, c.ids)
+        clock.run("stage 1: FR on real toy data", train_fr, fr_cfg, resume=_has_checkpoint(fr_dir))
+        dm_cfg = _diffusion_config(c, toy / "train.rec", fr_dir, dm_dir)
+        clock.run("stage 2: diffusion", train_diffusion, dm_cfg, resume=_has_checkpoint(dm_dir))
     fr_real, _ = load_backbone(fr_dir, device)
     prototypes = load_prototypes(
         dm_dir / PROTOTYPES if (dm_dir / PROTOTYPES).is_file() else fr_dir / PROTOTYPES
@@ -292,7 +351,8 @@ def run_demo(config: DemoConfig, out: str) -> dict:
 
     # ---- fresh FR models on generated data and on as much real data; all verified ----------
     fr_gen_dir = out / "fr_generated"
-    clock.run("FR on generated data", train_fr, _fr_config(c, gen_dir / "train.rec", fr_gen_dir, 0))
+    fr_gen_cfg = _fr_config(c, gen_dir / "train.rec", fr_gen_dir, 0)
+    clock.run("FR on generated data", train_fr, fr_gen_cfg, resume=_has_checkpoint(fr_gen_dir))
     fr_gen, _ = load_backbone(fr_gen_dir, device)
     fr_models = {"real": fr_real, "generated": fr_gen}
     n_gen = 2 * gen_ids * c.gen_per_id
@@ -302,7 +362,9 @@ def run_demo(config: DemoConfig, out: str) -> dict:
         matched_ids, matched_per_id = _matched_real(
             toy / "train.rec", matched_rec, n_gen, max_ids=2 * gen_ids
         )
-        clock.run("FR on real data, generated size", train_fr, _fr_config(c, matched_rec, fr_matched_dir, 0))
+        matched_cfg = _fr_config(c, matched_rec, fr_matched_dir, 0)
+        resume_matched = _has_checkpoint(fr_matched_dir)
+        clock.run("FR on real data, generated size", train_fr, matched_cfg, resume=resume_matched)
         fr_models[MATCHED], _ = load_backbone(fr_matched_dir, device)
     tables = clock.run(
         "verification",
@@ -478,6 +540,7 @@ def run_demo(config: DemoConfig, out: str) -> dict:
             "fr_model": str(fr_dir),
             "device": device,
             "torch_threads": torch.get_num_threads(),
+            "resumed": resume,  # timings then cover this process's part only
         },  # fmt: skip
     }
     html_path = write_report(out, report, figs)
