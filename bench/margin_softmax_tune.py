@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -66,22 +65,11 @@ def run_step(problem, impl, tuning, margin):
 
 
 def timed(fn, repeats, device):
-    import torch
+    """Median seconds of `repeats` CUDA-event-timed calls after one warm-up (which compiles a new
+    tuning); one call on the interpreter."""
+    from denoiser_profile import timed as median_seconds  # the benchmarks' timer (bench/ is on the path)
 
-    fn()  # warm-up: compiles the kernels of a new tuning
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
+    return median_seconds(fn, device, warmup=1, repeats=repeats if device.type == "cuda" else 1)
 
 
 def relative_error(result, reference) -> float:
