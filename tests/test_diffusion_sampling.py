@@ -7,7 +7,13 @@ import torch
 
 from vigface.diffusion.cfg import cfg_combine, guided_x0
 from vigface.diffusion.ddim import ddim_sample, ddim_step, ddim_timesteps
-from vigface.diffusion.dpm_solver import dpm_solver_pp_sample, dpm_solver_pp_step
+from vigface.diffusion.dpm_solver import (
+    LOGSNR_START,
+    dpm_solver_pp_sample,
+    dpm_solver_pp_step,
+    dpm_timesteps,
+    logsnr_timesteps,
+)
 from vigface.diffusion.schedule import NoiseSchedule
 from vigface.errors import VigfaceError
 
@@ -186,8 +192,46 @@ def test_dpm_solver_2m_update_matches_the_algorithm():
     assert torch.allclose(seen[2], x2.double(), atol=1e-12)
 
 
+@pytest.mark.parametrize("steps", [2, 15, 30])
+def test_logsnr_timesteps_are_evenly_spaced_in_lambda(steps):
+    """T - 1, then each timestep the nearest (of all 1000) to its target lambda; targets evenly spaced
+    from LOGSNR_START to lambda(0), computed here in NumPy."""
+    import numpy as np
+
+    sched = NoiseSchedule("cosine", 1000)
+    a = sched.alphas_cumprod.double().numpy()
+    lam = 0.5 * np.log(a / (1 - a))
+    t = logsnr_timesteps(sched, steps).numpy()
+    assert len(t) == steps and t[0] == 999 and t[-1] == 0 and (np.diff(t) < 0).all()
+    targets = (
+        [lam[0]]
+        if steps == 2
+        else LOGSNR_START + (lam[0] - LOGSNR_START) * np.arange(steps - 1) / (steps - 2)
+    )
+    for step, target in zip(t[1:], targets, strict=True):
+        assert abs(lam[step] - target) <= np.abs(lam - target).min() + 1e-12
+    assert dpm_timesteps(sched, steps, "logsnr").tolist() == t.tolist()
+    assert dpm_timesteps(sched, steps, "time").tolist() == ddim_timesteps(1000, steps).tolist()
+
+
+def test_crowded_logsnr_timesteps_stay_strictly_decreasing():
+    """Past ~30 steps several targets are nearest to the same small t: the next free ones are taken."""
+    sched = NoiseSchedule("cosine", 1000)
+    for steps in (40, 100):
+        t = logsnr_timesteps(sched, steps)
+        assert len(t) == steps and t[0] == 999 and (t[1:] < t[:-1]).all()
+        assert t[-6:].tolist() == [5, 4, 3, 2, 1, 0]
+    assert logsnr_timesteps(sched, 1000).tolist() == list(range(999, -1, -1))
+    assert logsnr_timesteps(NoiseSchedule("cosine", 10), 10).tolist() == list(range(9, -1, -1))
+    with pytest.raises(VigfaceError, match="logsnr steps must be in 2..1000, got 1"):
+        logsnr_timesteps(NoiseSchedule("cosine", 1000), 1)
+    with pytest.raises(VigfaceError, match="spacing 'karras' is unknown"):
+        dpm_timesteps(NoiseSchedule("cosine", 1000), 10, "karras")
+
+
+@pytest.mark.parametrize("spacing", ["time", "logsnr"])
 @pytest.mark.parametrize("steps", [2, 10, 25])
-def test_dpm_solver_with_an_exact_model_ends_at_x0(steps):
+def test_dpm_solver_with_an_exact_model_ends_at_x0(steps, spacing):
     sched = NoiseSchedule("cosine", 1000)
     g = torch.Generator().manual_seed(8)
     x0 = torch.rand(2, 3, 4, 4, generator=g, dtype=torch.float64)
@@ -198,4 +242,4 @@ def test_dpm_solver_with_an_exact_model_ends_at_x0(steps):
         assert torch.allclose(x_t, sched.q_sample(x0, t, eps), atol=1e-9)
         return x0
 
-    assert torch.allclose(dpm_solver_pp_sample(oracle, x_T, sched, steps), x0, atol=1e-9)
+    assert torch.allclose(dpm_solver_pp_sample(oracle, x_T, sched, steps, spacing=spacing), x0, atol=1e-9)

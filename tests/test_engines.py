@@ -197,7 +197,9 @@ class SteppedEager(EagerEngine):
     sample = Engine.sample
 
 
-@pytest.mark.parametrize("sampler,steps,prediction", [("ddim", 8, "x0"), ("dpm++", 5, "v")])
+@pytest.mark.parametrize(
+    "sampler,steps,prediction", [("ddim", 8, "x0"), ("dpm++", 5, "v"), ("dpm++logsnr", 6, "x0")]
+)
 def test_stepped_loop_matches_the_eager_reference_samplers(sampler, steps, prediction):
     """The loop every non-eager engine runs (denoise + fused update) against eager's reference loop."""
     model = tiny_denoiser(prediction)

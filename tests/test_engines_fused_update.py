@@ -55,7 +55,9 @@ def reference_loop(x_T, w, sampler, steps, prediction="x0"):
 
     if sampler == "ddim":
         return ddim_sample(predict, x_T, SCHEDULE, steps)
-    return dpm_solver_pp_sample(predict, x_T, SCHEDULE, steps)
+    return dpm_solver_pp_sample(
+        predict, x_T, SCHEDULE, steps, spacing={"dpm++": "time", "dpm++logsnr": "logsnr"}[sampler]
+    )
 
 
 def test_one_ddim_step_is_the_composition_of_eq9_and_ddim_step():
@@ -99,8 +101,10 @@ def test_second_order_coefficients_are_the_dpm_solver_formula():
 
 @pytest.mark.parametrize("prediction", ["x0", "v"])
 @pytest.mark.parametrize(
-    "sampler,steps", [("ddim", 1), ("ddim", 7), ("ddim", 50), ("dpm++", 1), ("dpm++", 2), ("dpm++", 20)]
-)
+    "sampler,steps",
+    [("ddim", 1), ("ddim", 7), ("ddim", 50), ("dpm++", 1), ("dpm++", 2), ("dpm++", 20), ("dpm++logsnr", 2),
+     ("dpm++logsnr", 15)],
+)  # fmt: skip
 def test_whole_loop_matches_the_reference_samplers(sampler, steps, prediction):
     g = torch.Generator().manual_seed(steps)
     x_T = torch.randn(3, 3, 9, 11, generator=g)

@@ -53,4 +53,5 @@ class EagerEngine(Engine):
 
         if sampler == "ddim":
             return ddim_sample(predict, x_T, self.schedule, steps).clamp(-1, 1)
-        return dpm_solver_pp_sample(predict, x_T, self.schedule, steps).clamp(-1, 1)
+        spacing = "logsnr" if sampler == "dpm++logsnr" else "time"
+        return dpm_solver_pp_sample(predict, x_T, self.schedule, steps, spacing=spacing).clamp(-1, 1)

@@ -1,6 +1,7 @@
 """One sampler step after the denoiser: guidance (eq. 9), the x0 estimate and the sampler update, fused.
 
-Every sampler offered here (deterministic DDIM, DPM-Solver++(2M)) is linear in the current state
+Every sampler offered here (deterministic DDIM, DPM-Solver++(2M) at time- or logSNR-spaced
+timesteps) is linear in the current state
 x, the guided x0 estimate and the previous step's x0, with coefficients that depend only on the
 step index. So one step is, per element (exact definition shared with csrc/guided_update.h):
 
@@ -37,10 +38,12 @@ from dataclasses import dataclass
 import torch
 
 from vigface.diffusion.ddim import ddim_timesteps
+from vigface.diffusion.dpm_solver import dpm_timesteps
 from vigface.diffusion.schedule import NoiseSchedule
 from vigface.errors import BackendUnavailableError, VigfaceError
 
-SAMPLERS = ("ddim", "dpm++")
+# dpm++logsnr: DPM-Solver++(2M) at logSNR-spaced timesteps (vigface/diffusion/dpm_solver.py)
+SAMPLERS = ("ddim", "dpm++", "dpm++logsnr")
 IMPLS = ("auto", "torch", "cuda", "triton")
 CLAMP = (-1.0, 1.0)  # the x0 estimate of a face image in [-1, 1]
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/guided_update.h
@@ -63,7 +66,10 @@ def plan_steps(schedule: NoiseSchedule, sampler: str, steps: int, prediction: st
     if prediction not in ("x0", "v"):
         raise VigfaceError(f"prediction {prediction!r} is unknown; choose x0 or v")
     alphas = schedule.alphas_cumprod.tolist()
-    timesteps = ddim_timesteps(schedule.num_steps, steps).tolist()
+    if sampler == "dpm++logsnr":
+        timesteps = dpm_timesteps(schedule, steps, "logsnr").tolist()
+    else:
+        timesteps = ddim_timesteps(schedule.num_steps, steps).tolist()
 
     def lam(a: float) -> float:
         return 0.5 * math.log(a / (1 - a))
