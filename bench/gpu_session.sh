@@ -5,8 +5,8 @@
 #   1. build vigface._C with CUDA (sm_90) as `pip install -e .` does, without build isolation
 #   2. the tests marked cuda (cudagraph = eager images, the fused update op, the CUDA warp, nvJPEG)
 #   3. bench/loader_throughput.py on the GPU (torch loader: PIL workers vs nvJPEG)
-#   4. bench/fast_sampler_identity.py with the shipped toy model: DPM-Solver++ step counts vs DDIM-100,
-#      and the cudagraph engine's identity drift from eager (same seeds)
+#   4. bench/fast_sampler_identity.py with the shipped toy model: DPM-Solver++ (time and logSNR
+#      spacing) step counts vs DDIM-100, and the cudagraph engine's identity drift from eager
 #   5. bench/sample_throughput.py at ViT-B/4 (eager, cudagraph, Triton kernels, compile, fp8, trt)
 #   6. bench/margin_softmax.py, and bench/margin_softmax_tune.py: the fused kernels' tiles tuned
 #   7. bench/denoiser_profile.py: where a ViT-B/4 forward's time goes (GEMMs, attention, the rest)
@@ -67,11 +67,11 @@ step loader_bench 90 python3 bench/loader_throughput.py --device cuda --workers 
 
 step fast_sampler 100 python3 bench/fast_sampler_identity.py --model vigface/assets/tiny_model --work /tmp/fs \
   --num-ids 50 --per-id 8 --out "$OUT/fast_sampler_identity_toy_gpu.json" \
-  --settings eager/ddim:100,cudagraph/ddim:100,eager/dpm++:20,cudagraph/dpm++:20,eager/dpm++:30,eager/dpm++:40,eager/dpm++:50,eager/ddim:50
+  --settings eager/ddim:100,cudagraph/ddim:100,eager/dpm++:20,eager/dpm++logsnr:15,cudagraph/dpm++logsnr:15,eager/dpm++logsnr:10,eager/dpm++:40,eager/ddim:50
 
 step sample_bench 230 python3 bench/sample_throughput.py \
   --engines "${ENGINES:-eager,compile+fast,cudagraph+fast,trt}" \
-  --samplers "${SAMPLERS:-ddim:100,dpm++:20}" --compile-mode default --out "$OUT/sample_throughput_cuda.json"
+  --samplers "${SAMPLERS:-ddim:100,dpm++:20,dpm++logsnr:15}" --compile-mode default --out "$OUT/sample_throughput_cuda.json"
 
 # the margin-softmax figures were never measured on a GPU: before the (twice measured) profile
 step margin_softmax_bench 60 python3 bench/margin_softmax.py --out "$OUT/margin_softmax_cuda.json"
