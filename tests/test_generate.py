@@ -96,6 +96,15 @@ def test_errors(denoiser_dir, tmp_path, capsys):
         )
     assert gen_cli.main(["--model", str(tmp_path), "--out", str(tmp_path / "y")]) == 2
     assert "not a trained denoiser folder" in capsys.readouterr().err
+    # a step count the schedule cannot take: one line, and no half-made output folder to trip a rerun
+    for sampler, steps, why in (("ddim", 5000, "DDIM steps must be in 1..1000, got 5000"),
+                                ("dpm++logsnr", 1, "logsnr steps must be in 2..1000, got 1")):  # fmt: skip
+        out = tmp_path / f"steps_{sampler}"
+        args = ["--model", str(denoiser_dir), "--out", str(out), "--sampler", sampler, "--steps", str(steps)]
+        assert gen_cli.main([*args, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"--steps {steps} with --sampler {sampler}: " in err and why in err
+        assert not out.exists()
 
 
 def test_pose_file_and_frontal(denoiser_dir, tmp_path):

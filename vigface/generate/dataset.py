@@ -39,6 +39,7 @@ from vigface.diffusion.model_folder import POSE_TABLE, PROTOTYPES, fr_model_dir,
 from vigface.diffusion.pose import landmark_image
 from vigface.diffusion.sampling import ENGINES, KERNELS, SAMPLERS, FaceSampler
 from vigface.engines.base import PRECISIONS
+from vigface.engines.fused_update import plan_steps
 from vigface.errors import DataFormatError, VigfaceError
 from vigface.fr.distributed import finish_distributed, setup_distributed
 from vigface.fr.rng import step_seed
@@ -181,6 +182,10 @@ class _Generator:
         self.config = c = config
         self.rank, self.world_size, self.device = setup_distributed(c.device)
         self.sampler = FaceSampler.load(c.model, self.device, c.engine, c.precision, c.kernels)
+        try:  # a step count the model's schedule cannot take: refused before anything is written
+            plan_steps(self.sampler.schedule, c.sampler, c.steps)
+        except VigfaceError as exc:
+            raise VigfaceError(f"--steps {c.steps} with --sampler {c.sampler}: {exc}") from None
         train_config = self.sampler.meta.get("train_config", {})
         if c.prototypes:
             proto_path = Path(c.prototypes)
