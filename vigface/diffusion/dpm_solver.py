@@ -16,8 +16,8 @@ sampler "dpm++logsnr") starts at T - 1 and spaces the other calls evenly in lamb
 LOGSNR_START down to lambda(0), as DPM-Solver recommends for low-resolution images (Lu et al.
 2022, sec. 3.3), so fewer calls go to the noisiest steps and more to the low-noise ones that draw
 the face. lambda(T - 1) itself is no start: the cosine schedule's last betas are clipped at 0.999,
-which puts lambda(999) at -9.9 where lambda(950) is -2.6, and even spacing from there spends a
-third of the calls above t = 990.
+which puts lambda(999) at -9.9 where lambda(950) is -2.6, and even spacing from there spends about
+40 % of the calls (8 of 20, 6 of 15) above t = 990.
 """
 
 from __future__ import annotations
