@@ -3,21 +3,21 @@
     python bench/sample_throughput.py                          # GPU: ViT-B/4 U-ViT at 112x112, batch 64
     python bench/sample_throughput.py --size tiny --batch 8    # the CPU-sized run (< 5 minutes on 2 cores)
 
-For every available engine x sampler (DDIM-100, DPM-Solver++-20) x precision: images/s, latency
-per step, peak memory, speed-up over the baseline (eager bf16 on a GPU, eager fp32 on a CPU) with
-the same sampler, and the drift of its images from the baseline's (same seeds: mean and max
-|difference| in uint8 levels). An engine named "NAME+triton" runs the denoiser with the Triton
-attention and AdaLN kernels (kernels/) instead of SDPA and the PyTorch LayerNorm; "NAME+fast" also
-runs the MLP's first Linear + GELU as one cuBLASLt GEMM (mlp="cublaslt", CUDA only). The compile
-engine takes the attention and MLP choices only (Inductor fuses the LayerNorm steps itself). On a GPU the
-run also measures the bf16 matmul rate and reports each row against the compute floor
-(forward FLOPs x 2 for CFG x steps at that rate; DESIGN.md's performance model). Engines that cannot start
-here get a row saying why; GPU-only figures are "pending" on a CPU run. Weights are random (a
-forward's cost does not depend on them) but non-zero, so numbers flow as in a trained model. Every
-step runs one batched forward of 2 x batch rows (conditional + unconditional), as generation does.
-The first call of each (engine, sampler) is timed apart as "warmup_s" (compilation, graph capture,
-export). Prints a table and writes JSON with device, versions and config to bench/results/.
-"""
+For every available engine x sampler (DDIM-100, DPM-Solver++-20, DPM-Solver++-15 at logSNR spacing)
+x precision: images/s, latency per step, peak memory, speed-up over the baseline (eager bf16 on a
+GPU, eager fp32 on a CPU) with the same sampler, and the drift of its images from the baseline's
+(same seeds: mean and max |difference| in uint8 levels). An engine named "NAME+triton" runs the
+denoiser with the Triton attention and AdaLN kernels (kernels/) instead of SDPA and the PyTorch
+LayerNorm; "NAME+fast" also runs the MLP's first Linear + GELU as one cuBLASLt GEMM (mlp="cublaslt",
+CUDA only). The compile engine takes the attention and MLP choices only (Inductor fuses the
+LayerNorm steps itself). On a GPU the run also measures the bf16 matmul rate and reports each row
+against the compute floor (forward FLOPs x 2 for CFG x steps at that rate; DESIGN.md's performance
+model). Engines that cannot start here get a row saying why; GPU-only figures are "pending" on a CPU
+run. Weights are random (a forward's cost does not depend on them) but non-zero, so numbers flow as
+in a trained model. Every step runs one batched forward of 2 x batch rows (conditional +
+unconditional), as generation does. The first call of each (engine, sampler) is timed apart as
+"warmup_s" (compilation, graph capture, export). Prints a table and writes JSON with device,
+versions and config to bench/results/."""
 
 from __future__ import annotations
 
@@ -267,7 +267,7 @@ def floor_images_per_s(floor: dict, steps: int) -> float:
 
 
 HEADER = (
-    f"{'engine':<18}{'prec':<6}{'sampler':<11}{'img/s':>9}{'ms/step':>10}{'x base':>9}{'peak GiB':>10}"
+    f"{'engine':<18}{'prec':<6}{'sampler':<16}{'img/s':>9}{'ms/step':>10}{'x base':>9}{'peak GiB':>10}"
     f"{'drift':>8}"
 )
 
@@ -276,7 +276,7 @@ def format_row(row: dict) -> str:
     if row.get("status") != "ok":
         return f"{row['engine']:<18}{row['precision']:<6}{row['status'][:90]}"
     drift = row.get("drift_vs_eager_uint8", {}).get("mean", "")
-    return (f"{row['engine']:<18}{row['precision']:<6}{row['sampler'] + '-' + str(row['steps']):<11}"
+    return (f"{row['engine']:<18}{row['precision']:<6}{row['sampler'] + '-' + str(row['steps']):<16}"
             f"{row['images_per_s']:>9}{row['ms_per_step']:>10}{row.get('speedup_vs_baseline', ''):>9}"
             f"{row['peak_memory_gib']:>10}{drift:>8}")  # fmt: skip
 
@@ -311,7 +311,7 @@ def main() -> None:
         "--baseline", default=None, help="ENGINE:PRECISION (default eager:bf16 on GPU, eager:fp32 on CPU)"
     )
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default: the engine's)")
-    ap.add_argument("--samplers", default="ddim:100,dpm++:20", help="name:steps,...")
+    ap.add_argument("--samplers", default="ddim:100,dpm++:20,dpm++logsnr:15", help="name:steps,...")
     ap.add_argument("--precisions", default=None, help="for every engine (default: per engine and device)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
