@@ -18,8 +18,10 @@ auto       the first that can start here, in AUTO_ORDER                    the e
 Engine modules are imported only when chosen, so onnxruntime / TensorRT stay optional.
 `auto` order, by the sample_throughput measurements: on CUDA trt (when a plan for this model
 exists), cudagraph, eager (compile is left out of auto: its first call per batch size takes
-minutes); on CPU eager (onnxruntime was 0.65-0.74x eager in bench/results/sample_throughput_cpu.json,
-and compile's 1.3x does not pay back its minute-long compilation for a short CPU run).
+minutes); on CPU eager (onnxruntime measured 0.65-0.74x eager in an earlier run and 1.07-1.28x in
+bench/results/sample_throughput_cpu.json, one thread on a shared machine: no consistent win, and it
+needs an export first; compile's 1.2-1.5x does not pay back its minute-long compilation for a short
+CPU run).
 """
 
 from __future__ import annotations
