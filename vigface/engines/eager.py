@@ -13,7 +13,7 @@ import torch
 from vigface.diffusion.cfg import guided_x0
 from vigface.diffusion.ddim import ddim_sample
 from vigface.diffusion.denoiser import Denoiser
-from vigface.diffusion.dpm_solver import dpm_solver_pp_sample
+from vigface.diffusion.dpm_solver import SAMPLER_SPACING, dpm_solver_pp_sample
 from vigface.diffusion.schedule import NoiseSchedule
 from vigface.engines.base import DTYPES, Engine, check_precision, engine_model
 from vigface.engines.fused_update import SAMPLERS
@@ -53,5 +53,5 @@ class EagerEngine(Engine):
 
         if sampler == "ddim":
             return ddim_sample(predict, x_T, self.schedule, steps).clamp(-1, 1)
-        spacing = "logsnr" if sampler == "dpm++logsnr" else "time"
+        spacing = SAMPLER_SPACING[sampler]
         return dpm_solver_pp_sample(predict, x_T, self.schedule, steps, spacing=spacing).clamp(-1, 1)

@@ -37,13 +37,12 @@ from dataclasses import dataclass
 
 import torch
 
-from vigface.diffusion.ddim import ddim_timesteps
-from vigface.diffusion.dpm_solver import dpm_timesteps
+from vigface.diffusion.dpm_solver import SAMPLER_SPACING, dpm_timesteps
 from vigface.diffusion.schedule import NoiseSchedule
 from vigface.errors import BackendUnavailableError, VigfaceError
 
 # dpm++logsnr: DPM-Solver++(2M) at logSNR-spaced timesteps (vigface/diffusion/dpm_solver.py)
-SAMPLERS = ("ddim", "dpm++", "dpm++logsnr")
+SAMPLERS = tuple(SAMPLER_SPACING)
 IMPLS = ("auto", "torch", "cuda", "triton")
 CLAMP = (-1.0, 1.0)  # the x0 estimate of a face image in [-1, 1]
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/guided_update.h
@@ -66,10 +65,7 @@ def plan_steps(schedule: NoiseSchedule, sampler: str, steps: int, prediction: st
     if prediction not in ("x0", "v"):
         raise VigfaceError(f"prediction {prediction!r} is unknown; choose x0 or v")
     alphas = schedule.alphas_cumprod.tolist()
-    if sampler == "dpm++logsnr":
-        timesteps = dpm_timesteps(schedule, steps, "logsnr").tolist()
-    else:
-        timesteps = ddim_timesteps(schedule.num_steps, steps).tolist()
+    timesteps = dpm_timesteps(schedule, steps, SAMPLER_SPACING[sampler]).tolist()
 
     def lam(a: float) -> float:
         return 0.5 * math.log(a / (1 - a))
