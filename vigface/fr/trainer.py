@@ -51,7 +51,7 @@ from vigface.fr.checkpoint import (
     trim_metrics,
 )
 from vigface.fr.config import FRTrainConfig
-from vigface.fr.distributed import finish_distributed, setup_distributed, wrap_ddp
+from vigface.fr.distributed import finish_distributed, setup_distributed, shard_bounds, wrap_ddp
 from vigface.fr.embed import BACKBONE_META, BACKBONE_WEIGHTS, embed_images, file_sha256
 from vigface.fr.iresnet import build_backbone
 from vigface.fr.prototypes import VirtualPrototypeHead, gather_shards, resolve_head_loss
@@ -115,11 +115,12 @@ class _Run:
         if self.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self.bf16 = config.amp == "bf16" or (config.amp == "auto" and self.device.type == "cuda")
-        # the head's logits on this rank: the global batch of real rows (and as many virtual
-        # rows) against this rank's shard of the classes (Partial FC)
+        # the head's logits on a rank: the global batch of real rows (and as many virtual rows)
+        # against its shard of the classes (Partial FC); the largest shard, so every rank chooses alike
         virtual_rows = config.virtual_embeddings and config.num_virtual > 0
         head_rows = self.global_batch * (2 if virtual_rows else 1)
-        head_classes = -(-(self.num_real + config.num_virtual) // self.world_size)
+        shards = shard_bounds(self.num_real + config.num_virtual, self.world_size)
+        head_classes = max(hi - lo for lo, hi in shards)
         self.head = VirtualPrototypeHead(
             self.num_real,
             config.num_virtual,
