@@ -187,6 +187,13 @@ def test_an_interrupted_demo_resumes_to_the_uninterrupted_report(demo_run, tmp_p
         run_demo(dataclasses.replace(config, gen_per_id=5), str(out), resume=True)
     with pytest.raises(VigfaceError, match="holds no demo run to continue"):
         run_demo(config, str(tmp_path / "nothing"), resume=True)
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for content in (b"\xbe\x00 not text", b'{"demo_config": 5}'):
+        (damaged / "demo.json").write_bytes(content)
+        with pytest.raises(VigfaceError, match="demo.json: is not a demo plan"):
+            run_demo(config, str(damaged), resume=True)
+        assert [p.name for p in damaged.iterdir()] == ["demo.json"]  # nothing else written
 
     trained = []
     for module, name in ((fr_trainer, "train_fr"), (diffusion_trainer, "train_diffusion")):

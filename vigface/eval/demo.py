@@ -200,7 +200,7 @@ def _start_or_match_plan(out: Path, c: DemoConfig, resume: bool) -> None:
     try:
         before = json.loads(path.read_text())["demo_config"]
         differs = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # ValueError: bad JSON or UTF-8
         raise VigfaceError(
             f"demo --resume: {path}: is not a demo plan ({exc}); choose another --out"
         ) from None
