@@ -68,6 +68,22 @@ def test_resume_is_bit_exact(uninterrupted, small_toy, fr_model, tmp_path):
     )
 
 
+def test_cached_conditions_train_like_recomputed_ones(uninterrupted, small_toy, fr_model, tmp_path):
+    # the uninterrupted run caches f(x0) (the default); this one embeds every batch every step
+    out = tmp_path / "uncached"
+    train_diffusion(tiny(small_toy, fr_model, out, cache_conditions=False))
+    a = load_file(latest_checkpoint(out) / "state.safetensors")
+    b = load_file(latest_checkpoint(uninterrupted) / "state.safetensors")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert (out / "metrics.jsonl").read_text() != ""
+    drop_speed = [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in
+                  (out / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert drop_speed == [
+        {k: v for k, v in json.loads(line).items() if k != "images_per_s"}
+        for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
 def test_ema_warms_up(small_toy, fr_model, tmp_path):
     """EMA after step 2 = d * EMA after step 1 + (1 - d) * weights after step 2, d = 2/11, not 0.9999:
     a fixed 0.9999 would export mostly the random initial weights of a short run."""

@@ -17,6 +17,7 @@ from vigface.errors import VigfaceError
 LR_DECAYS = ("none", "cosine")
 RESUMABLE_CHANGES = frozenset(
     {"steps", "workers", "save_every", "keep_checkpoints", "log_every", "progress", "device"}
+    | {"cache_conditions"}  # the same numbers either way (condition_cache)
 )
 
 
@@ -54,6 +55,8 @@ class DiffusionTrainConfig:
     clip_grad: float = 1.0
     ema_decay: float = 0.9999  # upper bound, reached after a warm-up (trainer.ema_decay_at)
     amp: str = "auto"
+    # f(x0) of each training image computed once, not every epoch (condition_cache; same numbers)
+    cache_conditions: bool = True
     loader: str = "torch"  # torch | dali | auto: vigface.data.loaders
     seed: int = 0
     device: str = "auto"

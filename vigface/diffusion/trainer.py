@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from vigface.data.image_folder import ImageFolderDataset
 from vigface.data.loaders import make_loader
+from vigface.diffusion.condition_cache import ConditionCache
 from vigface.diffusion.config import DiffusionTrainConfig
 from vigface.diffusion.denoiser import Denoiser
 from vigface.diffusion.loss import VirtualRows, diffusion_loss, identity_features, spread_around
@@ -106,6 +107,9 @@ class _Run:
         self.schedule = c.noise_schedule()
         # The condition is the FR embedding, whatever width the stage-1 model has.
         self.den_config = replace(c.denoiser_config(), cond_dim=self.fr.config.embedding_dim)
+        self.conditions = None
+        if c.cache_conditions and ConditionCache.fits(len(self.dataset), self.den_config.cond_dim):
+            self.conditions = ConditionCache(len(self.dataset), self.den_config.cond_dim, self.device)
         self.prototypes = self._virtual_prototypes() if c.virtual_weight > 0 else None
         torch.manual_seed(step_seed(c.seed, 0, "init"))
         self.denoiser = Denoiser(self.den_config).to(self.device)
@@ -169,8 +173,11 @@ class _Run:
         """x0: (b, 3, H, W) in [-1, 1] on the device, as the loader delivers it."""
         size = self.den_config.image_size
         stored_size = x0.shape[-1]
-        with torch.no_grad():
-            cond = identity_features(self.fr, x0)  # f(x0) from the full-resolution image
+        with torch.no_grad():  # f(x0) from the full-resolution image
+            if self.conditions is None:
+                cond = identity_features(self.fr, x0)
+            else:
+                cond = self.conditions.lookup(index, x0, lambda images: identity_features(self.fr, images))
         if x0.shape[-1] != size:
             x0 = F.interpolate(x0, size=(size, size), mode="area")
         pose = None
