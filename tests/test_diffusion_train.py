@@ -57,6 +57,7 @@ def test_learns_and_writes_its_outputs(uninterrupted, fr_model):
 def test_resume_is_bit_exact(uninterrupted, small_toy, fr_model, tmp_path):
     out = tmp_path / "resumed"
     train_diffusion(tiny(small_toy, fr_model, out, steps=25))  # stops mid-epoch (20 steps per epoch)
+    out = shutil.move(out, tmp_path / "moved")  # a run folder resumes where it now is
     train_diffusion(tiny(small_toy, fr_model, out, workers=1), resume=True)
     a = load_file(latest_checkpoint(out) / "state.safetensors")
     b = load_file(latest_checkpoint(uninterrupted) / "state.safetensors")

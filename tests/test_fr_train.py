@@ -1,10 +1,12 @@
 """The stage-1 trainer end to end on a small toy world: outputs, resume, kill, NaN, CLI errors."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,6 +107,7 @@ def test_resume_continues_bit_for_bit(uninterrupted, small_toy, tmp_path):
         tiny_config(small_toy, out, max_steps=25, val=[str(small_toy / "toy_val.bin")])
     )  # stops mid-epoch 2
     assert latest_checkpoint(out).name == "step_00000025"
+    out = Path(shutil.move(out, tmp_path / "moved"))  # a run folder resumes where it now is
     # Resume with a different number of decode workers: the computation must not depend on it.
     summary = train_fr(
         tiny_config(small_toy, out, workers=1, val=[str(small_toy / "toy_val.bin")]), resume=True

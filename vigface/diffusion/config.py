@@ -17,6 +17,7 @@ from vigface.errors import VigfaceError
 LR_DECAYS = ("none", "cosine")
 RESUMABLE_CHANGES = frozenset(
     {"steps", "workers", "save_every", "keep_checkpoints", "log_every", "progress", "device"}
+    | {"out"}  # a run folder may be moved and resumed where it now is
     | {"cache_conditions"}  # the same numbers either way (condition_cache)
 )
 

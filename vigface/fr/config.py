@@ -19,9 +19,11 @@ AMP_MODES = ("auto", "bf16", "off")
 LOSSES = ("auto", "fused", "reference")  # margin-softmax implementation (same loss)
 LOADERS = ("torch", "dali", "auto")  # vigface.data.loaders backends
 
-# Fields a resumed run may change: they do not alter the computation of any step.
+# Fields a resumed run may change: they do not alter the computation of any step ("out": a run
+# folder may be moved and resumed where it now is).
 RESUMABLE_CHANGES = frozenset(
     {
+        "out",
         "epochs",
         "max_steps",
         "workers",
