@@ -16,6 +16,7 @@ from vigface.data.recordio import FaceRecordDataset
 from vigface.diffusion.config import DiffusionTrainConfig
 from vigface.diffusion.sampling import FaceSampler
 from vigface.diffusion.trainer import train_diffusion
+from vigface.engines.compile import fast_kernel_options
 from vigface.errors import BackendUnavailableError, VigfaceError
 from vigface.generate.dataset import GenerationConfig, generate_dataset
 
@@ -198,6 +199,15 @@ def test_kernels_flag(denoiser_dir, tmp_path, capsys):
     assert "other settings" in capsys.readouterr().err
     with pytest.raises(VigfaceError, match="kernels 'turbo' is unknown"):
         FaceSampler.load(denoiser_dir, kernels="turbo")
+
+
+def test_fast_kernels_for_the_compile_engine():
+    """The compile engine's share of --kernels fast: nothing off CUDA; on CUDA the cuBLASLt MLP and the
+    Triton attention for 16-bit / fp8 only (the rule alone: no GPU needed to check it)."""
+    assert fast_kernel_options("cpu", "bf16") == {} and fast_kernel_options(torch.device("cpu"), None) == {}
+    for precision, attention in [("bf16", "triton"), ("fp16", "triton"), ("fp8", "triton"), ("fp32", "sdpa")]:
+        assert fast_kernel_options("cuda", precision) == {"attention": attention, "mlp": "cublaslt"}
+    assert fast_kernel_options("cuda:1", None) == {"attention": "sdpa", "mlp": "cublaslt"}
 
 
 @pytest.mark.cuda

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from vigface.diffusion.denoiser import Denoiser, DenoiserConfig
 from vigface.diffusion.schedule import NoiseSchedule
 from vigface.engines import ENGINES, create_engine
+from vigface.engines.compile import fast_kernel_options
 from vigface.engines.fused_update import SAMPLERS
 from vigface.errors import BackendUnavailableError, DataFormatError, VigfaceError
 
@@ -97,10 +98,8 @@ class FaceSampler:
             options["plan"] = artifacts["trt"]
         if engine == "onnx" and artifacts["onnx"].is_file():
             options["onnx_path"] = artifacts["onnx"]
-        if engine == "compile" and kernels == "fast" and torch.device(device).type == "cuda":
-            # Inductor fuses the LayerNorms itself; the Triton attention for 16-bit only, as "auto" does
-            sixteen_bit = precision in ("bf16", "fp16", "fp8")
-            options.update(attention="triton" if sixteen_bit else "sdpa", mlp="cublaslt")
+        if engine == "compile" and kernels == "fast":
+            options.update(fast_kernel_options(device, precision))
         return cls(model.to(device), schedule, meta, engine, precision, **options)
 
     @property

@@ -142,6 +142,16 @@ class CompileEngine(Engine):
         return super().sample(*args, **kwargs)
 
 
+def fast_kernel_options(device, precision: str | None) -> dict:
+    """The compile engine's options for `kernels="fast"` (FaceSampler.load, vigface-gen): on CUDA the
+    cuBLASLt GELU MLP, and the Triton attention for 16-bit and fp8 (as the denoiser's attention "auto"
+    chooses); Inductor fuses the LayerNorm + modulate steps itself. Off CUDA: none (the reference)."""
+    if torch.device(device).type != "cuda":
+        return {}
+    sixteen_bit = precision in ("bf16", "fp16", "fp8")
+    return {"attention": "triton" if sixteen_bit else "sdpa", "mlp": "cublaslt"}
+
+
 def compile_options(backends: dict) -> dict:
     """The part of denoiser backend choices (e.g. FAST_BACKENDS) that the compile engine takes."""
     return {k: v for k, v in backends.items() if k in KERNEL_OPTIONS}
