@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vigface.diffusion.attention import attention, attention_ref
-from vigface.diffusion.denoiser import AdaLNBlock, Denoiser, DenoiserConfig
+from vigface.diffusion.denoiser import AdaLNBlock, Denoiser, DenoiserConfig, conv2d
 from vigface.diffusion.pose import landmark_image
 from vigface.errors import BackendUnavailableError, VigfaceError
 
@@ -194,3 +194,24 @@ def test_landmark_image_blobs():
     assert half[0, 0, 9, 4].item() == pytest.approx(expected, rel=1e-5)
     lm[0, 2] = float("nan")
     assert landmark_image(lm, 56)[0, 2].abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_16bit_convolutions_run_in_float32(dtype):
+    """denoiser.conv2d: oneDNN's AMX bf16 convolution is wrong for some shapes (8 channels, 8x8 patches:
+    relative error ~1.1 on an AMX CPU), so on the CPU a 16-bit convolution is the float32 one rounded
+    back, bit for bit; the same under CPU autocast with float32 inputs; float32 stays the module's."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 64, 8, 8)
+    x = torch.randn(3, 8, 32, 32)
+    want = torch.nn.functional.conv2d(x.to(dtype).float(), conv.weight.to(dtype).float(),
+                                      conv.bias.to(dtype).float(), 8)  # fmt: skip
+    got = conv2d(conv.to(dtype), x.to(dtype))
+    assert got.dtype == dtype and torch.equal(got, want.to(dtype))
+    conv = conv.float()
+    with torch.autocast("cpu", dtype=dtype):
+        got = conv2d(conv, x)
+    assert got.dtype == torch.float32 and torch.equal(
+        got, torch.nn.functional.conv2d(x, conv.weight, conv.bias, 8)
+    )
+    assert torch.equal(conv2d(conv, x), conv(x))

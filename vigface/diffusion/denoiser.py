@@ -170,6 +170,24 @@ def use_fused_gelu(choice: str, x: torch.Tensor) -> bool:
     return True
 
 
+def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x), except that on the CPU a 16-bit convolution (or one under CPU autocast) runs in
+    float32 and is rounded back to x's dtype.
+
+    Why: oneDNN 3.12 (torch 2.13.0's CPU build) takes AMX kernels for bf16 convolutions on CPUs
+    that have AMX, and some shapes come out wrong: the tiny preset's patch embedding (8 input
+    channels, 8x8 kernel, stride 8) had a relative error of ~1.1 against float32, 16 channels with a
+    4x4 kernel as well, 8 channels with 4x4 were right (ONEDNN_MAX_CPU_ISA=AVX512_CORE, no AMX: all
+    right). The model's two convolutions are a small part of its work, so float32 costs little."""
+    cpu_16bit = x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")
+    if x.device.type != "cpu" or not cpu_16bit:
+        return conv(x)
+    bias = None if conv.bias is None else conv.bias.float()
+    with torch.autocast("cpu", enabled=False):
+        out = F.conv2d(x.float(), conv.weight.float(), bias, conv.stride, conv.padding)
+    return out.to(x.dtype)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, width: int, heads: int, backend: str):
         super().__init__()
@@ -278,7 +296,7 @@ class Denoiser(nn.Module):
             if pose is None:
                 raise VigfaceError("this denoiser was built with a pose condition: pass the landmark image")
             x_t = torch.cat([x_t, pose.to(x_t.dtype)], dim=1)
-        x = self.patch_embed(x_t).flatten(2).transpose(1, 2) + self.pos  # (N, L, D)
+        x = conv2d(self.patch_embed, x_t).flatten(2).transpose(1, 2) + self.pos  # (N, L, D)
         c = self.time_mlp(timestep_embedding(t, 256).to(x.dtype)) + self.cond_proj(cond.to(x.dtype))  # (N, D)
         kernels = fused_adaln_kernels(cfg.adaln, x)
         shift, scale = self.final_ada(c).chunk(2, dim=1)
@@ -321,7 +339,7 @@ class Denoiser(nn.Module):
 
     def to_image(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, p*p*3) -> (N, 3, S, S)
         image = self.unpatchify(x)
-        return image if self.final_conv is None else self.final_conv(image)
+        return image if self.final_conv is None else conv2d(self.final_conv, image)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, p*p*3) -> (N, 3, S, S)
         p, side = self.config.patch, self.config.image_size // self.config.patch
