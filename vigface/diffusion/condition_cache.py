@@ -8,7 +8,8 @@ dataset image, on the training device.
 Exactness: a batch with any image not yet in the table is embedded whole, as the uncached
 trainer does, and only the new rows are stored. At a fixed batch size a row's embedding does not
 depend on the other rows of its batch (measured on the CPU: bit-equal; a smaller batch changes
-the last bit), so a cached run trains bit-for-bit like an uncached one, resumed runs included.
+the last bit), so on the CPU a cached run trains bit-for-bit like an uncached one, resumed runs
+included (tested; on a GPU, as far as its convolution kernels are deterministic).
 Datasets whose table would pass `MAX_TABLE_BYTES` are not cached (recomputed every step).
 """
 
