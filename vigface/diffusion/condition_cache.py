@@ -1,9 +1,10 @@
 """The stage-2 condition f(x0) of each training image, computed once instead of once per epoch.
 
 The stage-2 trainer reads images without flips, and the frozen FR backbone runs in eval mode,
-so an image's condition is the same every epoch; recomputing it every step cost ~8 % of a CPU
-training step of the toy demo (17 of ~225 ms at batch 24). The table holds one row per
-dataset image, on the training device.
+so an image's condition is the same every epoch. Recomputing it every step: 300 steps of the toy
+demo's stage 2 took 1.21x as long on a 2-core CPU (bench/condition_cache.py, median of 3 pairs; a
+whole demo run, one each, gained only 2 %). The table holds one row per dataset image, on the
+training device.
 
 Exactness: a batch with any image not yet in the table is embedded whole, as the uncached
 trainer does, and only the new rows are stored. At a fixed batch size a row's embedding does not
