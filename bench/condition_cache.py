@@ -41,6 +41,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", help="JSON path (default: bench/results/condition_cache_<device>.json)")
     args = parser.parse_args()
+    if args.steps < 1 or args.repeats < 1:
+        parser.error(f"--steps and --repeats must be at least 1, got {args.steps} and {args.repeats}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
     demo = dataclasses.replace(FULL, progress=False, device=args.device, fr_epochs=1)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
