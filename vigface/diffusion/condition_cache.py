@@ -2,9 +2,8 @@
 
 The stage-2 trainer reads images without flips, and the frozen FR backbone runs in eval mode,
 so an image's condition is the same every epoch. Recomputing it every step: 300 steps of the toy
-demo's stage 2 took 1.21x as long on a 2-core CPU (bench/condition_cache.py, median of 3 pairs; a
-whole demo run, one each, gained only 2 %). The table holds one row per dataset image, on the
-training device.
+demo's stage 2 took 1.21x as long on a 2-core CPU (bench/condition_cache.py, median of 3
+alternating pairs). The table holds one row per dataset image, on the training device.
 
 Exactness: a batch with any image not yet in the table is embedded whole, as the uncached
 trainer does, and only the new rows are stored. At a fixed batch size a row's embedding does not
