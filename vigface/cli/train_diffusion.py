@@ -35,6 +35,7 @@ HELP = {
     "batch_size": "images per rank per step",
     "lr_decay": "after the warm-up: none (constant lr) or cosine (to 0 at --steps)",
     "loader": "data loader: torch (the reference) or dali (extra `dali`); auto: dali when installed",
+    "compile": "torch.compile the denoiser (the first steps compile; numbers close to eager's, not equal)",
     "cache_conditions": "embed each training image with the FR model once, not every epoch (same numbers; "
     "datasets over 1 GiB of conditions are not cached)",
 }

@@ -56,6 +56,7 @@ class DiffusionTrainConfig:
     clip_grad: float = 1.0
     ema_decay: float = 0.9999  # upper bound, reached after a warm-up (trainer.ema_decay_at)
     amp: str = "auto"
+    compile: bool = False  # torch.compile the denoiser (Inductor); not bit-equal to eager
     # f(x0) of each training image computed once, not every epoch (condition_cache; same numbers)
     cache_conditions: bool = True
     loader: str = "torch"  # torch | dali | auto: vigface.data.loaders

@@ -124,7 +124,8 @@ class _Run:
             self._load(checkpoint)
         elif self.is_main:
             start_run_folder(self.out, c)
-        self.model = wrap_ddp(self.denoiser, self.device, self.world_size)
+        model = wrap_ddp(self.denoiser, self.device, self.world_size)
+        self.model = torch.compile(model) if c.compile else model
 
     def _virtual_prototypes(self) -> dict[str, torch.Tensor]:
         """The FR model's unit real and virtual prototypes, for the virtual-identity term."""
