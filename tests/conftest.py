@@ -37,3 +37,16 @@ def tiny_fr_model(small_toy, tmp_path_factory):
         )
     )  # fmt: skip
     return out
+
+
+@pytest.fixture
+def compile_calls(monkeypatch):
+    """The modules torch.compile is called on during the test (the real torch.compile still runs)."""
+    calls, real_compile = [], torch.compile
+
+    def spy(model, **kwargs):
+        calls.append(model)
+        return real_compile(model, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    return calls

@@ -86,17 +86,10 @@ def test_cached_conditions_train_like_recomputed_ones(uninterrupted, small_toy, 
 
 
 @pytest.mark.slow  # Inductor compiles the denoiser's forward and backward: ~1 minute on 2 cores
-def test_compiled_denoiser_trains_like_eager(uninterrupted, small_toy, fr_model, tmp_path, monkeypatch):
-    compiled, real_compile = [], torch.compile
-
-    def spy(model, **kw):
-        compiled.append(model)
-        return real_compile(model, **kw)
-
-    monkeypatch.setattr(torch, "compile", spy)
+def test_compiled_denoiser_trains_like_eager(uninterrupted, small_toy, fr_model, tmp_path, compile_calls):
     out = tmp_path / "compiled"
     train_diffusion(tiny(small_toy, fr_model, out, steps=10, compile=True))
-    assert [type(m).__name__ for m in compiled] == ["Denoiser"]
+    assert [type(m).__name__ for m in compile_calls] == ["Denoiser"]
     got = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     want = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()][:2]
     assert [r["step"] for r in got] == [5, 10]

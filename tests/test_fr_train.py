@@ -180,17 +180,10 @@ def test_cli_errors_are_one_line(small_toy, tmp_path, capsys):
 
 
 @pytest.mark.slow  # Inductor compiles the backbone's forward and backward: ~1 minute on 2 cores
-def test_compiled_backbone_trains_like_eager(uninterrupted, small_toy, tmp_path, monkeypatch):
-    compiled, real_compile = [], torch.compile
-
-    def spy(model, **kw):
-        compiled.append(model)
-        return real_compile(model, **kw)
-
-    monkeypatch.setattr(torch, "compile", spy)
+def test_compiled_backbone_trains_like_eager(uninterrupted, small_toy, tmp_path, compile_calls):
     out = tmp_path / "compiled"
     train_fr(tiny_config(small_toy, out, max_steps=6, compile=True))
-    assert [type(m).__name__ for m in compiled] == ["IResNet"]
+    assert [type(m).__name__ for m in compile_calls] == ["IResNet"]
     got, want = (
         [r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
         for d in (out, uninterrupted[0])
