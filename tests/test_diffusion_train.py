@@ -32,6 +32,10 @@ def tiny(small_toy, fr_model, out, **kw):
     return DiffusionTrainConfig(**{**base, **kw})
 
 
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(small_toy, fr_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("diffusion_full")
@@ -40,7 +44,7 @@ def uninterrupted(small_toy, fr_model, tmp_path_factory):
 
 
 def test_learns_and_writes_its_outputs(uninterrupted, fr_model):
-    records = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    records = metrics(uninterrupted)
     assert [r["step"] for r in records] == list(range(5, 41, 5))
     assert records[-1]["loss"] < 0.6 * records[0]["loss"], records  # eq. 8 goes down
     assert records[-1]["identity"] < records[0]["identity"]
@@ -76,13 +80,12 @@ def test_cached_conditions_train_like_recomputed_ones(uninterrupted, small_toy, 
     a = load_file(latest_checkpoint(out) / "state.safetensors")
     b = load_file(latest_checkpoint(uninterrupted) / "state.safetensors")
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
-    assert (out / "metrics.jsonl").read_text() != ""
-    drop_speed = [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in
-                  (out / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
-    assert drop_speed == [
-        {k: v for k, v in json.loads(line).items() if k != "images_per_s"}
-        for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()
-    ]
+
+    def without_speed(folder):
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in metrics(folder)]
+
+    assert without_speed(out) != []
+    assert without_speed(out) == without_speed(uninterrupted)
 
 
 @pytest.mark.slow  # Inductor compiles the denoiser's forward and backward: ~1 minute on 2 cores
@@ -90,8 +93,7 @@ def test_compiled_denoiser_trains_like_eager(uninterrupted, small_toy, fr_model,
     out = tmp_path / "compiled"
     train_diffusion(tiny(small_toy, fr_model, out, steps=10, compile=True))
     assert [type(m).__name__ for m in compile_calls] == ["Denoiser"]
-    got = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    want = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()][:2]
+    got, want = metrics(out), metrics(uninterrupted)[:2]
     assert [r["step"] for r in got] == [5, 10]
     for g, w in zip(got, want, strict=True):
         for key in ("loss", "pixel", "identity"):
@@ -121,8 +123,7 @@ def test_cosine_lr_decay(small_toy, fr_model, tmp_path):
     trainer logs at each step, ending near 0; 'none' keeps lr0 after the warm-up."""
     c = tiny(small_toy, fr_model, tmp_path / "cos", steps=10, warmup_steps=2, lr_decay="cosine", log_every=1)
     train_diffusion(c)
-    lines = (tmp_path / "cos" / "metrics.jsonl").read_text().splitlines()
-    logged = [json.loads(line)["lr"] for line in lines]
+    logged = [r["lr"] for r in metrics(tmp_path / "cos")]
     expected = [1e-3 * 1 / 2, 1e-3] + [1e-3 * (1 + np.cos(np.pi * (s - 2) / 8)) / 2 for s in range(2, 10)]
     assert logged == pytest.approx(expected, rel=1e-9)
     assert logged[-1] == pytest.approx(1e-3 * (1 + np.cos(np.pi * 7 / 8)) / 2) and logged[-1] < 0.04 * 1e-3
@@ -154,7 +155,7 @@ def test_virtual_identity_term_with_final_conv_resumes_bit_exact(small_toy, fr_m
     a = load_file(latest_checkpoint(whole) / "state.safetensors")
     b = load_file(latest_checkpoint(part) / "state.safetensors")
     assert "model.final_conv.weight" in a and [k for k in a if not torch.equal(a[k], b[k])] == []
-    records = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    records = metrics(whole)
     assert all(0 < r["virtual"] <= 4 for r in records)  # |unit - unit|^2
     assert json.loads((whole / "denoiser.json").read_text())["denoiser"]["final_conv"] is True
     no_protos = tmp_path / "fr_without_prototypes"
@@ -186,7 +187,7 @@ def test_torchrun_two_gloo_processes(small_toy, fr_model, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert latest_checkpoint(out).name == "step_00000006"
     assert json.loads((latest_checkpoint(out) / "state.json").read_text())["world_size"] == 2
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in metrics(out)]
     assert steps == [2, 3, 4, 6]  # every 2 steps and at each save, by rank 0 alone
     weights = load_file(out / "denoiser.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())

@@ -29,7 +29,6 @@ from safetensors.torch import load_file
 from vigface.diffusion.denoiser import Denoiser, DenoiserConfig
 from vigface.diffusion.schedule import NoiseSchedule
 from vigface.engines import ENGINES, create_engine
-from vigface.engines.compile import fast_kernel_options
 from vigface.engines.fused_update import SAMPLERS
 from vigface.errors import BackendUnavailableError, DataFormatError, VigfaceError
 
@@ -99,6 +98,8 @@ class FaceSampler:
         if engine == "onnx" and artifacts["onnx"].is_file():
             options["onnx_path"] = artifacts["onnx"]
         if engine == "compile" and kernels == "fast":
+            from vigface.engines.compile import fast_kernel_options  # engine modules load when chosen
+
             options.update(fast_kernel_options(device, precision))
         return cls(model.to(device), schedule, meta, engine, precision, **options)
 
