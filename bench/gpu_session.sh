@@ -14,7 +14,8 @@
 # Results land in $OUT (at most 8 files come back): logs and the JSON files for bench/results/.
 #   usage: OUT=/tmp/out DEADLINE=500 bash bench/gpu_session.sh
 #   STEPS=tests_cuda,profile,...  runs only the named steps (build always runs); TESTS= the pytest
-#   paths of tests_cuda (default tests/); ENGINES= / SAMPLERS= for sample_bench; FORWARDS= for profile.
+#   paths of tests_cuda (default tests/); ENGINES= / SAMPLERS= for sample_bench; FORWARDS= for profile;
+#   FS_SETTINGS= for fast_sampler; KERNEL_TESTS= the pytest paths of kernel_tests.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/vigface_gpu}
@@ -65,9 +66,9 @@ step tests_cuda 150 python3 -m pytest -q -rs -m cuda -p no:cacheprovider ${TESTS
 step loader_bench 90 python3 bench/loader_throughput.py --device cuda --workers 4 16 --epochs 3 \
   --data /tmp/loader_bench --out "$OUT/loader_throughput_gpu.json"
 
-step fast_sampler 100 python3 bench/fast_sampler_identity.py --model vigface/assets/tiny_model --work /tmp/fs \
+step fast_sampler 150 python3 bench/fast_sampler_identity.py --model vigface/assets/tiny_model --work /tmp/fs \
   --num-ids 50 --per-id 8 --out "$OUT/fast_sampler_identity_toy_gpu.json" \
-  --settings eager/ddim:100,cudagraph/ddim:100,eager/dpm++:20,eager/dpm++logsnr:15,cudagraph/dpm++logsnr:15,eager/dpm++logsnr:10,eager/dpm++:40,eager/ddim:50
+  --settings "${FS_SETTINGS:-eager/ddim:100,cudagraph/ddim:100,eager/dpm++logsnr:15,cudagraph/dpm++logsnr:15,compile@fp8/dpm++logsnr:15,eager/dpm++logsnr:10}"
 
 step sample_bench 230 python3 bench/sample_throughput.py \
   --engines "${ENGINES:-eager,compile+fast,cudagraph+fast,trt}" \
@@ -81,8 +82,8 @@ step margin_softmax_tune 260 python3 bench/margin_softmax_tune.py --deadline 200
 step profile 170 python3 bench/denoiser_profile.py ${FORWARDS:+--forwards "$FORWARDS"} \
   --out "$OUT/denoiser_profile_cuda.json"
 
-step kernel_tests 90 env VIGFACE_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider \
-  tests/test_kernels_attention.py tests/test_kernels_adaln.py tests/test_kernels_margin_softmax.py
+step kernel_tests 150 env VIGFACE_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 \
+  ${KERNEL_TESTS:-tests/test_kernels_attention.py tests/test_kernels_adaln.py tests/test_kernels_margin_softmax.py}
 step kernels_bench 60 python3 bench/kernels.py --out "$OUT/kernels_cuda.json"
 
 echo "=== summary (total $((SECONDS - START))s)" | tee -a "$LOG"
