@@ -38,7 +38,8 @@ def main() -> None:
     ap.add_argument(
         "--settings",
         default="eager/ddim:100,eager/dpm++:20,eager/dpm++:10,eager/dpm++:25,onnx/ddim:100,onnx/dpm++:20",
-        help="engine[@precision]/sampler:steps,... (the first is the reference), e.g. compile@fp8/ddim:50",
+        help="engine[+fast][@precision]/sampler:steps,... (the first is the reference), e.g. "
+        "compile+fast@fp8/ddim:50 (+fast: vigface-gen --kernels fast)",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--device", default="auto", help="generation device (auto: CUDA when present)")
@@ -63,6 +64,9 @@ def main() -> None:
     for setting in args.settings.split(","):
         engine, _, rest = setting.rpartition("/")
         engine, _, precision = engine.partition("@")
+        engine, _, kernels = engine.partition("+")  # engine+fast: vigface-gen --kernels fast
+        if kernels not in ("", "fast"):
+            ap.error(f"--settings {setting!r}: '+{kernels}' is unknown; only '+fast' (the fast kernels)")
         sampler, steps = rest.split(":")
         work = Path(args.work) / "".join("_" if ch in ":/@" else "p" if ch == "+" else ch for ch in setting)
         shutil.rmtree(work, ignore_errors=True)
@@ -71,6 +75,7 @@ def main() -> None:
             GenerationConfig(
                 model=args.model, out=str(work), ids="both", num_ids=args.num_ids, per_id=args.per_id,
                 steps=int(steps), sampler=sampler, engine=engine or "eager", precision=precision or None,
+                kernels=kernels or "reference",
                 batch_size=32, shard_size=256, progress=False, device=args.device,
             )
         )  # fmt: skip

@@ -25,7 +25,7 @@ from vigface.diffusion.schedule import NoiseSchedule
 from vigface.engines import create_engine
 from vigface.engines.base import Engine
 from vigface.engines.eager import EagerEngine
-from vigface.engines.fp8 import Fp8Linear, fp8_linear_ref
+from vigface.engines.fp8 import Fp8Linear, Fp8Mlp, fp8_linear_ref
 from vigface.engines.fused_update import cuda_op_available, plan_steps
 from vigface.errors import BackendUnavailableError, VigfaceError
 
@@ -176,6 +176,25 @@ def test_an_fp8_mlp_keeps_its_separate_gelu_under_mlp_cublaslt(model, monkeypatc
     x, t, cond, pose = inputs(model, 2)
     with torch.no_grad():
         assert torch.equal(fused(x, t, cond, pose), plain(x, t, cond, pose))
+
+
+def test_compile_mode_defaults_by_device_and_vigface_compile_mode_overrides_it(model, monkeypatch):
+    from vigface.engines.compile import default_mode
+
+    monkeypatch.delenv("VIGFACE_COMPILE_MODE", raising=False)
+    assert default_mode("inductor", torch.device("cuda")) == "max-autotune"
+    assert default_mode("inductor", torch.device("cpu")) is None
+    assert default_mode("eager", torch.device("cuda")) is None
+    monkeypatch.setenv("VIGFACE_COMPILE_MODE", "default")
+    assert default_mode("inductor", torch.device("cuda")) == "default"
+    engine = create_engine("compile", model, SCHEDULE, "cpu", "fp32", backend="eager")
+    assert engine.describe()["mode"] == "default"
+    monkeypatch.setenv("VIGFACE_COMPILE_MODE", "reduce-overhead")
+    explicit = create_engine("compile", model, SCHEDULE, "cpu", "fp32", backend="eager", mode="default")
+    assert explicit.mode == "default"  # an explicit mode wins
+    monkeypatch.setenv("VIGFACE_COMPILE_MODE", "fastest")
+    with pytest.raises(VigfaceError, match="VIGFACE_COMPILE_MODE='fastest': choose one of default"):
+        create_engine("compile", model, SCHEDULE, "cpu", "fp32", backend="eager")
 
 
 def test_static_fp8_linear_matches_its_reference_and_saturates():
@@ -378,6 +397,8 @@ def test_compile_fp8_on_cuda_is_within_the_fp8_tolerance(model, scaling):
         pytest.skip("fp8 needs sm_89+")
     engine = create_engine("compile", model, SCHEDULE, "cuda", "fp8", mode="default", fp8_scaling=scaling,
                            attention="triton", mlp="cublaslt")  # fmt: skip
+    mlps = [m for m in engine.model.modules() if isinstance(m, Fp8Mlp)]
+    assert mlps and all(m.fused for m in mlps)  # static scales: the fused fp8 GELU GEMM after calibration
     x, t, cond, pose = inputs(model, 4, device="cuda")
     want = create_engine("eager", model, SCHEDULE, "cuda").denoise(x, t, cond, pose)
     for _ in range(2):  # static: the calibration call, then the compiled graph with fixed scales

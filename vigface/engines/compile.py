@@ -1,15 +1,18 @@
 """The compile engine: the denoiser through torch.compile (Inductor), optionally with fp8 linears.
 
     mode "max-autotune" on CUDA (Triton GEMM/attention autotuning; the first call of each batch
-    shape takes minutes at ViT-B), the default mode on CPU, where max-autotune only adds time.
+    shape takes minutes at ViT-B), the default mode on CPU, where max-autotune only adds time;
+    the environment variable VIGFACE_COMPILE_MODE overrides that choice (e.g. "default" on CUDA).
     fullgraph=True: a graph break would silently fall back to Python per op, so it is an error.
     dynamic=False: one specialised graph per batch size; generation uses one or two sizes.
 
 Kernels inside the graph: attention "sdpa" (torch's fused attention, which Inductor keeps as one
 op) or "triton" (the Triton flash-attention kernel as the custom op vigface::flash_attention,
 opaque to Inductor); mlp "reference" or "cublaslt" (the first MLP Linear + GELU as one cuBLASLt
-GEMM with a GELU epilogue, CUDA only; Inductor keeps the op as an external kernel). The LayerNorm +
-modulate steps are always the PyTorch reference here, for Inductor to fuse.
+GEMM with a GELU epilogue, CUDA only; Inductor keeps the op as an external kernel; in fp8, where
+_scaled_mm has no GELU epilogue, the Triton fp8 GEMM with the GELU and the second linear's input
+quantisation in its epilogue, the custom op vigface::fp8_gelu_gemm). The LayerNorm + modulate steps
+are always the PyTorch reference here, for Inductor to fuse.
 
 Precisions: fp32, bf16, fp16 (weights cast), and fp8: the transformer blocks' linears in e4m3
 through torch._scaled_mm (fp8.py) on top of bf16 (CUDA, sm_89+) or float32 (CPU, numbers only).
@@ -26,6 +29,7 @@ The sampling loop is the base engine's: one compiled forward + the fused update 
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 
@@ -46,6 +50,7 @@ ATTENTION = ("sdpa", "triton")
 # the denoiser backends the engine takes as options: the LayerNorm steps (adaln) stay for Inductor
 KERNEL_OPTIONS = ("attention", "mlp")
 FP8_SCALING = ("static", "dynamic")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class CompileEngine(Engine):
@@ -94,10 +99,12 @@ class CompileEngine(Engine):
         model = denoiser_with(reference_denoiser(denoiser), attention=attention, mlp=mlp)
         model = engine_model(model, self.device, self.dtype)
         if precision == "fp8":
-            model = _fp8_copy(model)
+            if mlp == "cublaslt":
+                _check_fp8_gelu_gemm()
+            model = _fp8_copy(model, fused_mlp=mlp == "cublaslt")
         self.model = model
-        if mode is None and backend == "inductor" and self.device.type == "cuda":
-            mode = "max-autotune"
+        if mode is None:
+            mode = default_mode(backend, self.device)
         self.backend, self.mode, self.attention, self.mlp = backend, mode, attention, mlp
         self.compiled = torch.compile(model, backend=backend, mode=mode, fullgraph=True, dynamic=False)
         self.fp8_scaling, self.fp8_headroom = fp8_scaling, fp8_headroom
@@ -142,6 +149,18 @@ class CompileEngine(Engine):
         return super().sample(*args, **kwargs)
 
 
+def default_mode(backend: str, device: torch.device) -> str | None:
+    """The torch.compile mode when none is given: VIGFACE_COMPILE_MODE if set (max-autotune spends
+    minutes autotuning each GEMM shape on a GPU, once per batch size; "default" skips that), else
+    max-autotune for Inductor on CUDA and torch's default elsewhere."""
+    chosen = os.environ.get("VIGFACE_COMPILE_MODE", "")
+    if chosen:
+        if chosen not in COMPILE_MODES:
+            raise VigfaceError(f"VIGFACE_COMPILE_MODE={chosen!r}: choose one of {', '.join(COMPILE_MODES)}")
+        return chosen
+    return "max-autotune" if backend == "inductor" and device.type == "cuda" else None
+
+
 def fast_kernel_options(device, precision: str | None) -> dict:
     """The compile engine's options for `kernels="fast"` (FaceSampler.load, vigface-gen): on CUDA the
     cuBLASLt GELU MLP, and the Triton attention for 16-bit and fp8 (as the denoiser's attention "auto"
@@ -169,9 +188,19 @@ def _check_triton_attention(device: torch.device) -> None:
         )
 
 
-def _fp8_copy(model: Denoiser) -> Denoiser:
+def _check_fp8_gelu_gemm() -> None:
+    try:
+        import vigface.kernels.fp8_gelu_gemm  # noqa: F401
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"engine 'compile' precision 'fp8' with mlp 'cublaslt' needs triton for its fused GELU GEMM "
+            f"({exc})"
+        ) from None
+
+
+def _fp8_copy(model: Denoiser, fused_mlp: bool) -> Denoiser:
     model = copy.deepcopy(model)
-    if convert_block_linears_to_fp8(model) == 0:
+    if convert_block_linears_to_fp8(model, fused_mlp) == 0:
         raise BackendUnavailableError(
             "engine 'compile' precision 'fp8': no linear of this denoiser has widths that are multiples of 16"
         )
