@@ -9,7 +9,8 @@
    torch picks, SDPA forced to each of its kernels (flash, cuDNN, memory-efficient), the Triton kernel.
 3. forwards (VARIANTS): eager (SDPA + PyTorch LayerNorm), eager with cuDNN SDPA, with the Triton
    attention/AdaLN kernels, with those and the cuBLASLt GELU epilogue ("fast"); compile (Inductor)
-   with each attention, with the fast paths, and with those in fp8 (static scales).
+   with each attention, with the fast paths, and in fp8 (static scales) with the Triton attention
+   (the MLP's GELU + quantisation a separate pass) or the fast paths (the fused fp8 GELU GEMM).
 4. the kernels of one forward of a few variants (torch.profiler): device time by kernel name and by
    kind (GEMM, attention, the rest).
 Times are medians of CUDA-event-timed calls after warm-up. Writes JSON (default
@@ -141,7 +142,9 @@ VARIANTS = {  # label: (config changes, how it runs, SDPA kernel)
     "compile+triton": ({"attention": "triton"}, "compile", "default"),
     # Inductor fuses the LayerNorm steps itself: attention and the GELU epilogue only
     "compile+fast": (FAST_BACKENDS, "compile", "default"),
-    # the compile engine's fp8 (static scales, calibrated on one dynamic call first)
+    # the compile engine's fp8 (static scales, calibrated on one dynamic call first); with the fast
+    # kernels its MLPs run the fused fp8 GELU GEMM, without them _scaled_mm + a GELU/quantise pass
+    "compile+triton:fp8": ({"attention": "triton"}, "compile-fp8", "default"),
     "compile+fast:fp8": (FAST_BACKENDS, "compile-fp8", "default"),
 }
 CPU_VARIANTS = ("eager", "compile")

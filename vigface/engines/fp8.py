@@ -11,6 +11,9 @@ multiply + cast that Inductor can fuse into the kernel producing the activation.
 finite e4m3 value. `fp8_linear_ref` is the same quantisation with the product done in float32 on
 the dequantised values: the oracle the _scaled_mm path is tested against.
 
+A block's MLP becomes an `Fp8Mlp`; with `fused_mlp` its first linear, GELU and the second linear's
+input quantisation run as one Triton GEMM (vigface.kernels.fp8_gelu_gemm) once the scales are static.
+
 On an H100 the e4m3 tensor cores run 2x the bf16 rate; on a CPU torch's _scaled_mm exists but is
 only for checking numbers. Only linears whose in and out widths are multiples of 16 (cuBLASLt's
 fp8 alignment) are converted, and only inside the transformer blocks: the AdaLN modulation, the
@@ -88,6 +91,11 @@ class Fp8Linear(nn.Module):
             xq, x_scale = quantize_e4m3(x2)
             if self.observed_amax is not None:
                 self.observed_amax = torch.maximum(self.observed_amax, x_scale * E4M3_MAX)
+        y = self.quantized_matmul(xq, x_scale)
+        return y.view(*shape[:-1], y.shape[-1])
+
+    def quantized_matmul(self, xq: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+        """The layer on an input already in e4m3 at x_scale: xq (M, in) -> (M, out)."""
         # the bias rides in the GEMM's epilogue where cuBLASLt takes it (16-bit outputs)
         fused_bias = self.bias is not None and self.out_dtype in (torch.bfloat16, torch.float16)
         y = torch._scaled_mm(
@@ -100,6 +108,34 @@ class Fp8Linear(nn.Module):
         )
         if self.bias is not None and not fused_bias:
             y = y + self.bias
+        return y
+
+
+class Fp8Mlp(nn.Sequential):
+    """A block's MLP (Linear, GELU(tanh), Linear) with both linears in fp8, in the same three slots.
+
+    fused=True: once both activation scales are static, the first linear, the GELU and the second
+    linear's input quantisation run as one Triton GEMM (vigface.kernels.fp8_gelu_gemm, CUDA or the
+    Triton interpreter) whose e4m3 output the second linear takes as it is: the bf16 hidden
+    activations are never written. Otherwise (fused=False, dynamic scales, or the calibration call,
+    which must see the GELU's output to record the second linear's input range) the three modules
+    run in turn, the reference of the fused path."""
+
+    def __init__(self, mlp: nn.Sequential, fused: bool):
+        fc1, gelu, fc2 = mlp
+        super().__init__(Fp8Linear(fc1), gelu, Fp8Linear(fc2))
+        self.fused = fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fc1, _, fc2 = self
+        if not (self.fused and fc1.input_scale is not None and fc2.input_scale is not None):
+            return super().forward(x)
+        from vigface.kernels.fp8_gelu_gemm import fp8_gelu_gemm_op  # triton: only when fused
+
+        shape = x.shape
+        xq = quantize_e4m3_static(x.reshape(-1, shape[-1]), fc1.input_scale)
+        hq = fp8_gelu_gemm_op(xq, fc1.weight_q, fc1.bias, fc1.input_scale, fc1.weight_scale, fc2.input_scale)
+        y = fc2.quantized_matmul(hq, fc2.input_scale)
         return y.view(*shape[:-1], y.shape[-1])
 
 
@@ -126,15 +162,28 @@ def convertible(layer: nn.Linear) -> bool:
     return layer.in_features % 16 == 0 and layer.out_features % 16 == 0
 
 
-def convert_block_linears_to_fp8(model: nn.Module) -> int:
-    """Swap the attention/MLP/skip linears of every AdaLN block for Fp8Linear, in place; returns the count."""
+def is_tanh_gelu_mlp(mlp: nn.Module) -> bool:
+    """Whether mlp is (Linear, GELU(tanh), Linear) with fp8-convertible widths: an Fp8Mlp's shape."""
+    if not isinstance(mlp, nn.Sequential) or len(mlp) != 3:
+        return False
+    fc1, gelu, fc2 = mlp
+    linears = all(isinstance(fc, nn.Linear) and convertible(fc) for fc in (fc1, fc2))
+    return linears and isinstance(gelu, nn.GELU) and gelu.approximate == "tanh"
+
+
+def convert_block_linears_to_fp8(model: nn.Module, fused_mlp: bool = False) -> int:
+    """Swap the attention/MLP/skip linears of every AdaLN block for Fp8Linear, in place; returns the
+    count. Each block's MLP becomes an Fp8Mlp (fused_mlp: its fused GELU GEMM, see Fp8Mlp)."""
     if not hasattr(torch, "_scaled_mm"):
         raise BackendUnavailableError("fp8 linears need torch._scaled_mm, which this torch lacks")
     count = 0
     for block in model.modules():
         if not hasattr(block, "ada"):  # AdaLN blocks (and the final layer, which has final_ada) only
             continue
-        for name, child in list(block.named_modules()):
+        if is_tanh_gelu_mlp(getattr(block, "mlp", None)):
+            block.mlp = Fp8Mlp(block.mlp, fused_mlp)
+            count += 2
+        for name, child in list(block.named_modules()):  # Fp8Linear is no nn.Linear: the MLP's are skipped
             if name.startswith("ada") or not isinstance(child, nn.Linear) or not convertible(child):
                 continue
             parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block

@@ -1,0 +1,218 @@
+"""The fp8 MLP's first linear, GELU and the second linear's input quantisation as one Triton GEMM.
+
+    h_q = e4m3( clamp( gelu_tanh( (x_q @ w_q^T) * s_x * s_w + b ) / s_h, -448, 448 ) )
+
+x_q (M, K) and w_q (N, K) are e4m3 with per-tensor float32 scales s_x, s_w (engines/fp8.py's
+Fp8Linear: w_q is its weight_q, s_x its static input scale); s_h is the second linear's static
+input scale, so h_q goes straight into that linear's fp8 GEMM. Why: with torch._scaled_mm the
+(M, 4 D) hidden activations are written in bf16 by the GEMM, then read again by a separate pass
+that applies GELU, divides by s_h and casts to e4m3 (Inductor fuses those, but not into the GEMM):
+on a ViT-B/4 forward of 128 rows that pass took 6.9 of 46.1 ms on an H200
+(bench/results/denoiser_profile_cuda_h200_run3.json). Here the accumulator goes through the
+epilogue in registers and only the fp8 hidden activations (half the bf16 bytes) reach memory.
+
+The GEMM: one program per BLOCK_M x BLOCK_N output tile (grouped along M so neighbouring programs
+share w tiles in L2), walking K in BLOCK_K steps with fp32 accumulation. Both operands are
+K-contiguous (x_q row-major, w_q row-major read as w_q^T), the layout Hopper's fp8 tensor-core
+instructions need. GELU(tanh) is written as x * sigmoid(2 u), u = sqrt(2/pi) (x + 0.044715 x^3),
+which is the same function (0.5 (1 + tanh u) = sigmoid(2 u)) without a tanh primitive. Inference only.
+
+`fp8_gelu_gemm_ref` is the same computation in float32 PyTorch on the dequantised operands: the
+test oracle. The kernel's accumulation order differs from it, so an output can land on the
+neighbouring e4m3 value where the float32 result sits near a rounding boundary.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from vigface.errors import BackendUnavailableError, VigfaceError
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+AUTOTUNE = os.environ.get("VIGFACE_AUTOTUNE", "1") != "0"
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+# the same two numbers as constants inside the kernel (Triton reads globals only as constexpr)
+SQRT_2_OVER_PI_C = tl.constexpr(SQRT_2_OVER_PI)
+E4M3_MAX_C = tl.constexpr(E4M3_MAX)
+ROUNDER = tl.constexpr(1.5 * 2.0**23)
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): Hopper fp8 GEMM tiles; the first is pinned when
+# VIGFACE_AUTOTUNE=0. Not tuned on a GPU yet (first guesses in the range Triton's own fp8 matmul
+# tutorial uses for H100).
+TILES = [
+    (128, 256, 128, 8, 3),
+    (128, 128, 128, 8, 4),
+    (256, 128, 128, 8, 3),
+    (128, 128, 64, 4, 4),
+    (64, 128, 128, 4, 4),
+]
+
+
+def _configs() -> list[triton.Config]:
+    if INTERPRET:  # the interpreter runs programs serially in NumPy: one small tile, many programs
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in TILES
+    ]
+    return configs if AUTOTUNE else configs[:1]
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K"])
+@triton.jit
+def _fp8_gelu_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, scales_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_om,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr = 8,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    # grouped order: GROUP_M row tiles share each column tile of w while it is in L2
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    wide_rows = rows.to(tl.int64)  # M x N passes 2^31 at ~890 ViT-B/4 images (x 785 tokens x 3072)
+    x_ptrs = x_ptr + wide_rows[:, None] * stride_xm + ks[None, :]  # (BLOCK_M, BLOCK_K)
+    w_ptrs = w_ptr + cols[None, :] * stride_wn + ks[:, None]  # (BLOCK_K, BLOCK_N): w^T
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptrs, mask=(rows[:, None] < M) & (ks[None, :] < K - k0), other=0.0)
+        w = tl.load(w_ptrs, mask=(cols[None, :] < N) & (ks[:, None] < K - k0), other=0.0)
+        acc = tl.dot(x, w, acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    # epilogue, all in float32 registers: dequantise, bias, GELU(tanh), quantise for the next GEMM
+    dequant = tl.load(scales_ptr)  # s_x * s_w
+    inv_out_scale = tl.load(scales_ptr + 1)  # 1 / s_h
+    y = acc * dequant
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    u = SQRT_2_OVER_PI_C * (y + 0.044715 * y * y * y)
+    y = y * tl.sigmoid(2.0 * u)
+    y = tl.minimum(tl.maximum(y * inv_out_scale, -E4M3_MAX_C), E4M3_MAX_C)
+    out_ptrs = out_ptr + wide_rows[:, None] * stride_om + cols[None, :]
+    tl.store(out_ptrs, _round_to_e4m3(y).to(tl.float8e4nv), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def _round_to_e4m3(y):
+    """y (float32, |y| <= 448) rounded half-to-even to the nearest e4m3 value, still as float32.
+
+    The cast that follows is then exact. Why not let the cast round: Triton's interpreter rounds
+    float32 -> e4m3 wrongly (half-up on one bit, and a mantissa carry lands in the exponent's low
+    bit: 127.1 -> 64), so the tests could not check the GPU's rounding through it; with the
+    rounding written out, the interpreter and the GPU run the same arithmetic. The e4m3 grid
+    spacing is 2^(e - 3) for a binade 2^e, e >= -6, and 2^-9 (subnormals) below 2^-6."""
+    exponent = tl.maximum((y.to(tl.int32, bitcast=True) >> 23) & 0xFF, 127 - 6)  # biased, >= 2^-6
+    inv_spacing = ((257 - exponent) << 23).to(tl.float32, bitcast=True)  # 2^(130 - exponent)
+    spacing = ((exponent - 3) << 23).to(tl.float32, bitcast=True)  # 2^(exponent - 130)
+    # y * inv_spacing is exact and < 16 in magnitude; adding then subtracting 1.5 x 2^23 leaves it
+    # rounded half-to-even to an integer by float32 addition itself (1 is the spacing at 2^23)
+    integer = (y * inv_spacing + ROUNDER) - ROUNDER
+    return integer * spacing  # a power of two: exact
+
+
+def _check(x_q, w_q, bias, x_scale, w_scale, out_scale) -> None:
+    if x_q.dtype != E4M3 or w_q.dtype != E4M3:
+        raise VigfaceError(
+            f"fp8_gelu_gemm: x_q and w_q must be float8_e4m3fn, got {x_q.dtype} and {w_q.dtype}"
+        )
+    if x_q.dim() != 2 or w_q.dim() != 2 or x_q.shape[1] != w_q.shape[1]:
+        raise VigfaceError(
+            "fp8_gelu_gemm: x_q (M, K) and w_q (N, K) must share K, "
+            f"got {tuple(x_q.shape)} and {tuple(w_q.shape)}"
+        )
+    if x_q.stride(1) != 1 or w_q.stride(1) != 1:
+        raise VigfaceError("fp8_gelu_gemm: x_q and w_q must be row-major (K contiguous)")
+    if bias is not None and bias.shape != (w_q.shape[0],):
+        raise VigfaceError(f"fp8_gelu_gemm: bias must have shape ({w_q.shape[0]},), got {tuple(bias.shape)}")
+    for name, s in (("x_scale", x_scale), ("w_scale", w_scale), ("out_scale", out_scale)):
+        if s.numel() != 1:
+            raise VigfaceError(
+                f"fp8_gelu_gemm: {name} must be one per-tensor scale, got shape {tuple(s.shape)}"
+            )
+    if x_q.device.type != "cuda" and not INTERPRET:
+        raise BackendUnavailableError(
+            f"fp8_gelu_gemm needs a CUDA device, got {x_q.device} "
+            "(or TRITON_INTERPRET=1 before importing vigface.kernels, for the slow interpreter)"
+        )
+
+
+def fp8_gelu_gemm(
+    x_q: torch.Tensor,
+    w_q: torch.Tensor,
+    bias: torch.Tensor | None,
+    x_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_scale: torch.Tensor,
+) -> torch.Tensor:
+    """e4m3 (M, N): GELU(x_q w_q^T s_x s_w + bias) quantised at out_scale (see the module notes)."""
+    _check(x_q, w_q, bias, x_scale, w_scale, out_scale)
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    out = torch.empty(m, n, dtype=E4M3, device=x_q.device)
+    # the two scalars the epilogue needs, computed on the device: no host sync, graph-capturable
+    scales = torch.stack([(x_scale * w_scale).reshape(()), 1.0 / out_scale.reshape(())]).float()
+    bias_arg = bias if bias is not None else scales  # an unused pointer when HAS_BIAS is False
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _fp8_gelu_gemm_kernel[grid](
+        x_q, w_q, bias_arg, out, scales, m, n, k, x_q.stride(0), w_q.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None,
+    )  # fmt: skip
+    return out
+
+
+def fp8_gelu_gemm_ref(
+    x_q: torch.Tensor,
+    w_q: torch.Tensor,
+    bias: torch.Tensor | None,
+    x_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_scale: torch.Tensor,
+) -> torch.Tensor:
+    """The same in float32 PyTorch on the dequantised operands (the oracle)."""
+    y = (x_q.float() @ w_q.float().t()) * (x_scale.float() * w_scale.float())
+    if bias is not None:
+        y = y + bias.float()
+    y = F.gelu(y, approximate="tanh")
+    return (y / out_scale.float()).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
+# Under torch.compile the kernel runs as this custom op: opaque to Dynamo and Inductor, which
+# would otherwise trace the autotuner's Python; the fake implementation gives the output's shape.
+@torch.library.custom_op("vigface::fp8_gelu_gemm", mutates_args=())
+def fp8_gelu_gemm_op(
+    x_q: torch.Tensor,
+    w_q: torch.Tensor,
+    bias: torch.Tensor | None,
+    x_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_scale: torch.Tensor,
+) -> torch.Tensor:
+    return fp8_gelu_gemm(x_q, w_q, bias, x_scale, w_scale, out_scale)
+
+
+@fp8_gelu_gemm_op.register_fake
+def _fp8_gelu_gemm_op_fake(x_q, w_q, bias, x_scale, w_scale, out_scale):
+    return x_q.new_empty(x_q.shape[0], w_q.shape[0], dtype=E4M3)

@@ -1,0 +1,204 @@
+"""The fused fp8 GEMM + GELU + quantisation kernel against float32 PyTorch, and the fp8 MLP using it.
+
+Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+The oracle: the same product in float32 on the dequantised e4m3 operands, GELU(tanh), divided by
+the output scale, clamped and cast by torch. Accumulation orders differ, so an output may sit on the
+neighbouring e4m3 value where the float32 result is at a rounding boundary: at most one e4m3 step,
+and rarely (the bound below). The kernel's own rounding is checked value by value against torch's
+cast, including every tie (round half to even) and the subnormals.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+from vigface.kernels.fp8_gelu_gemm import (
+    E4M3,
+    _round_to_e4m3,
+    fp8_gelu_gemm,
+    fp8_gelu_gemm_op,
+    fp8_gelu_gemm_ref,
+)
+
+from vigface.engines.fp8 import Fp8Linear, Fp8Mlp, calibrate_fp8, convert_block_linears_to_fp8, quantize_e4m3
+from vigface.errors import VigfaceError
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+MISMATCH_FRACTION = 0.005  # of outputs allowed on a neighbouring e4m3 value
+
+
+@triton.jit
+def _round_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(out_ptr + offs, _round_to_e4m3(x).to(tl.float8e4nv), mask=offs < n)
+
+
+def _e4m3_values() -> torch.Tensor:
+    """Every finite e4m3 value, ascending, as float32."""
+    values = torch.arange(256, dtype=torch.uint8).view(E4M3).float()
+    return values[torch.isfinite(values)].unique()
+
+
+def test_rounding_matches_torchs_cast_at_every_value_tie_and_neighbour():
+    grid = _e4m3_values()
+    mids = (grid[1:] + grid[:-1]) / 2  # exact in float32: the ties, rounded half to even
+    below, above = torch.nextafter(mids, mids - 1), torch.nextafter(mids, mids + 1)
+    g = torch.Generator().manual_seed(0)
+    magnitudes = torch.exp(torch.empty(4000).uniform_(-14, 6.1, generator=g))  # 2^-20 .. 445
+    spread = magnitudes * torch.sign(torch.randn(4000, generator=g))
+    x = torch.cat([grid, mids, below, above, spread.clamp(-448, 448)]).to(DEVICE)
+    out = torch.empty(x.shape, dtype=E4M3, device=DEVICE)
+    _round_kernel[(triton.cdiv(x.numel(), 256),)](x, out, x.numel(), BLOCK=256)
+    want = x.to(E4M3)
+    wrong = (out.float() != want.float()).nonzero().flatten()
+    examples = [(x[i].item(), out[i].float().item(), want[i].float().item()) for i in wrong[:5]]
+    assert wrong.numel() == 0, examples
+
+
+def _operands(m, k, n, bias_dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(m, k, generator=g) * 2, torch.randn(n, k, generator=g) * 0.2
+    (xq, sx), (wq, sw) = quantize_e4m3(x), quantize_e4m3(w)
+    bias = None if bias_dtype is None else (torch.randn(n, generator=g) * 0.3).to(bias_dtype)
+    out_scale = torch.tensor(4.0 / 448)  # |GELU output| up to 4 representable, larger saturates
+    return [None if v is None else v.to(DEVICE) for v in (xq, wq, bias, sx, sw, out_scale)]
+
+
+def _assert_close_e4m3(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == E4M3 and got.shape == want.shape
+    g, w = got.float(), want.float()
+    differ = g != w
+    assert differ.float().mean().item() <= MISMATCH_FRACTION, differ.float().mean().item()
+    # a differing value is the neighbour: at most one step of the binade of the larger magnitude
+    big = torch.maximum(g.abs(), w.abs())[differ]
+    step = torch.exp2(torch.floor(torch.log2(big.clamp_min(2.0**-6))) - 3)
+    assert ((g - w).abs()[differ] <= step).all()
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "n", "bias_dtype"),
+    [
+        (70, 96, 80, None),  # M not a multiple of the tile
+        (33, 48, 32, torch.bfloat16),  # K = 1.5 tiles: the last K step masked
+        (64, 64, 160, torch.float32),  # N = 5 tiles
+    ],
+)
+def test_kernel_matches_the_float32_reference(m, k, n, bias_dtype):
+    args = _operands(m, k, n, bias_dtype)
+    got, want = fp8_gelu_gemm(*args), fp8_gelu_gemm_ref(*args)
+    _assert_close_e4m3(got, want)
+    assert (want.float() == 448).any() and (want.float() < 0).any()  # saturation and GELU's negative lobe
+    assert (got.float() == 448).sum() == (want.float() == 448).sum()
+
+
+def test_custom_op_fake_implementation_matches_the_kernel():
+    # opcheck's other checks multiply outputs, which torch cannot do in e4m3; tracing is covered by
+    # the torch.compile test below
+    torch.library.opcheck(
+        fp8_gelu_gemm_op, tuple(_operands(20, 32, 48, torch.bfloat16)), test_utils=("test_faketensor",)
+    )
+
+
+def test_bad_inputs_name_what_is_wrong():
+    xq, wq, bias, sx, sw, so = _operands(8, 32, 16, None)
+    with pytest.raises(VigfaceError, match="must be float8_e4m3fn"):
+        fp8_gelu_gemm(xq.float(), wq, bias, sx, sw, so)
+    with pytest.raises(VigfaceError, match="must share K"):
+        fp8_gelu_gemm(xq[:, :16], wq, bias, sx, sw, so)
+    with pytest.raises(VigfaceError, match=r"bias must have shape \(16,\)"):
+        fp8_gelu_gemm(xq, wq, torch.zeros(8, device=DEVICE), sx, sw, so)
+    with pytest.raises(VigfaceError, match="out_scale must be one per-tensor scale"):
+        fp8_gelu_gemm(xq, wq, bias, sx, sw, torch.ones(2, device=DEVICE))
+
+
+def _mlp(d=32, hidden=128, seed=0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d)).to(DEVICE)
+
+
+def test_fused_fp8_mlp_follows_its_three_module_reference_after_calibration():
+    mlp = _mlp()
+    fused, plain = Fp8Mlp(mlp, fused=True), Fp8Mlp(mlp, fused=False)
+    x = torch.randn(2, 37, 32, device=DEVICE)
+    with torch.no_grad():
+        for m in (fused, plain):  # the calibration call runs the three modules: identical scales
+            calibrate_fp8(m, lambda m=m: m(x))
+        assert torch.equal(fused[2].input_scale, plain[2].input_scale)
+        # the second linear's scale: headroom 2 x the largest GELU output seen, over 448
+        hidden = mlp[1](mlp[0](x))
+        assert torch.allclose(plain[2].input_scale, 2 * hidden.abs().max() / 448, rtol=0.02)
+        got, want, exact = fused(x), plain(x), mlp(x)
+    assert got.shape == want.shape == (2, 37, 32)
+    scale = exact.abs().max()
+    assert (got - want).abs().max() <= 0.02 * scale  # a few hidden values on a neighbouring e4m3 step
+    fp8_error = (want - exact).abs().max()
+    assert 1e-3 * scale < fp8_error < 0.1 * scale  # both are fp8 approximations of the exact MLP
+    assert (got - exact).abs().max() <= 1.5 * fp8_error
+
+
+def test_fused_fp8_mlp_runs_the_kernel_only_with_static_scales(monkeypatch):
+    calls = []
+    real = fp8_gelu_gemm_op
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr("vigface.kernels.fp8_gelu_gemm.fp8_gelu_gemm_op", spy)
+    fused = Fp8Mlp(_mlp(), fused=True)
+    x = torch.randn(3, 32, device=DEVICE)
+    with torch.no_grad():
+        fused(x)  # dynamic scales: the reference path
+        assert calls == []
+        calibrate_fp8(fused, lambda: fused(x))
+        assert calls == []  # the calibration must see the GELU's bf16/fp32 output
+        fused(x)
+    assert len(calls) == 1
+
+
+def test_under_torch_compile_the_fused_mlp_is_one_graph():
+    fused = Fp8Mlp(_mlp(), fused=True)
+    x = torch.randn(4, 32, device=DEVICE)
+    with torch.no_grad():
+        calibrate_fp8(fused, lambda: fused(x))
+        want = fused(x)
+        got = torch.compile(fused, backend="eager", fullgraph=True)(x)  # a graph break would raise
+    assert torch.equal(got, want)
+
+
+def test_conversion_makes_each_block_mlp_an_fp8_mlp():
+    from vigface.diffusion.denoiser import Denoiser, DenoiserConfig
+
+    torch.manual_seed(0)
+    model = Denoiser(DenoiserConfig.preset("tiny", width=64, depth=3, image_size=32, cond_dim=32)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # AdaLN-Zero starts every block as the identity: give it weights
+            if not p.abs().sum():
+                p.normal_(0, 0.05)
+    model = model.to(DEVICE)
+    fused, plain = (convert_fp8_copy(model, fused_mlp=f) for f in (True, False))
+    blocks = [b for b in fused.modules() if hasattr(b, "mlp") and hasattr(b, "ada")]
+    assert blocks and all(isinstance(b.mlp, Fp8Mlp) and b.mlp.fused for b in blocks)
+    assert all(isinstance(b.mlp[0], Fp8Linear) and isinstance(b.mlp[2], Fp8Linear) for b in blocks)
+    g, s = torch.Generator().manual_seed(1), model.config.image_size
+    x = torch.randn(2, 3, s, s, generator=g).to(DEVICE)
+    t = torch.tensor([10, 900], device=DEVICE)
+    cond = torch.nn.functional.normalize(torch.randn(2, 32, generator=g), dim=1).to(DEVICE)
+    pose = torch.rand(2, 5, s, s, generator=g).to(DEVICE)
+    with torch.no_grad():
+        for m in (fused, plain):
+            calibrate_fp8(m, lambda m=m: m(x, t, cond, pose))
+        got, want, exact = fused(x, t, cond, pose), plain(x, t, cond, pose), model(x, t, cond, pose)
+    assert (got - want).abs().max() <= 0.25 * (want - exact).abs().max()  # far inside fp8's own error
+
+
+def convert_fp8_copy(model, fused_mlp):
+    import copy
+
+    m = copy.deepcopy(model)
+    convert_block_linears_to_fp8(m, fused_mlp)
+    return m
