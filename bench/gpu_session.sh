@@ -7,15 +7,16 @@
 #   3. bench/loader_throughput.py on the GPU (torch loader: PIL workers vs nvJPEG)
 #   4. bench/fast_sampler_identity.py with the shipped toy model: DPM-Solver++ (time and logSNR
 #      spacing) step counts vs DDIM-100, and the cudagraph engine's identity drift from eager
-#   5. bench/sample_throughput.py at ViT-B/4 (eager, cudagraph, Triton kernels, compile, fp8, trt)
-#   6. bench/margin_softmax.py, and bench/margin_softmax_tune.py: the fused kernels' tiles tuned
-#   7. bench/denoiser_profile.py: where a ViT-B/4 forward's time goes (GEMMs, attention, the rest)
+#   5. bench/denoiser_profile.py: where a ViT-B/4 forward's time goes (GEMMs, attention, the rest)
+#   6. bench/sample_throughput.py at ViT-B/4 (eager, cudagraph, Triton kernels, compile, fp8, trt)
+#   7. bench/margin_softmax.py, and bench/margin_softmax_tune.py: the fused kernels' tiles tuned
 #   8. the Triton kernel tests natively, bench/kernels.py
 # Results land in $OUT (at most 8 files come back): logs and the JSON files for bench/results/.
 #   usage: OUT=/tmp/out DEADLINE=500 bash bench/gpu_session.sh
 #   STEPS=tests_cuda,profile,...  runs only the named steps (build always runs); TESTS= the pytest
-#   paths of tests_cuda (default tests/); ENGINES= / SAMPLERS= for sample_bench; FORWARDS= for profile;
-#   FS_SETTINGS= for fast_sampler; KERNEL_TESTS= the pytest paths of kernel_tests.
+#   paths of tests_cuda (default tests/), TESTS_MARK= their -m (default cuda); ENGINES= / SAMPLERS=
+#   for sample_bench; FORWARDS= / PROFILED= for profile; FS_SETTINGS= for fast_sampler
+#   (engine[+fast][@precision]/sampler:steps,...); KERNEL_TESTS= the pytest paths of kernel_tests.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/vigface_gpu}
@@ -61,26 +62,27 @@ if ! python3 -c "import vigface" 2>/dev/null; then
 fi
 python3 -c "import vigface._C as C; print('vigface._C', C.build_info, 'devices', C.cuda_device_count())" >>"$LOG" 2>&1
 
-step tests_cuda 150 python3 -m pytest -q -rs -m cuda -p no:cacheprovider ${TESTS:-tests/} --junitxml="$OUT/tests_cuda.xml" -s
+step tests_cuda 150 python3 -m pytest -q -rs -m "${TESTS_MARK:-cuda}" -p no:cacheprovider ${TESTS:-tests/} --junitxml="$OUT/tests_cuda.xml" -s
 
 step loader_bench 90 python3 bench/loader_throughput.py --device cuda --workers 4 16 --epochs 3 \
   --data /tmp/loader_bench --out "$OUT/loader_throughput_gpu.json"
 
-step fast_sampler 150 python3 bench/fast_sampler_identity.py --model vigface/assets/tiny_model --work /tmp/fs \
+# the compile engine in Inductor's default mode: max-autotune spent over 100 s on the toy model alone
+step fast_sampler 150 env VIGFACE_COMPILE_MODE=default python3 bench/fast_sampler_identity.py --model vigface/assets/tiny_model --work /tmp/fs \
   --num-ids 50 --per-id 8 --out "$OUT/fast_sampler_identity_toy_gpu.json" \
-  --settings "${FS_SETTINGS:-eager/ddim:100,cudagraph/ddim:100,eager/dpm++logsnr:15,cudagraph/dpm++logsnr:15,compile@fp8/dpm++logsnr:15,eager/dpm++logsnr:10}"
+  --settings "${FS_SETTINGS:-eager/ddim:100,cudagraph/ddim:100,eager/dpm++logsnr:15,cudagraph/dpm++logsnr:15,compile+fast@fp8/dpm++logsnr:15,eager/dpm++logsnr:10}"
+
+step profile 170 python3 bench/denoiser_profile.py ${FORWARDS:+--forwards "$FORWARDS"} ${PROFILED:+--profile "$PROFILED"} \
+  --out "$OUT/denoiser_profile_cuda.json"
 
 step sample_bench 230 python3 bench/sample_throughput.py \
   --engines "${ENGINES:-eager,compile+fast,cudagraph+fast,trt}" \
   --samplers "${SAMPLERS:-ddim:100,dpm++:20,dpm++logsnr:15}" --compile-mode default --out "$OUT/sample_throughput_cuda.json"
 
-# the margin-softmax figures were never measured on a GPU: before the (twice measured) profile
 step margin_softmax_bench 60 python3 bench/margin_softmax.py --out "$OUT/margin_softmax_cuda.json"
 # GPU_TUNING of the fused margin-softmax kernels was a first guess: tune it (ieee and tf32 dots)
 step margin_softmax_tune 260 python3 bench/margin_softmax_tune.py --deadline 200 \
   --out "$OUT/margin_softmax_tune_cuda.json"
-step profile 170 python3 bench/denoiser_profile.py ${FORWARDS:+--forwards "$FORWARDS"} \
-  --out "$OUT/denoiser_profile_cuda.json"
 
 step kernel_tests 150 env VIGFACE_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 \
   ${KERNEL_TESTS:-tests/test_kernels_attention.py tests/test_kernels_adaln.py tests/test_kernels_margin_softmax.py}
