@@ -219,8 +219,7 @@ class AdaLNBlock(nn.Module):
 
     def run_mlp(self, h):
         fc1, _, fc2 = self.mlp
-        # an fp8 first linear (engines/fp8.py) has no GELU epilogue: its GELU stays a separate op
-        # (under torch.compile, Inductor can fuse it with the second linear's fp8 cast)
+        # fp8 linears (engines/fp8.py): the MLP is an Fp8Mlp, which runs its own fused GEMM or not
         if not isinstance(fc1, nn.Linear) or not use_fused_gelu(self.mlp_backend, h):
             return self.mlp(h)
         hidden = torch._addmm_activation(fc1.bias, h.reshape(-1, h.shape[-1]), fc1.weight.t(), use_gelu=True)

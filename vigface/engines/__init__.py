@@ -7,7 +7,8 @@
 name       what runs                                                       precisions
 =========  ==============================================================  ===================
 eager      the PyTorch module and the reference samplers (the baseline)    fp32 bf16 fp16
-compile    torch.compile (max-autotune on CUDA) + fused update per step    fp32 bf16 fp16 fp8
+compile    torch.compile (max-autotune on CUDA, VIGFACE_COMPILE_MODE)      fp32 bf16 fp16 fp8
+           + fused update per step
            (attention= / mlp= kernels in the graph; fp8 scales calibrated)
 cudagraph  the whole loop captured in one CUDA graph per (batch, steps)    fp32 bf16 fp16
 onnx       the exported graph in onnxruntime (CPU or CUDA EP)              fp32
