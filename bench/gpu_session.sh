@@ -8,6 +8,7 @@
 #   4. bench/fast_sampler_identity.py with the shipped toy model: DPM-Solver++ (time and logSNR
 #      spacing) step counts vs DDIM-100, and the cudagraph engine's identity drift from eager
 #   5. bench/denoiser_profile.py: where a ViT-B/4 forward's time goes (GEMMs, attention, the rest)
+#      and bench/fp8_gelu_gemm.py: the fused fp8 MLP kernel against what it replaces, its tiles
 #   6. bench/sample_throughput.py at ViT-B/4 (eager, cudagraph, Triton kernels, compile, fp8, trt)
 #   7. bench/margin_softmax.py, and bench/margin_softmax_tune.py: the fused kernels' tiles tuned
 #   8. the Triton kernel tests natively, bench/kernels.py
@@ -75,6 +76,9 @@ step fast_sampler 150 env VIGFACE_COMPILE_MODE=default python3 bench/fast_sample
 
 step profile 170 python3 bench/denoiser_profile.py ${FORWARDS:+--forwards "$FORWARDS"} ${PROFILED:+--profile "$PROFILED"} \
   --out "$OUT/denoiser_profile_cuda.json"
+
+# the fused fp8 GELU GEMM against _scaled_mm + the GELU pass, and its tiles (they were first guesses)
+step fp8_gemm_bench 120 python3 bench/fp8_gelu_gemm.py --out "$OUT/fp8_gelu_gemm_cuda.json"
 
 step sample_bench 230 python3 bench/sample_throughput.py \
   --engines "${ENGINES:-eager,compile+fast,cudagraph+fast,trt}" \

@@ -170,8 +170,10 @@ def fp8_gelu_gemm(
     x_scale: torch.Tensor,
     w_scale: torch.Tensor,
     out_scale: torch.Tensor,
+    tiles: tuple[int, int, int, int, int] | None = None,
 ) -> torch.Tensor:
-    """e4m3 (M, N): GELU(x_q w_q^T s_x s_w + bias) quantised at out_scale (see the module notes)."""
+    """e4m3 (M, N): GELU(x_q w_q^T s_x s_w + bias) quantised at out_scale (see the module notes).
+    tiles: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) instead of the autotuned choice (benchmarks)."""
     _check(x_q, w_q, bias, x_scale, w_scale, out_scale)
     m, k = x_q.shape
     n = w_q.shape[0]
@@ -183,10 +185,15 @@ def fp8_gelu_gemm(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _fp8_gelu_gemm_kernel[grid](
-        x_q, w_q, bias_arg, out, scales, m, n, k, x_q.stride(0), w_q.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None,
-    )  # fmt: skip
+    args = (x_q, w_q, bias_arg, out, scales, m, n, k, x_q.stride(0), w_q.stride(0), out.stride(0))
+    if tiles is None:
+        _fp8_gelu_gemm_kernel[grid](*args, HAS_BIAS=bias is not None)
+    else:
+        block_m, block_n, block_k, warps, stages = tiles
+        meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
+        _fp8_gelu_gemm_kernel.fn[grid(meta)](
+            *args, HAS_BIAS=bias is not None, **meta, num_warps=warps, num_stages=stages
+        )
     return out
 
 

@@ -114,6 +114,12 @@ def test_kernel_matches_the_float32_reference(m, k, n, bias_dtype):
     assert (got.float() == 448).any() and (got.float() < 0).any()
 
 
+def test_a_pinned_tile_computes_the_same_function():
+    args = _operands(40, 64, 48, torch.bfloat16)
+    pinned = fp8_gelu_gemm(*args, tiles=(16, 32, 16, 4, 1))  # more programs and K steps than default
+    _assert_close_e4m3(pinned, fp8_gelu_gemm_ref(*args), args)
+
+
 def test_custom_op_fake_implementation_matches_the_kernel():
     # opcheck's other checks multiply outputs, which torch cannot do in e4m3; tracing is covered by
     # the torch.compile test below
