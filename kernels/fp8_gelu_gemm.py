@@ -24,9 +24,10 @@ it, adds partial sums into float32 every few instructions), so an output can lan
 from the oracle's where it is small next to sum_k |x_k w_k| (the tests' bound says how far).
 
 Measured on an H200 (bench/results/denoiser_profile_cuda_h200_fp8_gelu_gemm.json, ViT-B/4, 128
-rows): 0.89 ms per MLP (535 TFLOP/s) where cuBLAS's fp8 GEMM took 0.44 ms (1,070 TFLOP/s) and the
-GELU + quantisation pass 0.49 ms; the forward 46.1 -> 44.3 ms. So the GEMM itself runs at half
-cuBLAS's rate: better tiles or TMA loads are where the next milliseconds are.
+rows): 0.89 ms per call at M = 100,352, K = 768, N = 3,072 (535 TFLOP/s) where cuBLAS's fp8 GEMM
+took 0.44 ms (1,070 TFLOP/s) and the GELU + quantisation pass 0.49 ms; the forward 46.1 -> 44.3 ms.
+So the GEMM itself runs at half cuBLAS's rate: better tiles or TMA loads are where the next
+milliseconds are (bench/fp8_gelu_gemm.py times the candidates).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ AUTOTUNE = os.environ.get("VIGFACE_AUTOTUNE", "1") != "0"
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-# the same two numbers as constants inside the kernel (Triton reads globals only as constexpr)
+# constants inside the kernel (Triton reads globals only as constexpr); ROUNDER: see _round_to_e4m3
 SQRT_2_OVER_PI_C = tl.constexpr(SQRT_2_OVER_PI)
 E4M3_MAX_C = tl.constexpr(E4M3_MAX)
 ROUNDER = tl.constexpr(1.5 * 2.0**23)
@@ -95,7 +96,7 @@ def _fp8_gelu_gemm_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
-    wide_rows = rows.to(tl.int64)  # M x N passes 2^31 at ~890 ViT-B/4 images (x 785 tokens x 3072)
+    wide_rows = rows.to(tl.int64)  # M x N passes 2^31 at ~890 ViT-B/4 rows (x 784 tokens x 3,072)
     x_ptrs = x_ptr + wide_rows[:, None] * stride_xm + ks[None, :]  # (BLOCK_M, BLOCK_K)
     w_ptrs = w_ptr + cols[None, :] * stride_wn + ks[:, None]  # (BLOCK_K, BLOCK_N): w^T
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
