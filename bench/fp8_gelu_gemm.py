@@ -10,6 +10,7 @@ times, in one run:
               the compile engine ran before the fused kernel
   scaled_mm   the GEMM alone, cuBLAS's rate for this shape
   fused       vigface.kernels.fp8_gelu_gemm autotuned, and pinned to each of its TILES and a few more
+  fused tma   the same with TMA-descriptor loads and stores (tma=True)
 and checks every output against the float32 oracle (fp8_gelu_gemm_ref): the fraction of outputs on
 another e4m3 value and the largest difference. Times are medians of CUDA-event-timed calls after a
 warm-up (which compiles). TFLOP/s counts 2 M N K per call.
@@ -85,9 +86,12 @@ def main() -> None:
     if device.type == "cuda":
         variants["compiled"] = torch.compile(unfused, mode="default", fullgraph=True)
         variants["scaled_mm"] = scaled_mm_only
-    variants["fused"] = lambda: fp8_gelu_gemm(*operands)
-    for tile in CPU_TILES if args.cpu else TILES + EXTRA_GPU_TILES:
-        variants["fused " + "x".join(map(str, tile))] = lambda tile=tile: fp8_gelu_gemm(*operands, tiles=tile)
+    for tma in (False, True):
+        kind = "fused tma" if tma else "fused"
+        variants[kind] = lambda tma=tma: fp8_gelu_gemm(*operands, tma=tma)
+        for tile in CPU_TILES if args.cpu else TILES + EXTRA_GPU_TILES:
+            name = f"{kind} " + "x".join(map(str, tile))
+            variants[name] = lambda tile=tile, tma=tma: fp8_gelu_gemm(*operands, tiles=tile, tma=tma)
 
     flops = 2 * m * n * k
     result = {

@@ -27,7 +27,9 @@ Measured on an H200 (bench/results/denoiser_profile_cuda_h200_fp8_gelu_gemm.json
 rows): 0.89 ms per call at M = 100,352, K = 768, N = 3,072 (535 TFLOP/s) where cuBLAS's fp8 GEMM
 took 0.44 ms (1,070 TFLOP/s) and the GELU + quantisation pass 0.49 ms; the forward 46.1 -> 44.3 ms.
 So the GEMM itself runs at half cuBLAS's rate: better tiles or TMA loads are where the next
-milliseconds are (bench/fp8_gelu_gemm.py times the candidates).
+milliseconds are. `tma=True` runs the same kernel with its tiles loaded and stored through TMA
+descriptors (tested in the interpreter and compiled for sm_90 here, not yet run on a GPU);
+bench/fp8_gelu_gemm.py times both over the candidate tiles, and the faster becomes the default.
 """
 
 from __future__ import annotations
@@ -84,15 +86,7 @@ def _fp8_gelu_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr = 8,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    # grouped order: GROUP_M row tiles share each column tile of w while it is in L2
-    group = pid // (GROUP_M * tiles_n)
-    first_m = group * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
-    pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
-
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
@@ -106,8 +100,60 @@ def _fp8_gelu_gemm_kernel(
         acc = tl.dot(x, w, acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    y = _gelu_quantise_epilogue(acc, bias_ptr, scales_ptr, cols, N, HAS_BIAS)
+    out_ptrs = out_ptr + wide_rows[:, None] * stride_om + cols[None, :]
+    tl.store(out_ptrs, y.to(tl.float8e4nv), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
-    # epilogue, all in float32 registers: dequantise, bias, GELU(tanh), quantise for the next GEMM
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K"])
+@triton.jit
+def _fp8_gelu_gemm_tma_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, scales_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_om,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr = 8,
+):  # fmt: skip
+    """The same GEMM with its tiles moved by Hopper's tensor memory accelerator (TMA descriptors):
+    whole tiles per copy instruction, out-of-bounds parts filled with zeros on load and dropped on
+    store, so no masks. A candidate for speed, measured by bench/fp8_gelu_gemm.py before it is used."""
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    x_desc = tl.make_tensor_descriptor(
+        x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K]
+    )
+    w_desc = tl.make_tensor_descriptor(
+        w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K]
+    )
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = x_desc.load([pid_m * BLOCK_M, k0])
+        w = w_desc.load([pid_n * BLOCK_N, k0])
+        acc = tl.dot(x, w.T, acc)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    y = _gelu_quantise_epilogue(acc, bias_ptr, scales_ptr, cols, N, HAS_BIAS)
+    out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_om, 1],
+                                         block_shape=[BLOCK_M, BLOCK_N])  # fmt: skip
+    out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y.to(tl.float8e4nv))
+
+
+@triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (row tile, column tile), in grouped order: GROUP_M row tiles share each
+    column tile of w while it is in L2."""
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _gelu_quantise_epilogue(acc, bias_ptr, scales_ptr, cols, N, HAS_BIAS: tl.constexpr):
+    """In float32 registers: dequantise, bias, GELU(tanh), divide by s_h, clamp, round to e4m3."""
     dequant = tl.load(scales_ptr)  # s_x * s_w
     inv_out_scale = tl.load(scales_ptr + 1)  # 1 / s_h
     y = acc * dequant
@@ -116,8 +162,7 @@ def _fp8_gelu_gemm_kernel(
     u = SQRT_2_OVER_PI_C * (y + 0.044715 * y * y * y)
     y = y * tl.sigmoid(2.0 * u)
     y = tl.minimum(tl.maximum(y * inv_out_scale, -E4M3_MAX_C), E4M3_MAX_C)
-    out_ptrs = out_ptr + wide_rows[:, None] * stride_om + cols[None, :]
-    tl.store(out_ptrs, _round_to_e4m3(y).to(tl.float8e4nv), mask=(rows[:, None] < M) & (cols[None, :] < N))
+    return _round_to_e4m3(y)
 
 
 @triton.jit
@@ -172,10 +217,14 @@ def fp8_gelu_gemm(
     w_scale: torch.Tensor,
     out_scale: torch.Tensor,
     tiles: tuple[int, int, int, int, int] | None = None,
+    tma: bool = False,
 ) -> torch.Tensor:
     """e4m3 (M, N): GELU(x_q w_q^T s_x s_w + bias) quantised at out_scale (see the module notes).
-    tiles: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) instead of the autotuned choice (benchmarks)."""
+    tiles: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) instead of the autotuned choice (benchmarks);
+    tma: the TMA-descriptor kernel (Hopper; a candidate, not yet measured against the default)."""
     _check(x_q, w_q, bias, x_scale, w_scale, out_scale)
+    if tma:
+        _check_tma(x_q, w_q)
     m, k = x_q.shape
     n = w_q.shape[0]
     out = torch.empty(m, n, dtype=E4M3, device=x_q.device)
@@ -187,15 +236,37 @@ def fp8_gelu_gemm(
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     args = (x_q, w_q, bias_arg, out, scales, m, n, k, x_q.stride(0), w_q.stride(0), out.stride(0))
+    kernel = _fp8_gelu_gemm_tma_kernel if tma else _fp8_gelu_gemm_kernel
     if tiles is None:
-        _fp8_gelu_gemm_kernel[grid](*args, HAS_BIAS=bias is not None)
+        kernel[grid](*args, HAS_BIAS=bias is not None)
     else:
         block_m, block_n, block_k, warps, stages = tiles
         meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
-        _fp8_gelu_gemm_kernel.fn[grid(meta)](
-            *args, HAS_BIAS=bias is not None, **meta, num_warps=warps, num_stages=stages
-        )
+        kernel.fn[grid(meta)](*args, HAS_BIAS=bias is not None, **meta, num_warps=warps, num_stages=stages)
     return out
+
+
+def _check_tma(x_q: torch.Tensor, w_q: torch.Tensor) -> None:
+    """TMA copies need 16-byte aligned base addresses and row strides (K and N bytes in e4m3); the
+    descriptors built on the device need global scratch memory, which Triton asks torch for."""
+    n, k = w_q.shape[0], x_q.shape[1]
+    if k % 16 or n % 16 or x_q.stride(0) % 16 or w_q.stride(0) % 16:
+        raise VigfaceError(
+            f"fp8_gelu_gemm(tma=True): K ({k}), N ({n}) and the row strides must be multiples of 16"
+        )
+    if x_q.data_ptr() % 16 or w_q.data_ptr() % 16:
+        raise VigfaceError("fp8_gelu_gemm(tma=True): x_q and w_q must start on 16-byte boundaries")
+    if x_q.is_cuda:
+        if not hasattr(triton, "set_allocator"):
+            raise BackendUnavailableError(
+                "fp8_gelu_gemm(tma=True): device-side TMA descriptors need triton.set_allocator "
+                f"(Triton >= 3.4), this is Triton {triton.__version__}"
+            )
+        triton.set_allocator(_descriptor_scratch)
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def fp8_gelu_gemm_ref(

@@ -106,17 +106,19 @@ def _assert_close_e4m3(got: torch.Tensor, want: torch.Tensor, operands) -> None:
         (64, 64, 160, torch.float32),  # N = 5 tiles
     ],
 )
-def test_kernel_matches_the_float32_reference(m, k, n, bias_dtype):
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_kernel_matches_the_float32_reference(m, k, n, bias_dtype, tma):
     args = _operands(m, k, n, bias_dtype)
-    got, want = fp8_gelu_gemm(*args), fp8_gelu_gemm_ref(*args)
+    got, want = fp8_gelu_gemm(*args, tma=tma), fp8_gelu_gemm_ref(*args)
     _assert_close_e4m3(got, want, args)
     assert (want.float() == 448).any() and (want.float() < 0).any()  # saturation and GELU's negative lobe
     assert (got.float() == 448).any() and (got.float() < 0).any()
 
 
-def test_a_pinned_tile_computes_the_same_function():
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_a_pinned_tile_computes_the_same_function(tma):
     args = _operands(40, 64, 48, torch.bfloat16)
-    pinned = fp8_gelu_gemm(*args, tiles=(16, 32, 16, 4, 1))  # more programs and K steps than default
+    pinned = fp8_gelu_gemm(*args, tiles=(16, 32, 16, 4, 1), tma=tma)  # more programs and K steps
     _assert_close_e4m3(pinned, fp8_gelu_gemm_ref(*args), args)
 
 
@@ -138,6 +140,10 @@ def test_bad_inputs_name_what_is_wrong():
         fp8_gelu_gemm(xq, wq, torch.zeros(8, device=DEVICE), sx, sw, so)
     with pytest.raises(VigfaceError, match="out_scale must be one per-tensor scale"):
         fp8_gelu_gemm(xq, wq, bias, sx, sw, torch.ones(2, device=DEVICE))
+    odd = _operands(8, 40, 16, None)  # K = 40: fine for pointer loads, not for TMA's 16-byte rows
+    assert fp8_gelu_gemm(*odd).shape == (8, 16)
+    with pytest.raises(VigfaceError, match=r"tma=True\): K \(40\), N \(16\)"):
+        fp8_gelu_gemm(*odd, tma=True)
 
 
 def _mlp(d=32, hidden=128, seed=0) -> nn.Sequential:
@@ -236,12 +242,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import vigface.kernels.fp8_gelu_gemm as k
 
-fn = k._fp8_gelu_gemm_kernel.fn
 types = dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", bias_ptr="*bf16", out_ptr="*fp8e4nv", scales_ptr="*fp32",
              M="i32", N="i32", K="i32", stride_xm="i32", stride_wn="i32", stride_om="i32")
 # what a launch on torch tensors specialises: 16-byte aligned pointers, widths and strides
 aligned = ("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "K", "stride_xm", "stride_wn", "stride_om")
-for m, n, kk, warps, stages in k.TILES:
+for name, fn in (("pointers", k._fp8_gelu_gemm_kernel.fn), ("tma", k._fp8_gelu_gemm_tma_kernel.fn)):
+  for m, n, kk, warps, stages in k.TILES:
     consts = dict(HAS_BIAS=True, BLOCK_M=m, BLOCK_N=n, BLOCK_K=kk, GROUP_M=8)
     sig = {a: "constexpr" if a in consts else types[a] for a in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()},
@@ -249,16 +255,18 @@ for m, n, kk, warps, stages in k.TILES:
     kernel = compile(src, target=GPUTarget("cuda", 90, 32),
                      options={"num_warps": warps, "num_stages": stages})
     ptx = kernel.asm["ptx"]
-    print(json.dumps({"tile": [m, n, kk, warps, stages], "shared": kernel.metadata.shared,
+    print(json.dumps({"kernel": name, "tile": [m, n, kk, warps, stages], "shared": kernel.metadata.shared,
                       "e4m3_wgmma": "wgmma.mma_async" in ptx and "e4m3" in ptx,
-                      "async_copies": ptx.count("cp.async")}))
+                      "async_copies": ptx.count("cp.async"),
+                      "tma_copies": ptx.count("cp.async.bulk.tensor")}))
 """
 
 
 def test_every_tile_compiles_for_h100_to_pipelined_fp8_tensor_core_code():
-    """Not the interpreter: each tile of TILES lowers to sm_90 code with e4m3 wgmma instructions, its
-    K loop pipelined through shared memory (asynchronous copies; shared memory >= stages x tiles),
-    within an H100's 227 KiB per block. No GPU needed (~30 s of ptxas on 2 cores)."""
+    """Not the interpreter: each tile of TILES, in both kernels (pointer loads, TMA descriptors),
+    lowers to sm_90 code with e4m3 wgmma instructions, its K loop pipelined through shared memory
+    (asynchronous copies, tensor copies in the TMA kernel; shared memory >= stages x tiles), within
+    an H100's 227 KiB per block. No GPU needed (~1 min of ptxas on 2 cores)."""
     import json
     import os
     import subprocess
@@ -270,8 +278,11 @@ def test_every_tile_compiles_for_h100_to_pipelined_fp8_tensor_core_code():
     done = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert [tuple(r["tile"]) for r in rows] == TILES
+    assert [(r["kernel"], tuple(r["tile"])) for r in rows] == [
+        (kind, t) for kind in ("pointers", "tma") for t in TILES
+    ]
     for r in rows:
         m, n, k, _, stages = r["tile"]
         assert r["e4m3_wgmma"] and r["async_copies"] > 0, r
+        assert (r["tma_copies"] > 0) == (r["kernel"] == "tma"), r  # the TMA kernel's loads are tensor copies
         assert stages * (m + n) * k <= r["shared"] <= 227 * 1024, r
