@@ -259,8 +259,8 @@ def _check_tma(x_q: torch.Tensor, w_q: torch.Tensor) -> None:
     if x_q.is_cuda:
         if not hasattr(triton, "set_allocator"):
             raise BackendUnavailableError(
-                "fp8_gelu_gemm(tma=True): device-side TMA descriptors need triton.set_allocator "
-                f"(Triton >= 3.4), this is Triton {triton.__version__}"
+                "fp8_gelu_gemm(tma=True): device-side TMA descriptors need triton.set_allocator, "
+                f"which Triton {triton.__version__} lacks"
             )
         triton.set_allocator(_descriptor_scratch)
 
