@@ -11,6 +11,7 @@ times, in one run:
   scaled_mm   the GEMM alone, cuBLAS's rate for this shape
   fused       vigface.kernels.fp8_gelu_gemm autotuned, and pinned to each of its TILES and a few more
   fused tma   the same with TMA-descriptor loads and stores (tma=True)
+  promoteP    the fp8 partial sums added into float32 every P K elements (cuBLAS-like precision)
 and checks every output against the float32 oracle (fp8_gelu_gemm_ref): the fraction of outputs on
 another e4m3 value and the largest difference. Times are medians of CUDA-event-timed calls after a
 warm-up (which compiles). TFLOP/s counts 2 M N K per call.
@@ -86,9 +87,13 @@ def main() -> None:
     if device.type == "cuda":
         variants["compiled"] = torch.compile(unfused, mode="default", fullgraph=True)
         variants["scaled_mm"] = scaled_mm_only
+    promote = 32 if args.cpu else 64  # at most the smallest BLOCK_K among the autotuned tiles
     for tma in (False, True):
         kind = "fused tma" if tma else "fused"
         variants[kind] = lambda tma=tma: fp8_gelu_gemm(*operands, tma=tma)
+        variants[f"{kind} promote{promote}"] = lambda tma=tma: fp8_gelu_gemm(
+            *operands, tma=tma, promote_every=promote
+        )
         for tile in CPU_TILES if args.cpu else TILES + EXTRA_GPU_TILES:
             name = f"{kind} " + "x".join(map(str, tile))
             variants[name] = lambda tile=tile, tma=tma: fp8_gelu_gemm(*operands, tiles=tile, tma=tma)

@@ -22,6 +22,8 @@ test oracle. The kernel's sums differ from it: on a GPU the fp8 tensor cores kee
 the running sum and the kernel accumulates the whole K in them (cuBLAS's fp8 GEMM, as torch calls
 it, adds partial sums into float32 every few instructions), so an output can land a few e4m3 steps
 from the oracle's where it is small next to sum_k |x_k w_k| (the tests' bound says how far).
+`promote_every=P` adds the partial sums into float32 every P K elements instead (Triton's
+max_num_imprecise_acc), cuBLAS's way; compiled for sm_90 here, its speed not yet measured.
 
 Measured on an H200 (bench/results/denoiser_profile_cuda_h200_fp8_gelu_gemm.json, ViT-B/4, 128
 rows): 0.89 ms per call at M = 100,352, K = 768, N = 3,072 (535 TFLOP/s) where cuBLAS's fp8 GEMM
@@ -84,7 +86,7 @@ def _fp8_gelu_gemm_kernel(
     stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr = 8,
+    GROUP_M: tl.constexpr = 8, PROMOTE_EVERY: tl.constexpr = None,
 ):  # fmt: skip
     pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -97,7 +99,7 @@ def _fp8_gelu_gemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptrs, mask=(rows[:, None] < M) & (ks[None, :] < K - k0), other=0.0)
         w = tl.load(w_ptrs, mask=(cols[None, :] < N) & (ks[:, None] < K - k0), other=0.0)
-        acc = tl.dot(x, w, acc)
+        acc = tl.dot(x, w, acc, max_num_imprecise_acc=PROMOTE_EVERY)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     y = _gelu_quantise_epilogue(acc, bias_ptr, scales_ptr, cols, N, HAS_BIAS)
@@ -113,7 +115,7 @@ def _fp8_gelu_gemm_tma_kernel(
     stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr = 8,
+    GROUP_M: tl.constexpr = 8, PROMOTE_EVERY: tl.constexpr = None,
 ):  # fmt: skip
     """The same GEMM with its tiles moved by Hopper's tensor memory accelerator (TMA descriptors):
     whole tiles per copy instruction, out-of-bounds parts filled with zeros on load and dropped on
@@ -129,7 +131,7 @@ def _fp8_gelu_gemm_tma_kernel(
     for k0 in range(0, K, BLOCK_K):
         x = x_desc.load([pid_m * BLOCK_M, k0])
         w = w_desc.load([pid_n * BLOCK_N, k0])
-        acc = tl.dot(x, w.T, acc)
+        acc = tl.dot(x, w.T, acc, max_num_imprecise_acc=PROMOTE_EVERY)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     y = _gelu_quantise_epilogue(acc, bias_ptr, scales_ptr, cols, N, HAS_BIAS)
     out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_om, 1],
@@ -218,10 +220,22 @@ def fp8_gelu_gemm(
     out_scale: torch.Tensor,
     tiles: tuple[int, int, int, int, int] | None = None,
     tma: bool = False,
+    promote_every: int | None = None,
 ) -> torch.Tensor:
     """e4m3 (M, N): GELU(x_q w_q^T s_x s_w + bias) quantised at out_scale (see the module notes).
     tiles: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) instead of the autotuned choice (benchmarks);
-    tma: the TMA-descriptor kernel (Hopper; a candidate, not yet measured against the default)."""
+    tma: the TMA-descriptor kernel (Hopper; a candidate, not yet measured against the default);
+    promote_every: add the tensor cores' fp8 partial sums into float32 every this many K elements
+    (Triton's max_num_imprecise_acc; None: never, the measured default), the way cuBLAS keeps its
+    fp8 sums precise, at a speed cost not yet measured."""
+    if promote_every is not None:
+        # Triton splits each tile's dot at this many K elements: at most the tile's BLOCK_K
+        block_k = tiles[2] if tiles is not None else min(c.kwargs["BLOCK_K"] for c in _configs())
+        if promote_every < 32 or promote_every % 32 or promote_every > block_k:
+            raise VigfaceError(
+                f"fp8_gelu_gemm: promote_every must be a multiple of 32 up to BLOCK_K ({block_k}), "
+                f"got {promote_every}"
+            )
     _check(x_q, w_q, bias, x_scale, w_scale, out_scale)
     if tma:
         _check_tma(x_q, w_q)
@@ -237,12 +251,13 @@ def fp8_gelu_gemm(
 
     args = (x_q, w_q, bias_arg, out, scales, m, n, k, x_q.stride(0), w_q.stride(0), out.stride(0))
     kernel = _fp8_gelu_gemm_tma_kernel if tma else _fp8_gelu_gemm_kernel
+    constexprs = {"HAS_BIAS": bias is not None, "PROMOTE_EVERY": promote_every}
     if tiles is None:
-        kernel[grid](*args, HAS_BIAS=bias is not None)
+        kernel[grid](*args, **constexprs)
     else:
         block_m, block_n, block_k, warps, stages = tiles
         meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
-        kernel.fn[grid(meta)](*args, HAS_BIAS=bias is not None, **meta, num_warps=warps, num_stages=stages)
+        kernel.fn[grid(meta)](*args, **constexprs, **meta, num_warps=warps, num_stages=stages)
     return out
 
 

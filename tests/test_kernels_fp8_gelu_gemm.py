@@ -116,10 +116,11 @@ def test_kernel_matches_the_float32_reference(m, k, n, bias_dtype, tma):
 
 
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
-def test_a_pinned_tile_computes_the_same_function(tma):
+@pytest.mark.parametrize("promote_every", [None, 32])
+def test_a_pinned_tile_computes_the_same_function(tma, promote_every):
     args = _operands(40, 64, 48, torch.bfloat16)
-    pinned = fp8_gelu_gemm(*args, tiles=(16, 32, 16, 4, 1), tma=tma)  # more programs and K steps
-    _assert_close_e4m3(pinned, fp8_gelu_gemm_ref(*args), args)
+    pinned = fp8_gelu_gemm(*args, tiles=(16, 32, 32, 4, 1), tma=tma, promote_every=promote_every)
+    _assert_close_e4m3(pinned, fp8_gelu_gemm_ref(*args), args)  # 16 x 32 tiles: more programs, K steps
 
 
 def test_custom_op_fake_implementation_matches_the_kernel():
@@ -142,6 +143,10 @@ def test_bad_inputs_name_what_is_wrong():
         fp8_gelu_gemm(xq, wq, bias, sx, sw, torch.ones(2, device=DEVICE))
     odd = _operands(8, 40, 16, None)  # K = 40: fine for pointer loads, not for TMA's 16-byte rows
     assert fp8_gelu_gemm(*odd).shape == (8, 16)
+    with pytest.raises(VigfaceError, match="promote_every must be a multiple of 32 up to BLOCK_K"):
+        fp8_gelu_gemm(*odd, promote_every=48)
+    with pytest.raises(VigfaceError, match=r"up to BLOCK_K \(16\), got 32"):
+        fp8_gelu_gemm(*odd, tiles=(16, 16, 16, 4, 1), promote_every=32)
     with pytest.raises(VigfaceError, match=r"tma=True\): K \(40\), N \(16\)"):
         fp8_gelu_gemm(*odd, tma=True)
 
@@ -247,15 +252,17 @@ types = dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", bias_ptr="*bf16", out_ptr="*fp8
 # what a launch on torch tensors specialises: 16-byte aligned pointers, widths and strides
 aligned = ("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "K", "stride_xm", "stride_wn", "stride_om")
 for name, fn in (("pointers", k._fp8_gelu_gemm_kernel.fn), ("tma", k._fp8_gelu_gemm_tma_kernel.fn)):
-  for m, n, kk, warps, stages in k.TILES:
-    consts = dict(HAS_BIAS=True, BLOCK_M=m, BLOCK_N=n, BLOCK_K=kk, GROUP_M=8)
+  # every tile as the kernel runs by default, and the first one promoting its sums every 32
+  for (m, n, kk, warps, stages), promote in [(t, None) for t in k.TILES] + [(k.TILES[0], 32)]:
+    consts = dict(HAS_BIAS=True, BLOCK_M=m, BLOCK_N=n, BLOCK_K=kk, GROUP_M=8, PROMOTE_EVERY=promote)
     sig = {a: "constexpr" if a in consts else types[a] for a in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()},
                     attrs={(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
     kernel = compile(src, target=GPUTarget("cuda", 90, 32),
                      options={"num_warps": warps, "num_stages": stages})
     ptx = kernel.asm["ptx"]
-    print(json.dumps({"kernel": name, "tile": [m, n, kk, warps, stages], "shared": kernel.metadata.shared,
+    print(json.dumps({"kernel": name, "tile": [m, n, kk, warps, stages], "promote": promote,
+                      "shared": kernel.metadata.shared,
                       "e4m3_wgmma": "wgmma.mma_async" in ptx and "e4m3" in ptx,
                       "async_copies": ptx.count("cp.async"),
                       "tma_copies": ptx.count("cp.async.bulk.tensor")}))
@@ -264,7 +271,8 @@ for name, fn in (("pointers", k._fp8_gelu_gemm_kernel.fn), ("tma", k._fp8_gelu_g
 
 def test_every_tile_compiles_for_h100_to_pipelined_fp8_tensor_core_code():
     """Not the interpreter: each tile of TILES, in both kernels (pointer loads, TMA descriptors),
-    lowers to sm_90 code with e4m3 wgmma instructions, its K loop pipelined through shared memory
+    (and the first tile with its fp8 sums promoted to float32 every 32 K elements) lowers to sm_90
+    code with e4m3 wgmma instructions, its K loop pipelined through shared memory
     (asynchronous copies, tensor copies in the TMA kernel; shared memory >= stages x tiles), within
     an H100's 227 KiB per block. No GPU needed (~1 min of ptxas on 2 cores)."""
     import json
@@ -278,9 +286,9 @@ def test_every_tile_compiles_for_h100_to_pipelined_fp8_tensor_core_code():
     done = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert [(r["kernel"], tuple(r["tile"])) for r in rows] == [
-        (kind, t) for kind in ("pointers", "tma") for t in TILES
-    ]
+    expected = [(t, None) for t in TILES] + [(TILES[0], 32)]
+    compiled = [(r["kernel"], tuple(r["tile"]), r["promote"]) for r in rows]
+    assert compiled == [(kind, tile, promote) for kind in ("pointers", "tma") for tile, promote in expected]
     for r in rows:
         m, n, k, _, stages = r["tile"]
         assert r["e4m3_wgmma"] and r["async_copies"] > 0, r
