@@ -56,7 +56,7 @@ SQRT_2_OVER_PI_C = tl.constexpr(SQRT_2_OVER_PI)
 E4M3_MAX_C = tl.constexpr(E4M3_MAX)
 ROUNDER = tl.constexpr(1.5 * 2.0**23)
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): Hopper fp8 GEMM tiles, autotuned per (M, N, K); the
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): Hopper fp8 GEMM tiles, autotuned per shape and variant; the
 # first is pinned when VIGFACE_AUTOTUNE=0. First guesses in the range of Triton's fp8 matmul tutorial
 # for H100, not searched further (the H200 run autotuned among these; which one won is not recorded).
 TILES = [
@@ -78,7 +78,7 @@ def _configs() -> list[triton.Config]:
     return configs if AUTOTUNE else configs[:1]
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"])
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_BIAS", "PROMOTE_EVERY"])
 @triton.jit
 def _fp8_gelu_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, scales_ptr,
@@ -107,7 +107,7 @@ def _fp8_gelu_gemm_kernel(
     tl.store(out_ptrs, y.to(tl.float8e4nv), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"])
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_BIAS", "PROMOTE_EVERY"])
 @triton.jit
 def _fp8_gelu_gemm_tma_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, scales_ptr,
