@@ -78,7 +78,7 @@ def _configs() -> list[triton.Config]:
     return configs if AUTOTUNE else configs[:1]
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_BIAS", "PROMOTE_EVERY"])
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_BIAS", "PROMOTE_EVERY", "TMA"])
 @triton.jit
 def _fp8_gelu_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, scales_ptr,
@@ -86,57 +86,42 @@ def _fp8_gelu_gemm_kernel(
     stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr = 8, PROMOTE_EVERY: tl.constexpr = None,
+    GROUP_M: tl.constexpr = 8, PROMOTE_EVERY: tl.constexpr = None, TMA: tl.constexpr = False,
 ):  # fmt: skip
     pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
     wide_rows = rows.to(tl.int64)  # M x N passes 2^31 at ~890 ViT-B/4 rows (x 784 tokens x 3,072)
-    x_ptrs = x_ptr + wide_rows[:, None] * stride_xm + ks[None, :]  # (BLOCK_M, BLOCK_K)
-    w_ptrs = w_ptr + cols[None, :] * stride_wn + ks[:, None]  # (BLOCK_K, BLOCK_N): w^T
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptrs, mask=(rows[:, None] < M) & (ks[None, :] < K - k0), other=0.0)
-        w = tl.load(w_ptrs, mask=(cols[None, :] < N) & (ks[:, None] < K - k0), other=0.0)
-        acc = tl.dot(x, w, acc, max_num_imprecise_acc=PROMOTE_EVERY)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    y = _gelu_quantise_epilogue(acc, bias_ptr, scales_ptr, cols, N, HAS_BIAS)
-    out_ptrs = out_ptr + wide_rows[:, None] * stride_om + cols[None, :]
-    tl.store(out_ptrs, y.to(tl.float8e4nv), mask=(rows[:, None] < M) & (cols[None, :] < N))
-
-
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_BIAS", "PROMOTE_EVERY"])
-@triton.jit
-def _fp8_gelu_gemm_tma_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, scales_ptr,
-    M, N, K,
-    stride_xm, stride_wn, stride_om,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr = 8, PROMOTE_EVERY: tl.constexpr = None,
-):  # fmt: skip
-    """The same GEMM with its tiles moved by Hopper's tensor memory accelerator (TMA descriptors):
-    whole tiles per copy instruction, out-of-bounds parts filled with zeros on load and dropped on
-    store, so no masks. A candidate for speed, measured by bench/fp8_gelu_gemm.py before it is used."""
-    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    x_desc = tl.make_tensor_descriptor(
-        x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K]
-    )
-    w_desc = tl.make_tensor_descriptor(
-        w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K]
-    )
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = x_desc.load([pid_m * BLOCK_M, k0])
-        w = w_desc.load([pid_n * BLOCK_N, k0])
-        acc = tl.dot(x, w.T, acc, max_num_imprecise_acc=PROMOTE_EVERY)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    y = _gelu_quantise_epilogue(acc, bias_ptr, scales_ptr, cols, N, HAS_BIAS)
-    out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_om, 1],
-                                         block_shape=[BLOCK_M, BLOCK_N])  # fmt: skip
-    out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y.to(tl.float8e4nv))
+    if TMA:
+        # tiles moved by Hopper's tensor memory accelerator: one copy instruction per tile, parts
+        # outside the matrix filled with zeros on load and dropped on store, so no masks
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])  # fmt: skip
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])  # fmt: skip
+        for k0 in range(0, K, BLOCK_K):
+            x = x_desc.load([pid_m * BLOCK_M, k0])
+            w = w_desc.load([pid_n * BLOCK_N, k0])
+            acc = tl.dot(x, w.T, acc, max_num_imprecise_acc=PROMOTE_EVERY)
+    else:
+        ks = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + wide_rows[:, None] * stride_xm + ks[None, :]  # (BLOCK_M, BLOCK_K)
+        w_ptrs = w_ptr + cols[None, :] * stride_wn + ks[:, None]  # (BLOCK_K, BLOCK_N): w^T
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_ptrs, mask=(rows[:, None] < M) & (ks[None, :] < K - k0), other=0.0)
+            w = tl.load(w_ptrs, mask=(cols[None, :] < N) & (ks[:, None] < K - k0), other=0.0)
+            acc = tl.dot(x, w, acc, max_num_imprecise_acc=PROMOTE_EVERY)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+    y = _gelu_quantise_epilogue(acc, bias_ptr, scales_ptr, cols, N, HAS_BIAS).to(tl.float8e4nv)
+    if TMA:
+        out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_om, 1],
+                                             block_shape=[BLOCK_M, BLOCK_N])  # fmt: skip
+        out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y)
+    else:
+        out_ptrs = out_ptr + wide_rows[:, None] * stride_om + cols[None, :]
+        tl.store(out_ptrs, y, mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
 @triton.jit
@@ -250,14 +235,13 @@ def fp8_gelu_gemm(
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     args = (x_q, w_q, bias_arg, out, scales, m, n, k, x_q.stride(0), w_q.stride(0), out.stride(0))
-    kernel = _fp8_gelu_gemm_tma_kernel if tma else _fp8_gelu_gemm_kernel
-    constexprs = {"HAS_BIAS": bias is not None, "PROMOTE_EVERY": promote_every}
+    constexprs = {"HAS_BIAS": bias is not None, "PROMOTE_EVERY": promote_every, "TMA": tma}
     if tiles is None:
-        kernel[grid](*args, **constexprs)
+        _fp8_gelu_gemm_kernel[grid](*args, **constexprs)
     else:
         block_m, block_n, block_k, warps, stages = tiles
         meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
-        kernel.fn[grid(meta)](*args, **constexprs, **meta, num_warps=warps, num_stages=stages)
+        _fp8_gelu_gemm_kernel.fn[grid(meta)](*args, **constexprs, **meta, num_warps=warps, num_stages=stages)
     return out
 
 

@@ -251,10 +251,12 @@ types = dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", bias_ptr="*bf16", out_ptr="*fp8
              M="i32", N="i32", K="i32", stride_xm="i32", stride_wn="i32", stride_om="i32")
 # what a launch on torch tensors specialises: 16-byte aligned pointers, widths and strides
 aligned = ("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "K", "stride_xm", "stride_wn", "stride_om")
-for name, fn in (("pointers", k._fp8_gelu_gemm_kernel.fn), ("tma", k._fp8_gelu_gemm_tma_kernel.fn)):
+fn = k._fp8_gelu_gemm_kernel.fn
+for name in ("pointers", "tma"):
   # every tile as the kernel runs by default, and the first one promoting its sums every 32
   for (m, n, kk, warps, stages), promote in [(t, None) for t in k.TILES] + [(k.TILES[0], 32)]:
-    consts = dict(HAS_BIAS=True, BLOCK_M=m, BLOCK_N=n, BLOCK_K=kk, GROUP_M=8, PROMOTE_EVERY=promote)
+    consts = dict(HAS_BIAS=True, BLOCK_M=m, BLOCK_N=n, BLOCK_K=kk, GROUP_M=8, PROMOTE_EVERY=promote,
+                  TMA=name == "tma")
     sig = {a: "constexpr" if a in consts else types[a] for a in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()},
                     attrs={(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
