@@ -22,10 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tried on a GPU beside the kernel's own TILES
@@ -47,6 +44,8 @@ def main() -> None:
     if args.cpu:
         os.environ["TRITON_INTERPRET"] = "1"  # before vigface.kernels is imported
     import torch
+    from denoiser_profile import timed  # the other benches' helpers (bench/ is on sys.path)
+    from sample_throughput import versions
     from vigface.kernels.fp8_gelu_gemm import TILES, fp8_gelu_gemm, fp8_gelu_gemm_ref
 
     from vigface.engines.fp8 import quantize_e4m3, quantize_e4m3_static
@@ -117,7 +116,7 @@ def main() -> None:
                 row["other_e4m3_value_fraction"] = round((got.float() != oracle).float().mean().item(), 5)
                 row["max_abs_difference"] = (got.float() - oracle).abs().max().item()
             if device.type == "cuda":
-                ms = timed(fn, args.repeats)
+                ms = 1000 * timed(fn, device, repeats=args.repeats)
                 row["ms"] = round(ms, 4)
                 row["tflops"] = round(flops / ms / 1e9, 1)
         except Exception as exc:  # a tile this GPU cannot compile or launch: recorded, the run goes on
@@ -128,40 +127,6 @@ def main() -> None:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         tmp.replace(out)
     print(f"-> {out}")
-
-
-def timed(fn, repeats: int) -> float:
-    import torch
-
-    for _ in range(3):  # warm-up: compiles, autotunes
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def versions() -> dict:
-    import torch
-
-    out = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "time": time.strftime("%Y-%m-%d %H:%M"),
-    }
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
-    return out
 
 
 if __name__ == "__main__":

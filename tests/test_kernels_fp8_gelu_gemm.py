@@ -18,12 +18,14 @@ and the subnormals.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 import triton
 import triton.language as tl
+from test_engines import inputs, tiny_denoiser
 from torch import nn
 from vigface.kernels.fp8_gelu_gemm import (
     E4M3,
@@ -207,37 +209,19 @@ def test_under_torch_compile_the_fused_mlp_is_one_graph():
 
 
 def test_conversion_makes_each_block_mlp_an_fp8_mlp():
-    from vigface.diffusion.denoiser import Denoiser, DenoiserConfig
-
-    torch.manual_seed(0)
-    model = Denoiser(DenoiserConfig.preset("tiny", width=64, depth=3, image_size=32, cond_dim=32)).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # AdaLN-Zero starts every block as the identity: give it weights
-            if not p.abs().sum():
-                p.normal_(0, 0.05)
-    model = model.to(DEVICE)
-    fused, plain = (convert_fp8_copy(model, fused_mlp=f) for f in (True, False))
+    model = tiny_denoiser().to(DEVICE)
+    fused, plain = (copy.deepcopy(model) for _ in range(2))
+    convert_block_linears_to_fp8(fused, fused_mlp=True)
+    convert_block_linears_to_fp8(plain, fused_mlp=False)
     blocks = [b for b in fused.modules() if hasattr(b, "mlp") and hasattr(b, "ada")]
     assert blocks and all(isinstance(b.mlp, Fp8Mlp) and b.mlp.fused for b in blocks)
     assert all(isinstance(b.mlp[0], Fp8Linear) and isinstance(b.mlp[2], Fp8Linear) for b in blocks)
-    g, s = torch.Generator().manual_seed(1), model.config.image_size
-    x = torch.randn(2, 3, s, s, generator=g).to(DEVICE)
-    t = torch.tensor([10, 900], device=DEVICE)
-    cond = torch.nn.functional.normalize(torch.randn(2, 32, generator=g), dim=1).to(DEVICE)
-    pose = torch.rand(2, 5, s, s, generator=g).to(DEVICE)
+    x, t, cond, pose = inputs(model, 2, device=DEVICE)
     with torch.no_grad():
         for m in (fused, plain):
             calibrate_fp8(m, lambda m=m: m(x, t, cond, pose))
         got, want, exact = fused(x, t, cond, pose), plain(x, t, cond, pose), model(x, t, cond, pose)
     assert (got - want).abs().max() <= 0.25 * (want - exact).abs().max()  # far inside fp8's own error
-
-
-def convert_fp8_copy(model, fused_mlp):
-    import copy
-
-    m = copy.deepcopy(model)
-    convert_block_linears_to_fp8(m, fused_mlp)
-    return m
 
 
 COMPILE_FOR_H100 = """
