@@ -267,7 +267,11 @@ def test_torchrun_two_gloo_processes(small_toy, tmp_path):
 @pytest.mark.slow
 def test_without_virtual_embeddings_virtual_prototypes_collapse(small_toy, tmp_path):
     """The ablation of Fig. 3a run long enough (5,000 steps, ~5 CPU minutes per run): without eqs.
-    5-7 the virtual prototypes end near one point (V-V mean > 0.85), with them they stay spread."""
+    5-7 the virtual prototypes end near one point, with them they stay spread.
+
+    How near depends on the trajectory, which floating-point layout alone changes: V-V mean 0.887
+    with the loader's former NHWC-strided batches, 0.796 with the NCHW batches of 8c05d63 (same
+    host, same seed; bisected). 0.7 keeps the claim (collapsed, not spread) with margin for that."""
     common = dict(
         TINY, num_virtual=20, epochs=250, margin="cosface", lr=0.1, lr_steps=[1000], save_every=1000
     )
@@ -279,5 +283,5 @@ def test_without_virtual_embeddings_virtual_prototypes_collapse(small_toy, tmp_p
         )
         train_fr(config)
         final[virtual] = _mean_offdiagonal_cosine(load_file(out / "prototypes.safetensors")["virtual"])
-    assert final[False] > 0.85, final
+    assert final[False] > 0.7, final
     assert abs(final[True]) < 0.06, final
