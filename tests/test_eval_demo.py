@@ -262,6 +262,11 @@ def test_eval_command_line(demo_run, capsys, tmp_path):
     assert not (tmp_path / "s" / "w1").exists()  # generated sets are deleted once measured
     assert eval_cli.main(["verify", str(tmp_path), *bins]) == 2  # not a model folder: one-line error
     assert "vigface-eval: error:" in capsys.readouterr().err
+    # a misspelt peer is refused before the verification runs (nothing printed), each name listed once
+    assert eval_cli.main(["verify", str(out / "fr_generated"), *bins, "--real-reference", "Nobody"]) == 2
+    printed = capsys.readouterr()
+    assert "toy_val" not in printed.out and "no peer named 'Nobody'" in printed.err
+    assert printed.err.count("DCFace") == 1 and "VIGFace(L)" in printed.err
 
 
 @pytest.mark.slow  # IR-SE-50's 50 layers: ~25 s on the shared 2-core machine even at width 4, 16 px

@@ -46,8 +46,10 @@ def _write_json(path: str | None, data: dict) -> None:
 
 
 def _cmd_verify(args) -> int:
-    from vigface.eval.protocol import compare_to_real, evaluate_model
+    from vigface.eval.protocol import compare_to_real, evaluate_model, peer_average
 
+    if not args.real_model:
+        peer_average(args.real_reference)  # a misspelt name fails now, not after the verification
     device = _device(args.device)
     ours = evaluate_model(args.model, args.bins, device)
     _print_table(args.model, ours)

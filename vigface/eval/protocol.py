@@ -63,9 +63,9 @@ def peer_average(method: str) -> float:
     for row in PEER_TABLE:
         if row[0] == method:
             return row[-1]
-    raise VigfaceError(
-        f"protocol: no peer named {method!r}; choose one of {', '.join(r[0] for r in PEER_TABLE)}"
-    )
+    # some methods have a row per dataset size; a name picks its first (0.5M) row
+    names = ", ".join(dict.fromkeys(r[0] for r in PEER_TABLE))
+    raise VigfaceError(f"protocol: no peer named {method!r}; choose one of {names}")
 
 
 @dataclass
