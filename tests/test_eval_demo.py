@@ -220,6 +220,19 @@ def test_an_interrupted_demo_resumes_to_the_uninterrupted_report(demo_run, tmp_p
         run_demo(config, str(out), resume=True)
 
 
+def test_demo_config_refuses_bad_settings_before_any_work():
+    for changes, why in (
+        ({"w_real": float("nan")}, "guidance scales must be finite numbers >= 0"),
+        ({"w_virtual": -0.5}, "guidance scales must be finite numbers >= 0"),
+        ({"cfg_sweep": (1.0, float("inf"))}, "guidance scales must be finite numbers >= 0"),
+        ({"gen_per_id": 1}, "must be at least 2"),
+        ({"dm_steps": 0}, "dm_steps must be at least 1"),
+    ):
+        with pytest.raises(VigfaceError, match=why):
+            dataclasses.replace(TINY, **changes)
+    assert dataclasses.replace(TINY, w_real=0.0, cfg_sweep=(0.0, 2.0)).w_real == 0.0  # w = 0: unconditional
+
+
 def test_eval_command_line(demo_run, capsys, tmp_path):
     out, _ = demo_run
     bins = [str(out / "toy" / "toy_val.bin"), str(out / "toy" / "toy_pose.bin")]

@@ -106,6 +106,12 @@ def test_errors(denoiser_dir, tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"--steps {steps} with --sampler {sampler}: " in err and why in err
         assert not out.exists()
+    # a guidance weight that is not a finite w >= 0 (NaN made NaN images): one line, nothing written
+    for flag, value in (("--w-real", "nan"), ("--w-virtual", "-1"), ("--w-virtual", "inf")):
+        out = tmp_path / f"w_{flag}_{value}"
+        assert gen_cli.main(["--model", str(denoiser_dir), "--out", str(out), flag, value, "--quiet"]) == 2
+        assert f"{flag} must be a finite number >= 0, got {float(value)}" in capsys.readouterr().err
+        assert not out.exists()
 
 
 def test_pose_file_and_frontal(denoiser_dir, tmp_path):

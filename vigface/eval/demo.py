@@ -105,8 +105,13 @@ class DemoConfig:
                 bad(name, f"must be at least 1, got {getattr(self, name)}")
         if self.gen_ids < 2 or self.gen_per_id < 2:
             bad("gen_ids/gen_per_id", "must be at least 2 (genuine and imposter pairs)")
-        if any(w < 0 for w in self.cfg_sweep):
-            bad("cfg_sweep", f"guidance scales must be >= 0, got {self.cfg_sweep}")
+        # checked here, not when generation starts after both trainings
+        if not all(np.isfinite(w) and w >= 0 for w in (self.w_real, self.w_virtual, *self.cfg_sweep)):
+            bad(
+                "w_real/w_virtual/cfg_sweep",
+                "guidance scales must be finite numbers >= 0, got "
+                f"{self.w_real}, {self.w_virtual}, {self.cfg_sweep}",
+            )
 
 
 FULL = DemoConfig()

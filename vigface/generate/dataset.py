@@ -100,6 +100,10 @@ class GenerationConfig:
         for name in ("num_ids", "per_id"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, f"must be at least 1, got {getattr(self, name)}")
+        # eq. 9: w = 0 is unconditional, 1 conditional, > 1 guided; NaN would make every image NaN
+        for name in ("w_real", "w_virtual"):
+            if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                bad(name, f"must be a finite number >= 0, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
