@@ -116,8 +116,14 @@ def test_adaface_matches_reference_and_updates_norm_stats():
 def test_margin_config_errors():
     with pytest.raises(VigfaceError, match="margin kind 'sphere'"):
         MarginConfig(kind="sphere")
-    with pytest.raises(VigfaceError, match="scale"):
-        MarginConfig(scale=0)
+    for scale in (0, -1.0, float("inf"), float("nan")):  # inf / NaN started a run that learnt nothing
+        with pytest.raises(VigfaceError, match="scale must be a finite positive number"):
+            MarginConfig(scale=scale)
+    for m in (-0.1, 1.6, float("nan")):
+        with pytest.raises(VigfaceError, match="margin m must be in"):
+            MarginConfig(margin=m)
+    with pytest.raises(VigfaceError, match="combined margin needs m1 > 0"):
+        MarginConfig(kind="combined", combined_m1=float("inf"))
 
 
 def test_sharded_cross_entropy_single_rank_is_cross_entropy():

@@ -46,13 +46,13 @@ class MarginConfig:
     def __post_init__(self):
         if self.kind not in DEFAULT_MARGIN:
             raise VigfaceError(f"margin kind {self.kind!r} is unknown; choose one of {', '.join(MARGINS)}")
-        if self.scale <= 0:
-            raise VigfaceError(f"margin scale must be positive, got {self.scale}")
+        if not (math.isfinite(self.scale) and self.scale > 0):  # inf / NaN logits train nothing
+            raise VigfaceError(f"margin scale must be a finite positive number, got {self.scale}")
         if self.margin is None:
             object.__setattr__(self, "margin", DEFAULT_MARGIN[self.kind])
         if not 0 <= self.margin < math.pi / 2:
             raise VigfaceError(f"margin m must be in [0, pi/2), got {self.margin}")
-        if self.kind == "combined" and not (self.combined_m1 > 0 and 0 <= self.combined_m3 < 1):
+        if self.kind == "combined" and not (0 < self.combined_m1 < math.inf and 0 <= self.combined_m3 < 1):
             raise VigfaceError(
                 "combined margin needs m1 > 0 and m3 in [0, 1), "
                 f"got m1={self.combined_m1} m3={self.combined_m3}"
