@@ -179,6 +179,13 @@ def test_cli_errors_are_one_line(small_toy, tmp_path, capsys):
     assert "not a trained backbone folder" in capsys.readouterr().err
 
 
+def test_cli_prints_only_prototype_groups_it_has(small_toy, tmp_path, capsys):
+    args = tiny_args(small_toy, tmp_path / "real_only") + ["--num-virtual", "0", "--max-steps", "1"]
+    assert train_cli.main(args) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "prototype cosine" in x)
+    assert "R-R" in line and "R-V" not in line and "V-V" not in line and "nan" not in line
+
+
 @pytest.mark.slow  # Inductor compiles the backbone's forward and backward: ~1 minute on 2 cores
 def test_compiled_backbone_trains_like_eager(uninterrupted, small_toy, tmp_path, compile_calls):
     out = tmp_path / "compiled"

@@ -74,7 +74,9 @@ def _train(args: argparse.Namespace) -> int:
     if summary.get("prototype_stats"):
         stats = summary["prototype_stats"]
         cells = "  ".join(
-            f"{k} {stats[k]['mean']:.3f} ({stats[k]['std']:.3f})" for k in ("R-R", "R-V", "V-V")
+            f"{k} {stats[k]['mean']:.3f} ({stats[k]['std']:.3f})"
+            for k in ("R-R", "R-V", "V-V")
+            if stats[k]["pairs"]  # without virtual prototypes R-V and V-V have no pairs
         )
         print(f"step {summary['step']}: prototype cosine mean (std): {cells}")
     if summary.get("val"):
