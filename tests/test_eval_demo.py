@@ -222,9 +222,9 @@ def test_an_interrupted_demo_resumes_to_the_uninterrupted_report(demo_run, tmp_p
 
 def test_demo_config_refuses_bad_settings_before_any_work():
     for changes, why in (
-        ({"w_real": float("nan")}, "guidance scales must be finite numbers >= 0"),
-        ({"w_virtual": -0.5}, "guidance scales must be finite numbers >= 0"),
-        ({"cfg_sweep": (1.0, float("inf"))}, "guidance scales must be finite numbers >= 0"),
+        ({"w_real": float("nan")}, "demo: w_real guidance scales must be finite numbers >= 0, got nan"),
+        ({"w_virtual": -0.5}, "demo: w_virtual guidance scales must be finite numbers >= 0, got -0.5"),
+        ({"cfg_sweep": (1.0, float("inf"))}, r"demo: cfg_sweep guidance scales .* got \(1.0, inf\)"),
         ({"gen_per_id": 1}, "must be at least 2"),
         ({"dm_steps": 0}, "dm_steps must be at least 1"),
     ):

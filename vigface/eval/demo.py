@@ -106,12 +106,10 @@ class DemoConfig:
         if self.gen_ids < 2 or self.gen_per_id < 2:
             bad("gen_ids/gen_per_id", "must be at least 2 (genuine and imposter pairs)")
         # checked here, not when generation starts after both trainings
-        if not all(np.isfinite(w) and w >= 0 for w in (self.w_real, self.w_virtual, *self.cfg_sweep)):
-            bad(
-                "w_real/w_virtual/cfg_sweep",
-                "guidance scales must be finite numbers >= 0, got "
-                f"{self.w_real}, {self.w_virtual}, {self.cfg_sweep}",
-            )
+        for name, values in (("w_real", (self.w_real,)), ("w_virtual", (self.w_virtual,)),
+                             ("cfg_sweep", self.cfg_sweep)):  # fmt: skip
+            if not all(np.isfinite(w) and w >= 0 for w in values):
+                bad(name, f"guidance scales must be finite numbers >= 0, got {getattr(self, name)}")
 
 
 FULL = DemoConfig()
