@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from vigface.diffusion.denoiser import Denoiser, DenoiserConfig
 from vigface.diffusion.trainer import ema_decay_at, train_diffusion
 from vigface.errors import VigfaceError
 from vigface.fr.checkpoint import latest_checkpoint
+from vigface.run_lock import FolderLock
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +135,17 @@ def test_cosine_lr_decay(small_toy, fr_model, tmp_path):
         dataclasses.replace(c, lr_decay="linear")
     with pytest.raises(VigfaceError, match="warmup_steps must be >= 0, got -1"):
         dataclasses.replace(c, warmup_steps=-1)
+
+
+def test_resuming_a_run_that_is_still_running_is_refused(uninterrupted, small_toy, fr_model):
+    before = (uninterrupted / "metrics.jsonl").read_bytes()
+    with FolderLock(uninterrupted) as running:
+        running.acquire()
+        refused = f"another process .pid {os.getpid()}."
+        with pytest.raises(VigfaceError, match=refused):
+            train_diffusion(tiny(small_toy, fr_model, uninterrupted, steps=60), resume=True)
+    assert (uninterrupted / "metrics.jsonl").read_bytes() == before  # nothing trimmed or appended
+    assert latest_checkpoint(uninterrupted).name == "step_00000040"
 
 
 def test_errors(small_toy, fr_model, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from vigface.eval.privacy import training_set_search
 from vigface.eval.protocol import PEER_TABLE, ProtocolConfig, compare_to_real, train_config
 from vigface.eval.verification import summarise, verify_bins
 from vigface.fr.embed import embed_images, load_backbone
+from vigface.run_lock import FolderLock
 
 TINY = DemoConfig(
     ids=8, per_id=6, val_ids=20, val_per_id=2, pose_per_id=1, pairs=40, fr_width=8, fr_input_size=16,
@@ -135,6 +137,14 @@ def test_quick_mode_uses_trained_models_without_training_them(demo_run, tmp_path
         with pytest.raises(OSError) as caught:  # the CLI prints it as one line (test_cli_errors)
             run_demo(config, str(bad_out))
         assert caught.value.filename == str(bad_out)
+    busy = tmp_path / "busy"  # a folder another demo is writing into (before it wrote anything)
+    busy.mkdir()
+    with FolderLock(busy) as running:
+        running.acquire()
+        refused = f"another process .pid {os.getpid()}. is writing into {busy}"
+        with pytest.raises(VigfaceError, match=refused):
+            run_demo(config, str(busy))
+        assert [p.name for p in busy.iterdir()] == [".lock"]  # the running demo's own lock, nothing else
 
 
 def test_demo_command_line(monkeypatch, capsys, tmp_path):

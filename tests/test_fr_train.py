@@ -1,6 +1,7 @@
 """The stage-1 trainer end to end on a small toy world: outputs, resume, kill, NaN, CLI errors."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from vigface.fr.checkpoint import latest_checkpoint
 from vigface.fr.config import FRTrainConfig
 from vigface.fr.embed import embed_images, load_backbone
 from vigface.fr.trainer import NonFiniteLossError, train_fr
+from vigface.run_lock import FolderLock
 
 TINY = dict(
     arch="iresnet18",
@@ -199,6 +201,16 @@ def test_compiled_backbone_trains_like_eager(uninterrupted, small_toy, tmp_path,
     assert [r["step"] for r in got] == [2, 3, 4, 6]  # every 2 steps and at the checkpoint (every 3)
     for g in got:  # Inductor sums in another order; the difference grows with the steps (1.1e-3 at 6)
         assert g["loss"] == pytest.approx(want[g["step"]]["loss"], rel=5e-3), (g, want[g["step"]])
+
+
+def test_resuming_a_run_that_is_still_running_is_refused(uninterrupted, small_toy):
+    out, _ = uninterrupted
+    before = (out / "metrics.jsonl").read_bytes()
+    with FolderLock(out) as running:
+        running.acquire()
+        with pytest.raises(VigfaceError, match=f"another process .pid {os.getpid()}."):
+            train_fr(tiny_config(small_toy, out, val=[str(small_toy / "toy_val.bin")]), resume=True)
+    assert (out / "metrics.jsonl").read_bytes() == before  # nothing trimmed or appended
 
 
 def test_resume_refuses_a_changed_configuration(uninterrupted, small_toy):

@@ -1,6 +1,7 @@
 """vigface-gen: sampling determinism, the shard layout, and kill -9 / resume byte-identity."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from vigface.diffusion.trainer import train_diffusion
 from vigface.engines.compile import fast_kernel_options
 from vigface.errors import BackendUnavailableError, VigfaceError
 from vigface.generate.dataset import GenerationConfig, generate_dataset
+from vigface.run_lock import FolderLock
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +267,20 @@ def test_damaged_model_folder_files_are_one_line_errors(denoiser_dir, tmp_path, 
     assert gen_cli.main(gen_args(model, tmp_path / "b")) == 2
     assert "pose_landmarks.npy: is not a readable .npy landmarks table" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_second_generation_into_a_folder_in_use_is_refused(denoiser_dir, tmp_path, capsys):
+    """Seen by hand: a second vigface-gen into the folder of a running one deleted its half-written
+    shard as a killed run's leftover, and the first died with an unrelated 'No such file' error."""
+    out = tmp_path / "gen"
+    (out / "shards" / ".tmp-shard_00000-4242").mkdir(parents=True)  # the running one's shard
+    with FolderLock(out) as running:
+        running.acquire()
+        assert gen_cli.main(gen_args(denoiser_dir, out)) == 2
+        err = capsys.readouterr().err
+        assert f"vigface-gen: error: another process (pid {os.getpid()}) is writing into {out}" in err
+        assert (out / "shards" / ".tmp-shard_00000-4242").is_dir()  # left alone
+        assert not list((out / "shards").glob("shard_*")) and not (out / "train.rec").exists()
+    assert gen_cli.main(gen_args(denoiser_dir, out)) == 0  # once it is gone, the folder is ours
+    assert len(FaceRecordDataset(out / "train.rec")) == 24
+    assert not (out / ".lock").exists()

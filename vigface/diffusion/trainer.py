@@ -62,6 +62,7 @@ from vigface.fr.checkpoint import (
 from vigface.fr.distributed import finish_distributed, setup_distributed, wrap_ddp
 from vigface.fr.embed import load_backbone
 from vigface.fr.rng import step_generator, step_seed
+from vigface.run_lock import FolderLock
 
 
 def load_landmarks(config: DiffusionTrainConfig, dataset) -> np.ndarray:
@@ -86,7 +87,7 @@ def load_landmarks(config: DiffusionTrainConfig, dataset) -> np.ndarray:
 
 
 class _Run:
-    def __init__(self, config: DiffusionTrainConfig, resume: bool):
+    def __init__(self, config: DiffusionTrainConfig, resume: bool, lock: FolderLock):
         self.config = c = config
         self.out = Path(c.out)
         self.rank, self.world_size, self.device = setup_distributed(c.device)
@@ -120,6 +121,8 @@ class _Run:
         self.step = 0
         self.saved_step = -1
         self.last_checkpoint: Path | None = None
+        self.out.mkdir(parents=True, exist_ok=True)
+        lock.acquire(self.rank)  # before anything is written or read back
         if resume:
             self._load(checkpoint)
         elif self.is_main:
@@ -341,6 +344,7 @@ def train_diffusion(config: DiffusionTrainConfig, *, resume: bool = False) -> di
     # ~10x slower: a toy run fell from 82 to 9 images/s after 1,300 steps. Flush them to zero
     # (CPU only; CUDA kernels flush in their own way).
     torch.set_flush_denormal(True)
-    summary = _Run(config, resume).train()
+    with FolderLock(config.out) as lock:
+        summary = _Run(config, resume, lock).train()
     finish_distributed()
     return summary

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from vigface.errors import VigfaceError
+from vigface.run_lock import FolderLock
 
 
 @dataclass(frozen=True)
@@ -264,6 +265,11 @@ def _grid_rows(images: np.ndarray, labels: np.ndarray, ids: int, per_id: int) ->
 def run_demo(config: DemoConfig, out: str, resume: bool = False) -> dict:
     """Run the demo into `out` (or continue the one there); returns {"report": html path, "json": ...,
     "summary": ...}."""
+    with FolderLock(out) as lock:
+        return _run_demo(config, out, resume, lock)
+
+
+def _run_demo(config: DemoConfig, out: str, resume: bool, lock: FolderLock) -> dict:
     import torch
 
     from vigface.data.toy_dataset import ToyConfig, make_toy_dataset
@@ -309,6 +315,7 @@ def run_demo(config: DemoConfig, out: str, resume: bool = False) -> dict:
         c = dataclasses.replace(c, ids=num_real, gen_ids=min(c.gen_ids, num_real))
     # Created only now: a run refused above (a wrong --model) leaves no folder behind.
     out.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
     _start_or_match_plan(out, c, resume)
     toy = out / "toy"
     toy_cfg = ToyConfig(

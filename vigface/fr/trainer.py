@@ -56,6 +56,7 @@ from vigface.fr.embed import BACKBONE_META, BACKBONE_WEIGHTS, embed_images, file
 from vigface.fr.iresnet import build_backbone
 from vigface.fr.prototypes import VirtualPrototypeHead, gather_shards, resolve_head_loss
 from vigface.fr.rng import step_seed
+from vigface.run_lock import FolderLock
 
 
 def lr_at(config: FRTrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -81,7 +82,7 @@ __all__ = ["NonFiniteLossError", "train_fr"]
 class _Run:
     """The state of one training run; methods are the phases of `train_fr`."""
 
-    def __init__(self, config: FRTrainConfig, resume: bool):
+    def __init__(self, config: FRTrainConfig, resume: bool, lock: FolderLock):
         self.config = config
         self.out = Path(config.out)
         self.rank, self.world_size, self.device = setup_distributed(config.device)
@@ -141,6 +142,8 @@ class _Run:
         self.step = 0
         self.saved_step = -1
         self.last_checkpoint: Path | None = None
+        self.out.mkdir(parents=True, exist_ok=True)
+        lock.acquire(self.rank)  # before anything is written or read back
         if resume:
             self._load(checkpoint)
         elif self.is_main:
@@ -356,6 +359,7 @@ def _write_json(path: Path, data: dict) -> None:
 def train_fr(config: FRTrainConfig, *, resume: bool = False) -> dict:
     """Train (or resume) stage 1; returns a summary (step, last validation, prototype stats)."""
     torch.set_flush_denormal(True)  # subnormals slow x86 CPU arithmetic ~10x (see the diffusion trainer)
-    summary = _Run(config, resume).train()
+    with FolderLock(config.out) as lock:
+        summary = _Run(config, resume, lock).train()
     finish_distributed()
     return summary

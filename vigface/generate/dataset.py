@@ -43,6 +43,7 @@ from vigface.engines.fused_update import plan_steps
 from vigface.errors import DataFormatError, VigfaceError
 from vigface.fr.distributed import finish_distributed, setup_distributed
 from vigface.fr.rng import step_seed
+from vigface.run_lock import FolderLock
 
 # The paper's datasets: (identities, images per identity).
 PRESETS = {"S": (10_000, 50), "B": (60_000, 20), "L": (120_000, 50)}
@@ -182,8 +183,9 @@ def _load_pose_table(config: GenerationConfig, train_config: dict) -> np.ndarray
 
 
 class _Generator:
-    def __init__(self, config: GenerationConfig):
+    def __init__(self, config: GenerationConfig, lock: FolderLock):
         self.config = c = config
+        self.lock = lock
         self.rank, self.world_size, self.device = setup_distributed(c.device)
         self.sampler = FaceSampler.load(c.model, self.device, c.engine, c.precision, c.kernels)
         try:  # a step count the model's schedule cannot take: refused before anything is written
@@ -277,6 +279,7 @@ class _Generator:
 
     def run(self) -> dict:
         mine = [k for k in range(self.num_shards) if k % self.world_size == self.rank]
+        self.lock.acquire(self.rank)  # before the clean-up below, which would take another run's shards
         for stale in self.shard_root.glob(".tmp-shard_*"):
             if self.world_size == 1:  # a killed run's partial shard; with several ranks each cleans its own
                 shutil.rmtree(stale, ignore_errors=True)
@@ -331,6 +334,7 @@ class _Generator:
 def generate_dataset(config: GenerationConfig) -> dict:
     """Generate (or finish generating) the dataset described by `config`."""
     torch.set_flush_denormal(True)  # subnormals slow x86 CPU arithmetic ~10x (see the trainers)
-    summary = _Generator(config).run()
+    with FolderLock(config.out) as lock:
+        summary = _Generator(config, lock).run()
     finish_distributed()
     return summary
