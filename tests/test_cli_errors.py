@@ -4,6 +4,7 @@ import errno
 import os
 
 import pytest
+from safetensors import SafetensorError
 
 from vigface.assets import tiny_model_dir
 from vigface.cli import export as export_cli
@@ -35,6 +36,26 @@ def test_run_command_keeps_the_traceback_of_an_os_error_without_a_path():
     # no path to name: nothing the user can act on, so the traceback stays
     with pytest.raises(OSError, match="socket closed"):
         run_command("prog", _raises(OSError("socket closed")), None)
+
+
+def test_a_full_disk_is_one_line_saying_what_to_do(capsys):
+    """A write to a full disk (or quota) has no path; seen by hand on a small tmpfs, where vigface-gen
+    (Python's write) and vigface-train-fr (safetensors' writer) printed tracebacks."""
+    hint = "; free some space and run the command again (the trainers and the demo with --resume)"
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert run_command("prog", _raises(full), None) == 2
+    assert capsys.readouterr().err.startswith(f"prog: error: {os.strerror(errno.ENOSPC)}{hint}")
+    # safetensors' own error type, with the message its writer gave on the full tmpfs
+    written = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert run_command("prog", _raises(written), None) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"prog: error: {os.strerror(errno.ENOSPC)}{hint}") and err.count("\n") == 1
+    quota = OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), "runs/out/x")  # with a path: named too
+    assert run_command("prog", _raises(quota), None) == 2
+    assert capsys.readouterr().err.startswith(f"prog: error: runs/out/x: {os.strerror(errno.EDQUOT)}{hint}")
+    # other safetensors errors are not the user's environment: their traceback stays
+    with pytest.raises(SafetensorError, match="invalid header"):
+        run_command("prog", _raises(SafetensorError("invalid header")), None)
 
 
 def test_an_output_below_a_file_is_one_line_in_every_command(small_toy, tiny_fr_model, tmp_path, capsys):

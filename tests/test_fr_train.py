@@ -213,6 +213,19 @@ def test_resuming_a_run_that_is_still_running_is_refused(uninterrupted, small_to
     assert (out / "metrics.jsonl").read_bytes() == before  # nothing trimmed or appended
 
 
+def test_a_failed_saves_temporary_is_removed_by_the_next_save(small_toy, tmp_path):
+    """A save killed (or stopped by a full disk) leaves checkpoints/.tmp-step_*: a checkpoint's worth
+    of space, which the next save (the rerun's, which holds the folder's lock) frees."""
+    out = tmp_path / "run"
+    stale = out / "checkpoints" / ".tmp-step_00000010-4242"
+    stale.mkdir(parents=True)
+    (stale / "state.safetensors").write_bytes(b"half")
+    with pytest.raises(VigfaceError, match="no checkpoint under .* starts again without --resume"):
+        train_fr(tiny_config(small_toy, out, max_steps=12), resume=True)
+    train_fr(tiny_config(small_toy, out, max_steps=12))
+    assert not stale.exists() and latest_checkpoint(out).name == "step_00000012"
+
+
 def test_resume_refuses_a_changed_configuration(uninterrupted, small_toy):
     out, _ = uninterrupted
     with pytest.raises(VigfaceError, match="different configuration.*lr"):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import re
 import sys
 import types
 import typing
@@ -11,6 +14,12 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from vigface.errors import VigfaceError
+
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+FULL_DISK_HINT = (
+    "; free some space and run the command again (the trainers and the demo with --resume): "
+    "outputs are written under temporary names, so a finished part is kept and a half-written one is not"
+)
 
 
 def positive_int(text: str) -> int:
@@ -27,23 +36,48 @@ def run_command(prog: str, func, args) -> int:
     """Run func(args); a VigfaceError becomes `prog: error: ...` and exit status 2, Ctrl-C 130.
 
     So does an OSError on a named path (an --out below a file, a folder without write permission):
-    the user's environment, not a bug, so one line naming the path. OSErrors without a path (a
-    write to a full disk usually has none) keep their traceback.
+    the user's environment, not a bug, so one line naming the path. So does a full disk or quota,
+    which usually comes without a path (a write to an open file): every output is written to a
+    temporary name and renamed, so what was finished is kept and the same command continues.
+    Other OSErrors without a path keep their traceback. safetensors' writer reports a full disk as
+    its own error type, "... (os error 28)": that is read as the OSError it stands for.
     """
     try:
-        return func(args)
+        try:
+            return func(args)
+        except Exception as err:
+            os_error = _safetensors_os_error(err)
+            if os_error is None:
+                raise
+            raise os_error from err
     except VigfaceError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
-        if err.filename is None:
+        full = err.errno in FULL_DISK
+        if err.filename is None and not full:
             raise
-        where = err.filename if err.filename2 is None else f"{err.filename} -> {err.filename2}"
-        print(f"{prog}: error: {where}: {err.strerror or err}", file=sys.stderr)
+        where = "" if err.filename is None else f"{err.filename}: "
+        if err.filename2 is not None:
+            where = f"{err.filename} -> {err.filename2}: "
+        hint = FULL_DISK_HINT if full else ""
+        print(f"{prog}: error: {where}{err.strerror or err}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def _safetensors_os_error(err: Exception) -> OSError | None:
+    """The OSError behind a safetensors SafetensorError such as "I/O error: No space left on device
+    (os error 28)", or None (another error, or a safetensors error that is not an I/O one)."""
+    if type(err).__name__ != "SafetensorError":
+        return None
+    found = re.search(r"\(os error (\d+)\)", str(err))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
 
 
 def _base_type(hint):

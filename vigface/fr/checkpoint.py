@@ -66,8 +66,11 @@ def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict, meta: dic
     final = checkpoint_dir(root, step)
     root, name = final.parent, final.name
     root.mkdir(parents=True, exist_ok=True)
+    # The trainers hold the folder's lock (vigface.run_lock), so another process's temporary is a
+    # killed or failed save's (a full disk): a whole checkpoint's worth of space, freed here.
+    for stale in root.glob(".tmp-step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     # safetensors wants contiguous tensors that share no memory.
     save_file(
@@ -151,7 +154,10 @@ def resume_point(out: str | os.PathLike, resume: bool) -> Path | None:
     """The checkpoint a run continues from; refuses to resume nothing or to overwrite a run."""
     checkpoint = latest_checkpoint(out)
     if resume and checkpoint is None:
-        raise VigfaceError(f"--resume: there is no checkpoint under {Path(out) / 'checkpoints'}")
+        raise VigfaceError(
+            f"--resume: there is no checkpoint under {Path(out) / 'checkpoints'} (a run stopped before its "
+            "first checkpoint starts again without --resume)"
+        )
     if not resume and checkpoint is not None:
         raise VigfaceError(
             f"{out} already holds checkpoints; pass --resume to continue that run or choose another --out"
