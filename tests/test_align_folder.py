@@ -92,7 +92,8 @@ def test_bad_landmarks_name_the_file(wild_folder, tmp_path, capsys):
     root, _ = wild_folder
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((3, 5, 2), np.float32))
-    with pytest.raises(VigfaceError, match="bad.npy.*expected shape"):
+    wrong_rows = r"bad.npy: has shape \(3, 5, 2\), expected \(6, 5, 2\) landmarks for the 6"
+    with pytest.raises(VigfaceError, match=wrong_rows):
         align_image_folder(root, tmp_path / "o1", landmarks=bad, progress=False)
     same = tmp_path / "same.npy"
     np.save(same, np.ones((6, 5, 2), np.float32))  # every point equal: no similarity exists

@@ -151,6 +151,12 @@ def test_resuming_a_run_that_is_still_running_is_refused(uninterrupted, small_to
 def test_errors(small_toy, fr_model, tmp_path, capsys):
     with pytest.raises(VigfaceError, match="landmarks table not found"):
         train_diffusion(tiny(small_toy, fr_model, tmp_path / "a", landmarks=str(tmp_path / "none.npy")))
+    # the .rec given as landmarks by mistake was NumPy's "pickled (object) data" ValueError, a traceback
+    rec = str(small_toy / "train.rec")
+    args = ["--data", rec, "--fr-model", str(fr_model), "--out", str(tmp_path / "d"), "--landmarks", rec]
+    assert cli.main(args) == 2
+    assert f"{rec}: is not a .npy file (no NumPy header)" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
     with pytest.raises(VigfaceError, match="not a trained backbone folder"):
         train_diffusion(tiny(small_toy, tmp_path, tmp_path / "b"))
     assert cli.main(["--data", str(small_toy), "--out", str(tmp_path / "c")]) == 2

@@ -131,7 +131,7 @@ def test_pose_file_and_frontal(denoiser_dir, tmp_path):
     generate_dataset(GenerationConfig(out=str(tmp_path / "frontal"), pose="frontal", **common))
     frontal = np.load(tmp_path / "frontal" / "train_landmarks.npy")
     assert np.allclose(frontal, frontal[0]) and np.allclose(frontal[0], table[0], atol=0.1)
-    with pytest.raises(VigfaceError, match="expected \\(M, 5, 2\\)"):
+    with pytest.raises(VigfaceError, match="bad.npy: has shape \\(3, 4\\), expected \\(N, 5, 2\\)"):
         np.save(tmp_path / "bad.npy", np.zeros((3, 4)))
         generate_dataset(
             GenerationConfig(out=str(tmp_path / "bad"), pose=str(tmp_path / "bad.npy"), **common)
@@ -265,7 +265,7 @@ def test_damaged_model_folder_files_are_one_line_errors(denoiser_dir, tmp_path, 
     (model / "prototypes.safetensors").write_bytes(good)
     (model / "pose_landmarks.npy").write_text("garbage")
     assert gen_cli.main(gen_args(model, tmp_path / "b")) == 2
-    assert "pose_landmarks.npy: is not a readable .npy landmarks table" in capsys.readouterr().err
+    assert "pose_landmarks.npy: is not a .npy file (no NumPy header)" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

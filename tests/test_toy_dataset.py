@@ -88,6 +88,14 @@ def test_cli_toy_and_info(tmp_path, capsys):
     assert main(["data", "info", str(out / "train.rec"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["images"] == 6 and info["identities"] == 3
+    assert info["landmarks"] == "train_landmarks.npy (6, 5, 2) float32"
+    # a damaged landmarks table is reported, not a traceback (NumPy's "pickled (object) data" error)
+    (out / "train_landmarks.npy").write_text("garbage")
+    assert main(["data", "info", str(out / "train.rec"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["landmarks"] == (
+        f"unusable: {out / 'train_landmarks.npy'}: is not a .npy file (no NumPy header); "
+        "expected (N, 5, 2) landmarks"
+    )
     assert main(["data", "info", str(out / "toy_val.bin")]) == 0
     assert "pairs: 20" in capsys.readouterr().out
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from vigface.data.align import align_faces, transform_points
 from vigface.data.image_folder import ImageFolderDataset, ImageFolderWriter
+from vigface.data.landmarks_npy import read_landmarks_npy
 from vigface.data.recordio import FaceRecordWriter
 from vigface.errors import DataFormatError, VigfaceError
 
@@ -59,15 +60,7 @@ def load_landmarks(ds: ImageFolderDataset, landmarks: str | os.PathLike | None) 
     if path.suffix == ".jsonl":
         return _landmarks_from_jsonl(path, ds)
     if path.suffix == ".npy":
-        try:
-            points = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as err:
-            raise DataFormatError(path, f"not a readable .npy array ({err})") from None
-        if points.shape != (len(ds), 5, 2):
-            raise DataFormatError(
-                path, f"expected shape ({len(ds)}, 5, 2) for {len(ds)} images, got {points.shape}"
-            )
-        return points.astype(np.float32)
+        return read_landmarks_npy(path, len(ds), f"the {len(ds)} images of {ds.root}")
     raise VigfaceError(f"--landmarks {path}: expected a .jsonl or .npy file")
 
 

@@ -10,9 +10,10 @@ import numpy as np
 
 from vigface.data.image_folder import MANIFEST, ImageFolderDataset
 from vigface.data.images import sniff_image_format
+from vigface.data.landmarks_npy import read_landmarks_npy
 from vigface.data.recordio import FaceRecordDataset
 from vigface.data.verification_bin import read_bin
-from vigface.errors import VigfaceError
+from vigface.errors import DataFormatError, VigfaceError
 
 
 def _image_summary(ds, n: int) -> dict:
@@ -43,9 +44,12 @@ def describe_rec(path: Path) -> dict:
         **_image_summary(ds, len(ds)),
     }
     landmarks = path.with_name(path.stem + "_landmarks.npy")
-    if landmarks.exists():
-        lm = np.load(landmarks, mmap_mode="r")
-        info["landmarks"] = f"{landmarks.name} {tuple(lm.shape)} {lm.dtype}"
+    if landmarks.exists():  # a summary reports a bad table rather than failing on it
+        try:
+            lm = read_landmarks_npy(landmarks, len(ds), f"the {len(ds)} images", mmap=True)
+            info["landmarks"] = f"{landmarks.name} {tuple(lm.shape)} {lm.dtype}"
+        except DataFormatError as err:
+            info["landmarks"] = f"unusable: {err}"
     ds.close()
     return info
 

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from vigface.data.image_folder import ImageFolderDataset
+from vigface.data.landmarks_npy import read_landmarks_npy
 from vigface.data.loaders import make_loader
 from vigface.diffusion.condition_cache import ConditionCache
 from vigface.diffusion.config import DiffusionTrainConfig
@@ -78,12 +79,7 @@ def load_landmarks(config: DiffusionTrainConfig, dataset) -> np.ndarray:
         path = rec.with_name(f"{rec.stem}_landmarks.npy")
     if not path.is_file():
         raise DataFormatError(path, "landmarks table not found (pass --landmarks, or --no-pose)")
-    table = np.load(path)
-    if table.shape != (len(dataset), 5, 2):
-        raise DataFormatError(
-            path, f"has shape {table.shape}, expected ({len(dataset)}, 5, 2) for {config.data}"
-        )
-    return table.astype(np.float32)
+    return read_landmarks_npy(path, len(dataset), f"the {len(dataset)} images of {config.data}")
 
 
 class _Run:

@@ -33,6 +33,7 @@ from vigface.data.align import ARCFACE_TEMPLATE_112
 from vigface.data.files import fsync_dir
 from vigface.data.image_folder import ImageFolderWriter
 from vigface.data.images import encode_image
+from vigface.data.landmarks_npy import read_landmarks_npy
 from vigface.data.recordio import FaceRecordDataset, FaceRecordWriter
 from vigface.diffusion.cfg import DEFAULT_W_REAL, DEFAULT_W_VIRTUAL
 from vigface.diffusion.model_folder import POSE_TABLE, PROTOTYPES, fr_model_dir, load_prototypes
@@ -173,13 +174,7 @@ def _load_pose_table(config: GenerationConfig, train_config: dict) -> np.ndarray
         )
     if not path.is_file():
         raise DataFormatError(path, "pose landmarks not found (pass --landmarks FILE or --pose frontal)")
-    try:
-        table = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise DataFormatError(path, f"is not a readable .npy landmarks table ({exc})") from None
-    if table.ndim != 3 or table.shape[1:] != (5, 2) or not len(table):
-        raise DataFormatError(path, f"has shape {table.shape}, expected (M, 5, 2) landmarks")
-    return table
+    return read_landmarks_npy(path)
 
 
 class _Generator:

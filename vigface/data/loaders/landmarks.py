@@ -20,17 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vigface.data.landmarks_npy import read_landmarks_npy
 from vigface.errors import DataFormatError, VigfaceError
-
-
-def _from_npy(path: Path, n: int) -> np.ndarray:
-    try:
-        table = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise DataFormatError(path, f"not a readable .npy array ({err})") from None
-    if table.shape != (n, 5, 2):
-        raise DataFormatError(path, f"has shape {table.shape}, expected ({n}, 5, 2) for {n} images")
-    return np.ascontiguousarray(table, dtype=np.float32)
 
 
 def _from_jsonl(path: Path, names: list, field: str) -> np.ndarray:
@@ -67,7 +58,7 @@ def read_landmarks_table(
     if not path.is_file():
         raise VigfaceError(f"landmarks: {path} is not a file")
     if path.suffix == ".npy":
-        return _from_npy(path, n)
+        return read_landmarks_npy(path, n, f"{n} images")
     if path.suffix == ".jsonl":
         if keys is not None:
             return _from_jsonl(path, list(keys), "key")
