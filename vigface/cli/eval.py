@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from vigface.cli.common import positive_int, run_command
+from vigface.data.files import write_atomically
 
 
 def _device(choice: str) -> str:
@@ -41,7 +42,7 @@ def _write_json(path: str | None, data: dict) -> None:
         from vigface.eval.report import _json_safe
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(_json_safe(data), indent=2))
+        write_atomically(path, json.dumps(_json_safe(data), indent=2))
         print(f"wrote {path}")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from vigface.cli.common import positive_int, run_command
+from vigface.data.files import write_atomically
 from vigface.errors import BackendUnavailableError, VigfaceError
 
 PROG = "vigface-export"
@@ -88,7 +89,7 @@ def _export(args: argparse.Namespace) -> int:
         diff = "not checked (reduced-precision graph)" if checked is None else f"{checked:.2e}"
         print(f"ONNX ({exporter} exporter, opset {args.opset}): onnxruntime vs torch max |diff| = {diff}")
     onnx_path = out if args.format == "onnx" else out.with_suffix(".onnx")
-    onnx_path.write_bytes(onnx_bytes)
+    write_atomically(onnx_path, onnx_bytes)
     write_sidecar(
         onnx_path,
         {"model_sha256": model_sha, "exporter": exporter, "opset": args.opset, "torch": torch.__version__,

@@ -18,3 +18,18 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write `data` to a temporary name beside `path`, then rename it there: a crash or a full disk
+    leaves the old file (or none), never a half-written one under the real name."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failed write; after the rename there is nothing

@@ -23,6 +23,7 @@ import math
 import os
 from pathlib import Path
 
+from vigface.data.files import write_atomically
 from vigface.eval.prototypes import PAPER_FIG3B
 from vigface.eval.verification import BENCHMARKS
 
@@ -211,19 +212,13 @@ def _json_safe(value):
     return value
 
 
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_report(out: str | os.PathLike, report: dict, figures: dict[str, tuple[str, bytes]]) -> Path:
     """out/report.json, out/figures/<key>.png, out/report.html (written last); returns the HTML path."""
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     for key, (_, png) in figures.items():
-        _write(out / "figures" / f"{key}.png", png)
+        write_atomically(out / "figures" / f"{key}.png", png)
     data = _json_safe({**report, "figures": {k: f"figures/{k}.png" for k in figures}})
-    _write(out / "report.json", json.dumps(data, indent=2).encode())
-    _write(out / "report.html", render_html(report, figures).encode())
+    write_atomically(out / "report.json", json.dumps(data, indent=2).encode())
+    write_atomically(out / "report.html", render_html(report, figures).encode())
     return out / "report.html"

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from vigface.data.files import fsync_dir
+from vigface.data.files import fsync_dir, write_atomically
 from vigface.errors import DataFormatError, VigfaceError
 
 FORMAT_VERSION = 1
@@ -147,7 +147,7 @@ def trim_metrics(path: Path, step: int) -> None:
     """Drop metric lines logged after `step` (the checkpoint a run resumes from) so none repeat."""
     lines = path.read_text().splitlines() if path.exists() else []
     kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    write_atomically(path, "".join(line + "\n" for line in kept))  # a full disk must not cut the log
 
 
 def resume_point(out: str | os.PathLike, resume: bool) -> Path | None:
