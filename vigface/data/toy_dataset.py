@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vigface.data import toyfaces
+from vigface.data.files import write_atomically
 from vigface.data.images import encode_image
 from vigface.data.recordio import FaceRecordWriter
 from vigface.data.verification_bin import write_bin
@@ -199,11 +200,8 @@ def _make(out: Path, cfg: ToyConfig, pool, workers: int, progress: bool) -> dict
         files += ["toy_val.bin", "toy_pose.bin"]
     timings["verification_seconds"] = time.perf_counter() - t1
 
-    ids_path = out / "identities.json"
-    ids_path.with_suffix(".json.tmp").write_text(
-        json.dumps(toyfaces.identity_table(cfg.seed, range(cfg.ids + cfg.val_ids)))
-    )
-    os.replace(ids_path.with_suffix(".json.tmp"), ids_path)
+    identities = toyfaces.identity_table(cfg.seed, range(cfg.ids + cfg.val_ids))
+    write_atomically(out / "identities.json", json.dumps(identities))
     files.append("identities.json")
 
     timings["total_seconds"] = time.perf_counter() - t0
@@ -216,6 +214,5 @@ def _make(out: Path, cfg: ToyConfig, pool, workers: int, progress: bool) -> dict
         "files": files,
         **{k: round(v, 3) for k, v in timings.items()},
     }
-    (out / "toy.json.tmp").write_text(json.dumps(recipe, indent=2))
-    os.replace(out / "toy.json.tmp", out / "toy.json")
+    write_atomically(out / "toy.json", json.dumps(recipe, indent=2))
     return recipe

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from vigface.data.files import write_atomically
 from vigface.data.image_folder import ImageFolderDataset
 from vigface.data.landmarks_npy import read_landmarks_npy
 from vigface.data.loaders import make_loader
@@ -300,9 +301,7 @@ class _Run:
             "train_config": self.config.to_dict(),
         }
         self._export_generation_inputs()
-        tmp = self.out / f".{DENOISER_META}.tmp"
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, self.out / DENOISER_META)
+        write_atomically(self.out / DENOISER_META, json.dumps(meta, indent=2))
         return summary
 
     def _export_generation_inputs(self) -> None:

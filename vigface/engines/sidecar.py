@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vigface.data.files import write_atomically
 from vigface.errors import DataFormatError, VigfaceError
 
 SIDECAR_FORMAT = 1
@@ -22,9 +23,7 @@ def sidecar_path(artifact: str | Path) -> Path:
 
 def write_sidecar(artifact: str | Path, facts: dict) -> Path:
     path = sidecar_path(artifact)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"format": SIDECAR_FORMAT, **facts}, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomically(path, json.dumps({"format": SIDECAR_FORMAT, **facts}, indent=2) + "\n")
     return path
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vigface.data.files import write_atomically
 from vigface.errors import VigfaceError
 from vigface.eval.labelled_set import LabelledSet, read_labelled_set
 from vigface.eval.similarity import distribution_iou, genuine_imposter, histogram, summary
@@ -125,7 +126,4 @@ def cfg_sweep(config: SweepConfig, fr_model=None) -> dict:
 
 
 def write_sweep(result: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(result, indent=2))

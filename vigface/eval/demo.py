@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vigface.data.files import write_atomically
 from vigface.errors import VigfaceError
 from vigface.run_lock import FolderLock
 
@@ -198,8 +199,7 @@ def _start_or_match_plan(out: Path, c: DemoConfig, resume: bool) -> None:
     path = out / DEMO_PLAN
     now = _settings(c)
     if not resume:
-        path.with_suffix(".tmp").write_text(json.dumps({"demo_config": now}, indent=1))
-        path.with_suffix(".tmp").replace(path)
+        write_atomically(path, json.dumps({"demo_config": now}, indent=1))
         return
     try:
         before = json.loads(path.read_text())["demo_config"]

@@ -21,6 +21,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from vigface.data.files import write_atomically
 from vigface.errors import VigfaceError
 from vigface.eval.verification import BENCHMARKS, gap_to_real, summarise, verify_bins
 
@@ -165,8 +166,5 @@ def run_protocol(config: ProtocolConfig, *, resume: bool = False) -> dict:
         "peers": {"columns": list(PEER_COLUMNS), "rows": peer_rows(), "note": PEER_NOTE},
         "benchmarks": BENCHMARKS,
     }
-    path = Path(config.out) / "protocol.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
+    write_atomically(Path(config.out) / "protocol.json", json.dumps(result, indent=2))
     return result

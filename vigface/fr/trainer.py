@@ -30,6 +30,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from vigface.data.files import write_atomically
 from vigface.data.loaders import make_loader
 from vigface.data.verification_bin import load_verification_pairs
 from vigface.errors import VigfaceError
@@ -351,9 +352,7 @@ class _Run:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(data, indent=2))
 
 
 def train_fr(config: FRTrainConfig, *, resume: bool = False) -> dict:
