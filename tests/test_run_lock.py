@@ -36,7 +36,10 @@ def test_a_second_process_is_refused_with_the_holders_pid(tmp_path):
         refused = rf"another process \(pid {child.pid}\) is writing into {tmp_path}"
         with pytest.raises(VigfaceError, match=refused):
             FolderLock(tmp_path).acquire()
-        FolderLock(tmp_path).acquire(rank=1)  # another rank's lock is its own
+        with FolderLock(tmp_path) as other_rank:
+            other_rank.acquire(rank=1)  # another rank's lock is its own
+            assert (tmp_path / ".lock-rank1").read_text() == f"{os.getpid()}\n"
+        assert not (tmp_path / ".lock-rank1").exists()
     finally:
         child.stdin.close()
         child.wait(timeout=30)
