@@ -61,3 +61,14 @@ def test_a_killed_holder_does_not_block_the_rerun(tmp_path):
         # and it now excludes others again
         with pytest.raises(VigfaceError, match="another process"):
             FolderLock(tmp_path).acquire()
+
+
+def test_without_fcntl_the_folder_goes_unlocked(tmp_path, monkeypatch):
+    """On a system without fcntl (Windows) the commands run as they did before the lock existed."""
+    import vigface.run_lock as run_lock
+
+    monkeypatch.setattr(run_lock, "fcntl", None)
+    with FolderLock(tmp_path) as first, FolderLock(tmp_path) as second:
+        first.acquire()
+        second.acquire()  # no error: nothing is locked
+    assert list(tmp_path.iterdir()) == []

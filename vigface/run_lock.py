@@ -17,8 +17,12 @@ that ends (or is refused) removes its lock file; one killed leaves an unlocked f
 
 from __future__ import annotations
 
-import fcntl
 import os
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): folders go unlocked, as before this module existed
+    fcntl = None
 from pathlib import Path
 
 from vigface.errors import VigfaceError
@@ -34,7 +38,7 @@ class FolderLock:
 
     def acquire(self, rank: int = 0) -> None:
         """Lock the folder (which must exist) for this process, or raise naming the holder's pid."""
-        if self._file is not None:
+        if self._file is not None or fcntl is None:
             return
         path = self.lock_path(rank)
         while True:
