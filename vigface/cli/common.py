@@ -43,29 +43,37 @@ def run_command(prog: str, func, args) -> int:
     its own error type, "... (os error 28)": that is read as the OSError it stands for.
     """
     try:
-        try:
-            return func(args)
-        except Exception as err:
-            os_error = _safetensors_os_error(err)
-            if os_error is None:
-                raise
-            raise os_error from err
+        return func(args)
     except VigfaceError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
-        full = err.errno in FULL_DISK
-        if err.filename is None and not full:
+        line = _os_error_line(err)
+        if line is None:
             raise
-        where = "" if err.filename is None else f"{err.filename}: "
-        if err.filename2 is not None:
-            where = f"{err.filename} -> {err.filename2}: "
-        hint = FULL_DISK_HINT if full else ""
-        print(f"{prog}: error: {where}{err.strerror or err}{hint}", file=sys.stderr)
+        print(f"{prog}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # safetensors' SafetensorError is not an OSError
+        os_error = _safetensors_os_error(err)
+        line = None if os_error is None else _os_error_line(os_error)
+        if line is None:
+            raise
+        print(f"{prog}: error: {line}", file=sys.stderr)
+        return 2
+
+
+def _os_error_line(err: OSError) -> str | None:
+    """The one-line message for an OSError the user can act on (a named path, a full disk), else None."""
+    full = err.errno in FULL_DISK
+    if err.filename is None and not full:
+        return None
+    where = "" if err.filename is None else f"{err.filename}: "
+    if err.filename2 is not None:
+        where = f"{err.filename} -> {err.filename2}: "
+    return f"{where}{err.strerror or err}{FULL_DISK_HINT if full else ''}"
 
 
 def _safetensors_os_error(err: Exception) -> OSError | None:
