@@ -32,6 +32,24 @@ def test_run_command_names_the_path_of_an_os_error(capsys):
     assert capsys.readouterr().err == f"prog: error: a.tmp -> b: {os.strerror(errno.EXDEV)}\n"
 
 
+def test_a_file_where_a_folder_is_needed_is_named(tmp_path, capsys):
+    """Seen by hand: `vigface demo --out F` for an existing file F said only "F: File exists"."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    for err in (
+        FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(a_file)),
+        NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(a_file / "out" / "shards")),
+    ):
+        assert run_command("prog", _raises(err), None) == 2
+        line = capsys.readouterr().err
+        assert line == f"prog: error: {err.filename}: {err.strerror} ({a_file} is a file; a folder is needed there)\n"
+    # an existing folder, or nothing on disk: no such claim
+    for path in (tmp_path, tmp_path / "missing" / "out"):
+        err = FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path))
+        assert run_command("prog", _raises(err), None) == 2
+        assert capsys.readouterr().err == f"prog: error: {path}: {os.strerror(errno.EEXIST)}\n"
+
+
 def test_run_command_keeps_the_traceback_of_an_os_error_without_a_path():
     # no path to name: nothing the user can act on, so the traceback stays
     with pytest.raises(OSError, match="socket closed"):
@@ -90,4 +108,5 @@ def test_an_output_below_a_file_is_one_line_in_every_command(small_toy, tiny_fr_
         last = err.splitlines()[-1]
         assert "Traceback" not in err and err.count("error:") == 1, (name, err)
         assert last.startswith(f"{name.split()[0]}: error: {a_file}"), (name, err)
+        assert last.endswith(f"({a_file} is a file; a folder is needed there)"), (name, err)
         assert not out.exists()

@@ -73,7 +73,20 @@ def _os_error_line(err: OSError) -> str | None:
     where = "" if err.filename is None else f"{err.filename}: "
     if err.filename2 is not None:
         where = f"{err.filename} -> {err.filename2}: "
-    return f"{where}{err.strerror or err}{FULL_DISK_HINT if full else ''}"
+    in_the_way = _file_in_the_way(err)
+    hint = f" ({in_the_way} is a file; a folder is needed there)" if in_the_way else ""
+    return f"{where}{err.strerror or err}{hint}{FULL_DISK_HINT if full else ''}"
+
+
+def _file_in_the_way(err: OSError) -> str | None:
+    """For "File exists" / "Not a directory" (an --out that is, or lies below, a file): that file."""
+    if err.errno not in (errno.EEXIST, errno.ENOTDIR) or err.filename is None:
+        return None
+    path = Path(os.fsdecode(err.filename))
+    for candidate in (path, *path.parents):
+        if candidate.exists() and not candidate.is_dir():
+            return str(candidate)
+    return None
 
 
 def _safetensors_os_error(err: Exception) -> OSError | None:
