@@ -41,8 +41,8 @@ def test_a_file_where_a_folder_is_needed_is_named(tmp_path, capsys):
         NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(a_file / "out" / "shards")),
     ):
         assert run_command("prog", _raises(err), None) == 2
-        line = capsys.readouterr().err
-        assert line == f"prog: error: {err.filename}: {err.strerror} ({a_file} is a file; a folder is needed there)\n"
+        hint = f"({a_file} is a file; a folder is needed there)"
+        assert capsys.readouterr().err == f"prog: error: {err.filename}: {err.strerror} {hint}\n"
     # an existing folder, or nothing on disk: no such claim
     for path in (tmp_path, tmp_path / "missing" / "out"):
         err = FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path))
