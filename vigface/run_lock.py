@@ -18,14 +18,14 @@ that ends (or is refused) removes its lock file; one killed leaves an unlocked f
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+from vigface.errors import VigfaceError
 
 try:
     import fcntl
 except ImportError:  # not POSIX (Windows): folders go unlocked, as before this module existed
     fcntl = None
-from pathlib import Path
-
-from vigface.errors import VigfaceError
 
 
 class FolderLock:

@@ -219,6 +219,6 @@ def write_report(out: str | os.PathLike, report: dict, figures: dict[str, tuple[
     for key, (_, png) in figures.items():
         write_atomically(out / "figures" / f"{key}.png", png)
     data = _json_safe({**report, "figures": {k: f"figures/{k}.png" for k in figures}})
-    write_atomically(out / "report.json", json.dumps(data, indent=2).encode())
-    write_atomically(out / "report.html", render_html(report, figures).encode())
+    write_atomically(out / "report.json", json.dumps(data, indent=2))
+    write_atomically(out / "report.html", render_html(report, figures))
     return out / "report.html"
