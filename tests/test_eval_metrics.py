@@ -176,3 +176,30 @@ def test_genuine_imposter_enumerates_every_pair():
     assert len(g) == 15 and len(i) == 15
     assert set(np.round(g, 12)) <= set(np.round(ref_g, 12))
     assert set(np.round(i, 12)) <= set(np.round(ref_i, 12))
+
+
+def test_histogram_iou_compares_frequencies_not_counts():
+    a = np.linspace(-0.5, 0.5, 300)
+    assert histogram_iou(a, np.concatenate([a, a, a])) == pytest.approx(1.0)  # 3x the pairs, same shape
+    # 300 values against 900 of which a third lie elsewhere: overlap 2/3 of the frequency mass.
+    b = np.concatenate([a, a, a + 3.0])  # + 3 lands in the last bin (clipped to 1.0)
+    p = np.histogram(np.clip(a, -1, 1), bins=100, range=(-1, 1))[0] / 300
+    q = np.histogram(np.clip(b, -1, 1), bins=100, range=(-1, 1))[0] / 900
+    assert histogram_iou(a, b) == pytest.approx(np.minimum(p, q).sum() / np.maximum(p, q).sum())
+
+
+def test_similarity_refuses_non_finite_values():
+    e = np.random.default_rng(0).normal(size=(12, 4))
+    e[3, 1] = np.nan
+    with pytest.raises(VigfaceError, match="NaN or inf"):
+        genuine_imposter(e, np.arange(12) // 3)
+    with pytest.raises(VigfaceError, match="NaN"):
+        histogram_iou(np.array([0.1, np.nan, 0.3]), np.array([0.1, 0.2]))
+
+
+def test_genuine_imposter_accepts_any_label_type():
+    e = np.random.default_rng(1).normal(size=(15, 5))
+    ints = np.array([2, 0, 1, 2, 0, 1, 1, 2, 0, 0, 2, 1, 0, 1, 2])
+    names = np.array(["carol", "ann", "bob"])[ints]  # the same grouping under string labels
+    for got, want in zip(genuine_imposter(e, names), genuine_imposter(e, ints), strict=True):
+        np.testing.assert_array_equal(np.sort(got), np.sort(want))

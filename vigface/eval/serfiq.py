@@ -6,7 +6,9 @@ embeddings x_1..x_m, and score
 
     q = 2 * sigmoid(-(2 / m^2) * sum_{i<j} ||x_i - x_j||)                          (SER-FIQ eq. 2)
 
-Identical passes give q = 1 (the maximum); the more the passes disagree, the lower q. The paper's
+Identical passes give q = 1 (the maximum); the more the passes disagree, the lower q. This is the
+paper's formula; the authors' released code divides the pair sum by m (m - 1) / 2 (a mean) instead
+of m^2 / 2, so its exponent is m / (m - 1) times ours (1 % apart at m = 100). The paper's
 DIV (eqs. 11-12, `vigface.eval.metrics.class_diversity`) is the per-class variance of this score.
 
 Only the head is stochastic: the convolutional trunk runs once per image and the m passes redo

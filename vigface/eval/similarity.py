@@ -23,6 +23,9 @@ def _unit(embeddings) -> np.ndarray:
     e = np.asarray(embeddings, dtype=np.float64)
     if e.ndim != 2:
         raise VigfaceError(f"similarity: need (N, d) embeddings, got shape {e.shape}")
+    if not np.all(np.isfinite(e)):
+        # A NaN cosine would vanish from the histogram unnoticed and bias the IoU (and the sweep's w).
+        raise VigfaceError("similarity: embeddings contain NaN or inf")
     return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
 
 
@@ -38,6 +41,7 @@ def genuine_imposter(
     labels = np.asarray(labels)
     if labels.shape != (len(e),):
         raise VigfaceError(f"similarity: {len(e)} embeddings but labels of shape {labels.shape}")
+    labels = np.unique(labels, return_inverse=True)[1].reshape(-1)  # any label type -> 0..C-1
     rng = np.random.default_rng(seed)
     # Genuine pairs, class by class (classes are small, so this enumeration is cheap).
     left, right = [], []
@@ -79,9 +83,12 @@ def mean_genuine_imposter(embeddings, labels) -> tuple[float, float]:
 
 def histogram(values, bins: int = HIST_BINS, value_range: tuple[float, float] = HIST_RANGE) -> np.ndarray:
     """Bin frequencies summing to 1 (values outside the range land in the end bins)."""
-    v = np.clip(np.asarray(values, dtype=np.float64), *value_range)
+    v = np.asarray(values, dtype=np.float64)
     if not len(v):
         raise VigfaceError("similarity: cannot make a histogram of no values")
+    if np.isnan(v).any():  # np.histogram would drop them silently
+        raise VigfaceError("similarity: cannot make a histogram of NaN values")
+    v = np.clip(v, *value_range)
     counts, _ = np.histogram(v, bins=bins, range=value_range)
     return counts / counts.sum()
 
