@@ -86,6 +86,10 @@ def test_full_pipeline_writes_a_consistent_report(demo_run):
     for kind in ("real", "virtual"):
         best = sweep["w"][int(np.argmax([r["average"] for r in sweep[kind]]))]
         assert sweep["picked"][kind] == best == report["picked_w"][kind]
+    # The report says how many pairs each IoU rests on: sweep_ids x C(sweep_per_id, 2) genuine ones.
+    genuine_pairs = TINY.sweep_ids * TINY.sweep_per_id * (TINY.sweep_per_id - 1) // 2
+    assert sweep["real"][0]["genuine_stats"]["pairs"] == genuine_pairs
+    assert f"compares {genuine_pairs:,} genuine and" in (out / "report.html").read_text()
     plan = json.loads((out / "generated" / "generation.json").read_text())["plan"]["config"]
     assert (plan["w_real"], plan["w_virtual"]) == (sweep["picked"]["real"], sweep["picked"]["virtual"])
     assert set(report["dataset_metrics"]) == {

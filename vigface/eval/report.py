@@ -146,6 +146,14 @@ def _sweep_html(sweep: dict) -> str:
         f"<p><b>Picked w: real ids {picked['real']:g}, virtual ids {picked['virtual']:g}</b> "
         f"(paper: {sweep['paper_w']['real']:g} and {sweep['paper_w']['virtual']:g}).</p>"
     )
+    first = sweep["real"][0] if sweep.get("real") else {}
+    if "genuine_stats" in first:  # sweeps written before pair counts were kept lack them
+        parts.append(
+            f"<p>Each generated column compares {first['genuine_stats']['pairs']:,} genuine and "
+            f"{first['imposter_stats']['pairs']:,} imposter pairs per kind with the real data's. A finite "
+            "sample's IoU is below 1 even against its own distribution, the more so the fewer pairs, so read "
+            "these across w only, not against the paper's Table 1.</p>"
+        )
     return "".join(parts)
 
 
