@@ -41,6 +41,24 @@ def generation_kinds(path: str | os.PathLike) -> dict[int, tuple[str, int]] | No
         raise DataFormatError(meta, f"not a valid generation description ({exc})") from None
 
 
+def _chosen_rows(labels: np.ndarray, max_ids: int | None, max_per_id: int | None) -> np.ndarray:
+    """Row numbers of the first `max_ids` labels (ascending), each its first `max_per_id` rows.
+
+    One stable sort instead of a scan per label: a CASIA-sized set (0.5 M rows, 10 K ids) would
+    otherwise take 5e9 comparisons before anything is decoded."""
+    order = np.argsort(labels, kind="stable")  # by label, file order within a label
+    sorted_labels = labels[order]
+    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+    group = np.cumsum(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]]) - 1  # label rank per row
+    rank_in_group = np.arange(len(order)) - starts[group]
+    keep = np.ones(len(order), dtype=bool)
+    if max_ids is not None:
+        keep &= group < max_ids
+    if max_per_id is not None:
+        keep &= rank_in_group < max_per_id
+    return order[keep]
+
+
 def read_labelled_set(
     path: str | os.PathLike, *, max_ids: int | None = None, max_per_id: int | None = None
 ) -> LabelledSet:
@@ -51,13 +69,7 @@ def read_labelled_set(
     labels = np.asarray(dataset.labels, dtype=np.int64)
     if not len(labels):
         raise VigfaceError(f"{path}: the dataset holds no images")
-    chosen = []
-    for n, label in enumerate(np.unique(labels)):
-        if max_ids is not None and n >= max_ids:
-            break
-        rows = np.flatnonzero(labels == label)
-        chosen.append(rows if max_per_id is None else rows[:max_per_id])
-    index = np.concatenate(chosen)
+    index = _chosen_rows(labels, max_ids, max_per_id)
     first, _ = dataset[int(index[0])]
     images = np.empty((len(index), *first.shape), dtype=np.uint8)
     for n, i in enumerate(index):
