@@ -281,11 +281,18 @@ def test_eval_command_line(demo_run, capsys, tmp_path):
     assert eval_cli.main(
         ["cfg-sweep", str(out / "diffusion"), "--real", str(out / "toy" / "train.rec"),
          "--work", str(tmp_path / "s"), "--w", "2", "1", "--num-ids", "2", "--per-id", "2", "--steps", "1",
-         "--quiet"]
+         "--real-max-ids", "3", "--quiet"]
     ) == 0  # fmt: skip
     printed = capsys.readouterr().out
     sweep = json.loads((tmp_path / "s" / "report.json").read_text())["cfg_sweep"]
     assert sweep["w"] == [1.0, 2.0] and f"picked w: real ids {sweep['picked']['real']:g}" in printed
+    # The real histograms come from the first 3 identities only: 3 x C(per_id, 2) genuine pairs.
+    assert sweep["config"]["real_max_ids"] == 3
+    assert sweep["real_data"]["genuine"]["pairs"] == 3 * TINY.per_id * (TINY.per_id - 1) // 2
+    for bad in ("1", "-3", "x"):
+        with pytest.raises(SystemExit) as stop:
+            eval_cli.main(["cfg-sweep", "m", "--real", "r", "--work", "w", "--real-max-ids", bad])
+        assert stop.value.code == 2 and "--real-max-ids" in capsys.readouterr().err
     assert not (tmp_path / "s" / "w1").exists()  # generated sets are deleted once measured
     assert eval_cli.main(["verify", str(tmp_path), *bins]) == 2  # not a model folder: one-line error
     assert "vigface-eval: error:" in capsys.readouterr().err

@@ -132,6 +132,17 @@ def _cmd_metrics(args) -> int:
     return 0
 
 
+def _all_or_at_least_two(text: str) -> int:
+    """--real-max-ids: 0 (all identities) or a count that still gives imposter pairs."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0 or value == 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0 (all identities) or at least 2 (imposter pairs)")
+    return value
+
+
 def _cmd_cfg_sweep(args) -> int:
     from vigface.eval import plots
     from vigface.eval.cfg_sweep import SweepConfig, cfg_sweep
@@ -139,7 +150,8 @@ def _cmd_cfg_sweep(args) -> int:
 
     config = SweepConfig(
         model=args.model, real=args.real, work=args.work, ws=args.w, num_ids=args.num_ids,
-        per_id=args.per_id, steps=args.steps, sampler=args.sampler, batch_size=args.batch_size,
+        per_id=args.per_id, real_max_ids=args.real_max_ids or None,
+        steps=args.steps, sampler=args.sampler, batch_size=args.batch_size,
         seed=args.seed, device=args.device, progress=not args.quiet, keep_images=args.keep_images,
     )  # fmt: skip
     result = cfg_sweep(config)
@@ -218,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--w", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
     s.add_argument("--num-ids", type=positive_int, default=20, help="identities per kind (default 20)")
     s.add_argument("--per-id", type=positive_int, default=10)
+    s.add_argument(
+        "--real-max-ids", type=_all_or_at_least_two, default=500,
+        help="measure the first N identities of --real (default 500; 0: all, decoded into memory at once)",
+    )  # fmt: skip
     s.add_argument("--steps", type=positive_int, default=50)
     s.add_argument("--sampler", default="ddim", help="ddim | dpm++")
     s.add_argument("--batch-size", type=positive_int, default=64)
