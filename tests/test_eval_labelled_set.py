@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from vigface.data.recordio import FaceRecordWriter
+from vigface.errors import VigfaceError
 from vigface.eval.labelled_set import read_labelled_set
 
 # Groups in file order, labels deliberately not ascending: (label, images).
@@ -39,3 +40,15 @@ def test_limits_keep_the_first_identities_and_their_first_images(rec, max_ids, m
     assert got.labels.tolist() == [label for label, _ in want]
     assert got.images[:, 0, 0, 0].tolist() == [r for _, r in want]
     assert got.kinds is None
+
+
+def test_a_set_too_big_for_memory_is_refused_before_decoding(rec, monkeypatch):
+    import vigface.eval.labelled_set as labelled_set
+
+    image_bytes = 8 * 8 * 3
+    monkeypatch.setattr(labelled_set, "available_memory", lambda: 10 * image_bytes)  # 80 %: 8 images
+    assert len(read_labelled_set(rec, max_ids=2).labels) == 6  # labels 0 and 2: 2 + 4 images fit
+    with pytest.raises(VigfaceError, match=r"13 chosen images needs .* GiB.*--max-ids"):
+        read_labelled_set(rec)
+    monkeypatch.setattr(labelled_set, "available_memory", lambda: None)  # the OS does not say: no check
+    assert len(read_labelled_set(rec).labels) == 13

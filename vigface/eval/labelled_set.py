@@ -59,6 +59,25 @@ def _chosen_rows(labels: np.ndarray, max_ids: int | None, max_per_id: int | None
     return order[keep]
 
 
+def available_memory() -> int | None:
+    """Bytes of physical memory free now (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_fits_in_memory(path, needed: int, images: int) -> None:
+    """Refuse up front what would end in the OS killing the process half-way through decoding."""
+    free = available_memory()
+    if free is not None and needed > 0.8 * free:
+        raise VigfaceError(
+            f"{path}: decoding the {images:,} chosen images needs {needed / 2**30:.1f} GiB, but only "
+            f"{free / 2**30:.1f} GiB of memory is free; measure fewer identities or images "
+            "(--max-ids / --max-per-id, or --real-max-ids for a cfg sweep)"
+        )
+
+
 def read_labelled_set(
     path: str | os.PathLike, *, max_ids: int | None = None, max_per_id: int | None = None
 ) -> LabelledSet:
@@ -71,6 +90,7 @@ def read_labelled_set(
         raise VigfaceError(f"{path}: the dataset holds no images")
     index = _chosen_rows(labels, max_ids, max_per_id)
     first, _ = dataset[int(index[0])]
+    _check_fits_in_memory(path, len(index) * first.nbytes, len(index))
     images = np.empty((len(index), *first.shape), dtype=np.uint8)
     for n, i in enumerate(index):
         image, _ = dataset[int(i)]
