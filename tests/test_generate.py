@@ -284,3 +284,18 @@ def test_a_second_generation_into_a_folder_in_use_is_refused(denoiser_dir, tmp_p
     assert gen_cli.main(gen_args(denoiser_dir, out)) == 0  # once it is gone, the folder is ours
     assert len(FaceRecordDataset(out / "train.rec")) == 24
     assert not (out / ".lock").exists()
+
+
+def test_a_folder_holding_another_dataset_is_refused_untouched(denoiser_dir, small_toy, tmp_path, capsys):
+    """A toy set (or any folder with other files) as --out: refused, its files byte-identical."""
+    toy = tmp_path / "toy"
+    shutil.copytree(small_toy, toy)
+    before = {p.name: p.read_bytes() for p in toy.iterdir() if p.is_file()}
+    assert gen_cli.main(gen_args(denoiser_dir, toy)) == 2
+    err = capsys.readouterr().err
+    assert "which vigface-gen does not write" in err and "toy.json" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in toy.iterdir() if p.is_file()} == before
+    assert not (toy / "shards").exists() and not (toy / "generation.json").exists()
+    # An empty folder, or one a killed run left with only its (empty) shards folder, is fine.
+    (tmp_path / "empty" / "shards").mkdir(parents=True)
+    assert gen_cli.main(gen_args(denoiser_dir, tmp_path / "empty")) == 0

@@ -34,6 +34,7 @@ from vigface.data.files import fsync_dir
 from vigface.data.image_folder import ImageFolderWriter
 from vigface.data.images import encode_image
 from vigface.data.landmarks_npy import read_landmarks_npy
+from vigface.data.output_folder import refuse_foreign_output
 from vigface.data.recordio import FaceRecordDataset, FaceRecordWriter
 from vigface.diffusion.cfg import DEFAULT_W_REAL, DEFAULT_W_VIRTUAL
 from vigface.diffusion.model_folder import POSE_TABLE, PROTOTYPES, fr_model_dir, load_prototypes
@@ -222,14 +223,18 @@ class _Generator:
                 raise DataFormatError(path, f"is not a generation plan ({why}); choose another --out")
             if saved.get("plan") != plan:
                 raise VigfaceError(f"{self.out} holds a generation with other settings; choose another --out")
-        elif self.rank == 0:
-            self.shard_root.mkdir(parents=True, exist_ok=True)
-            labels = {}
-            for label, kind, proto, _ in self.jobs:
-                labels.setdefault(str(label), [kind, proto])
-            tmp = self.out / ".generation.json.tmp"
-            tmp.write_text(json.dumps({"plan": plan, "labels": labels}, indent=2))
-            os.replace(tmp, path)
+        else:
+            # No plan yet: the folder must be new or empty (its plan is the first thing written).
+            # Every rank checks, so that all of them stop rather than wait at the barrier.
+            refuse_foreign_output(self.out, own=("shards", "generation.json"), what="vigface-gen")
+            if self.rank == 0:
+                self.shard_root.mkdir(parents=True, exist_ok=True)
+                labels = {}
+                for label, kind, proto, _ in self.jobs:
+                    labels.setdefault(str(label), [kind, proto])
+                tmp = self.out / ".generation.json.tmp"
+                tmp.write_text(json.dumps({"plan": plan, "labels": labels}, indent=2))
+                os.replace(tmp, path)
         if self.world_size > 1:
             dist.barrier()
 
