@@ -107,3 +107,21 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["data", "toy", "--out", str(tmp_path), "--ids", "zero"])
     assert e.value.code == 2
+
+
+def test_a_folder_holding_another_dataset_is_refused_even_with_overwrite(tmp_path):
+    other = tmp_path / "gen"
+    other.mkdir()
+    (other / "generation.json").write_text("{}")
+    (other / "train.rec").write_bytes(b"not ours")
+    for overwrite in (False, True):
+        with pytest.raises(VigfaceError, match="holds generation.json, which a toy dataset does not write"):
+            make_toy_dataset(other, SMALL, workers=1, progress=False, overwrite=overwrite)
+    assert (other / "train.rec").read_bytes() == b"not ours"
+    # A half-made toy folder (a killed run's files and temporaries) is finished, not refused.
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "train.rec.123.tmp").write_bytes(b"partial")
+    (half / "toy_val.bin").write_bytes(b"partial")
+    make_toy_dataset(half, SMALL, workers=1, progress=False)
+    assert (half / "toy.json").is_file()

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from vigface.data import toyfaces
 from vigface.data.files import write_atomically
 from vigface.data.images import encode_image
+from vigface.data.output_folder import refuse_foreign_output
 from vigface.data.recordio import FaceRecordWriter
 from vigface.data.verification_bin import write_bin
 from vigface.errors import VigfaceError
@@ -114,6 +115,13 @@ def _write_pairs_bin(path: Path, encoded: list[bytes], pairs_by_fold) -> None:
     write_bin(path, images, issame)
 
 
+# Every entry make_toy_dataset writes into its folder (a half-made one may hold any of them).
+TOY_FILES = (
+    "train.rec", "train.idx", "train_landmarks.npy", "toy_val.bin", "toy_pose.bin", "identities.json",
+    "toy.json",
+)  # fmt: skip
+
+
 def make_toy_dataset(
     out: str | os.PathLike,
     cfg: ToyConfig,
@@ -127,6 +135,7 @@ def make_toy_dataset(
     out = Path(out)
     if (out / "toy.json").exists() and not overwrite:
         raise VigfaceError(f"{out}: already holds a toy dataset (toy.json); pass --overwrite to replace it")
+    refuse_foreign_output(out, own=TOY_FILES, what="a toy dataset")  # --overwrite replaces only toy sets
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or min(os.cpu_count() or 1, 8)
     # One pool for every phase (spawned: safe even after torch started threads in this process).
