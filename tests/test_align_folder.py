@@ -115,3 +115,35 @@ def test_bad_landmarks_name_the_file(wild_folder, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert err.startswith("vigface: error:") and "landmarks" in err
+
+
+def test_existing_outputs_need_overwrite_and_foreign_folders_are_refused(wild_folder, tmp_path, capsys):
+    root, _ = wild_folder
+
+    def align(*extra):
+        return main(["data", "align", "--images", str(root), "--quiet", *extra])
+
+    # Folder output: a second run needs --overwrite (the flag the message names), then replaces it.
+    assert align("--out", str(tmp_path / "f")) == 0
+    assert align("--out", str(tmp_path / "f")) == 2
+    assert "manifest.jsonl: already exists; pass --overwrite" in capsys.readouterr().err
+    assert align("--out", str(tmp_path / "f"), "--overwrite") == 0
+    assert len(ImageFolderDataset(tmp_path / "f")) == 6
+    # RecordIO output, as a .rec path and as a folder.
+    for out in (tmp_path / "a.rec", tmp_path / "r"):
+        assert align("--out", str(out), "--format", "rec") == 0
+        rec = out if out.suffix == ".rec" else out / "train.rec"
+        before = rec.read_bytes()
+        assert align("--out", str(out), "--format", "rec") == 2
+        assert f"{rec}: already exists; pass --overwrite" in capsys.readouterr().err
+        assert rec.read_bytes() == before
+        assert align("--out", str(out), "--format", "rec", "--overwrite") == 0
+    # A folder holding another dataset: refused for both formats, even with --overwrite for rec.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "toy.json").write_text("{}")
+    assert align("--out", str(other), "--format", "rec", "--overwrite") == 2
+    assert "holds toy.json, which align does not write" in capsys.readouterr().err
+    assert align("--out", str(other)) == 2
+    assert "not empty and holds no manifest.jsonl" in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == ["toy.json"]

@@ -64,6 +64,7 @@ def _cmd_data_align(args: argparse.Namespace) -> int:
         image_format=args.image_format,
         backend=args.backend,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     print(f"aligned {summary['images']} images of {summary['identities']} identities into {args.out}")
     return 0
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument(
         "--backend", choices=["auto", "c", "numpy"], default="auto", help="alignment implementation"
     )
+    align.add_argument("--overwrite", action="store_true", help="replace an aligned set already in --out")
     align.add_argument("--quiet", action="store_true")
     align.set_defaults(func=_cmd_data_align)
 

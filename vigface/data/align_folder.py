@@ -17,8 +17,9 @@ import numpy as np
 from tqdm import tqdm
 
 from vigface.data.align import align_faces, transform_points
-from vigface.data.image_folder import ImageFolderDataset, ImageFolderWriter
+from vigface.data.image_folder import MANIFEST, ImageFolderDataset, ImageFolderWriter
 from vigface.data.landmarks_npy import read_landmarks_npy
+from vigface.data.output_folder import refuse_foreign_output
 from vigface.data.recordio import FaceRecordWriter
 from vigface.errors import DataFormatError, VigfaceError
 
@@ -64,6 +65,24 @@ def load_landmarks(ds: ImageFolderDataset, landmarks: str | os.PathLike | None) 
     raise VigfaceError(f"--landmarks {path}: expected a .jsonl or .npy file")
 
 
+def _check_output(out: Path, out_format: str, overwrite: bool) -> None:
+    if out_format == "rec":
+        rec = out if out.suffix == ".rec" else out / "train.rec"
+        if rec.exists() and not overwrite:
+            raise VigfaceError(f"{rec}: already exists; pass --overwrite to replace it")
+        if rec.parent == out:  # --out is a folder: it receives train.rec and its companions only
+            refuse_foreign_output(out, own=("train.rec", "train.idx", "train_landmarks.npy"), what="align")
+    elif out_format == "folder":
+        if (out / MANIFEST).exists():
+            if not overwrite:
+                raise VigfaceError(f"{out / MANIFEST}: already exists; pass --overwrite to replace it")
+        elif out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()) and not overwrite:
+            raise VigfaceError(
+                f"{out}: not empty and holds no {MANIFEST} (not an aligned folder); choose an empty or new "
+                "folder, or pass --overwrite to write into it"
+            )
+
+
 def align_image_folder(
     images: str | os.PathLike,
     out: str | os.PathLike,
@@ -75,8 +94,13 @@ def align_image_folder(
     image_format: str = "jpeg",
     backend: str = "auto",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
-    """Align every image of the folder `images` into `out`; returns {"images", "identities"}."""
+    """Align every image of the folder `images` into `out`; returns {"images", "identities"}.
+
+    An existing aligned output (a manifest, or the .rec) is replaced only with `overwrite`; a folder
+    holding anything else is refused either way (checked before any image is read)."""
+    _check_output(Path(out), out_format, overwrite)
     ds = ImageFolderDataset(images)
     if len(ds) == 0:
         raise VigfaceError(f"{images}: no images found")
@@ -88,7 +112,7 @@ def align_image_folder(
         writer = FaceRecordWriter(out, fmt=image_format, quality=quality)
         aligned_points = np.empty((len(ds), 5, 2), dtype=np.float32)
     elif out_format == "folder":
-        writer = ImageFolderWriter(out, fmt=image_format, quality=quality)
+        writer = ImageFolderWriter(out, fmt=image_format, quality=quality, overwrite=overwrite)
     else:
         raise VigfaceError(f"--format {out_format!r}: expected 'folder' or 'rec'")
     with writer:
