@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,14 @@ def test_quick_mode_uses_trained_models_without_training_them(demo_run, tmp_path
     with pytest.raises(VigfaceError, match="not a denoiser folder"):
         run_demo(dataclasses.replace(config, model=str(tmp_path)), str(tmp_path / "again"))
     assert not (tmp_path / "again").exists()  # a refused run leaves no folder
+    # A damaged model file: refused before the toy data is made, no folder left either.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(full_out / "diffusion", damaged)
+    weights = damaged / "denoiser.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(VigfaceError, match="denoiser.safetensors"):
+        run_demo(dataclasses.replace(config, model=str(damaged)), str(tmp_path / "again"))
+    assert not (tmp_path / "again").exists()
     (tmp_path / "a_file").write_text("not a folder")
     for bad_out in (tmp_path / "a_file", tmp_path / "a_file" / "below"):
         with pytest.raises(OSError) as caught:  # the CLI prints it as one line (test_cli_errors)
@@ -241,6 +250,7 @@ def test_demo_config_refuses_bad_settings_before_any_work():
         ({"cfg_sweep": (1.0, float("inf"))}, r"demo: cfg_sweep guidance scales .* got \(1.0, inf\)"),
         ({"gen_per_id": 1}, "must be at least 2"),
         ({"dm_steps": 0}, "dm_steps must be at least 1"),
+        ({"model": "runs/diffusion"}, r"model \(--model\) is used only with --quick"),
     ):
         with pytest.raises(VigfaceError, match=why):
             dataclasses.replace(TINY, **changes)

@@ -105,6 +105,8 @@ class DemoConfig:
         ):
             if getattr(self, name) < 1:
                 bad(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.model is not None and not self.quick:
+            bad("model (--model)", "is used only with --quick (the full demo trains its own denoiser)")
         if self.gen_ids < 2 or self.gen_per_id < 2:
             bad("gen_ids/gen_per_id", "must be at least 2 (genuine and imposter pairs)")
         # checked here, not when generation starts after both trainings
@@ -275,6 +277,7 @@ def _run_demo(config: DemoConfig, out: str, resume: bool, lock: FolderLock) -> d
     from vigface.data.toy_dataset import ToyConfig, make_toy_dataset
     from vigface.data.verification_bin import load_verification_pairs
     from vigface.diffusion.model_folder import DENOISER_META, PROTOTYPES, fr_model_dir, load_prototypes
+    from vigface.diffusion.sampling import FaceSampler
     from vigface.diffusion.trainer import train_diffusion
     from vigface.eval import plots
     from vigface.eval.cfg_sweep import SweepConfig, cfg_sweep
@@ -309,6 +312,9 @@ def _run_demo(config: DemoConfig, out: str, resume: bool, lock: FolderLock) -> d
         if not meta_path.is_file():
             raise VigfaceError(f"demo --quick: {dm_dir} is not a denoiser folder (no {DENOISER_META})")
         fr_dir = fr_model_dir(dm_dir, json.loads(meta_path.read_text()))
+        # Loaded once now (small models), so a damaged file stops the demo before any work is done.
+        FaceSampler.load(dm_dir)
+        load_backbone(fr_dir)
         num_real = int(json.loads((fr_dir / "backbone.json").read_text())["num_real"])
         # The toy world's first `num_real` identities are the ones the FR model was trained on;
         # held-out pairs use the identities after them.
