@@ -110,3 +110,19 @@ def test_an_output_below_a_file_is_one_line_in_every_command(small_toy, tiny_fr_
         assert last.startswith(f"{name.split()[0]}: error: {a_file}"), (name, err)
         assert last.endswith(f"({a_file} is a file; a folder is needed there)"), (name, err)
         assert not out.exists()
+
+
+def test_a_bad_val_file_stops_train_fr_before_its_run_folder_exists(small_toy, tmp_path, capsys):
+    truncated = tmp_path / "trunc.bin"
+    truncated.write_bytes((small_toy / "toy_val.bin").read_bytes()[:1000])
+    for val, why in ((truncated, "trunc.bin"), (tmp_path / "missing.bin", "no such verification .bin file")):
+        out = tmp_path / "fr"
+        args = [
+            "--data", str(small_toy), "--out", str(out), "--arch", "iresnet18", "--width", "8",
+            "--input-size", "32", "--embedding-dim", "32", "--epochs", "1", "--workers", "0",
+            "--no-progress", "--val", str(val),
+        ]  # fmt: skip
+        assert train_fr_cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert why in err and "Traceback" not in err
+        assert not out.exists()  # no config.json / metrics.jsonl of a run that never started

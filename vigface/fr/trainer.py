@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from vigface.data.files import write_atomically
 from vigface.data.loaders import make_loader
-from vigface.data.verification_bin import load_verification_pairs
+from vigface.data.verification_bin import load_verification_pairs, read_bin
 from vigface.errors import VigfaceError
 from vigface.eval.prototypes import PAPER_FIG3B, plot_prototype_similarity, prototype_stats
 from vigface.eval.verification import verify_embeddings
@@ -143,6 +143,8 @@ class _Run:
         self.step = 0
         self.saved_step = -1
         self.last_checkpoint: Path | None = None
+        for path in config.val:  # parsed by every rank before the run folder exists: a bad --val
+            read_bin(path)  # leaves nothing behind and stops all ranks alike (rank 0 decodes below)
         self.out.mkdir(parents=True, exist_ok=True)
         lock.acquire(self.rank)  # before anything is written or read back
         if resume:
