@@ -330,13 +330,18 @@ def test_protocol_trains_irse50_adaface_and_compares(demo_run, tmp_path):
     assert [r["method"] for r in result["peers"]["rows"]][-1] == "VIGFace(L)"
 
 
-def test_protocol_pieces(tmp_path):
+def test_protocol_pieces(small_toy, tmp_path):
     # The peer table as transcribed: each average is the mean of its five sets (to the 0.01 printed).
     for row in PEER_TABLE:
         assert np.mean(row[3:8]) == pytest.approx(row[8], abs=0.011), row[0]
     assert [r[0] for r in PEER_TABLE][:2] == ["CASIA (Real)", "SynFace"] and PEER_TABLE[1][-1] == 74.75
     bin_path = tmp_path / "lfw.bin"
-    bin_path.write_bytes(b"")
+    bin_path.write_bytes((small_toy / "toy_val.bin").read_bytes())
+    # A damaged .bin is refused by the config, before the long training (it was found after it).
+    damaged = tmp_path / "cfp_fp.bin"
+    damaged.write_bytes(bin_path.read_bytes()[:500])
+    with pytest.raises(VigfaceError, match="cfp_fp.bin"):
+        ProtocolConfig(data="d.rec", out="o", bins=[str(bin_path), str(damaged)])
     fr = train_config(ProtocolConfig(data="d.rec", out=str(tmp_path), bins=[str(bin_path)]))
     assert (fr.arch, fr.margin, fr.num_virtual, fr.input_size) == ("irse50", "adaface", 0, 112)
     with pytest.raises(VigfaceError, match="does not exist"):

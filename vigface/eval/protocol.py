@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vigface.data.files import write_atomically
+from vigface.data.verification_bin import read_bin
 from vigface.errors import VigfaceError
 from vigface.eval.verification import BENCHMARKS, gap_to_real, summarise, verify_bins
 
@@ -99,6 +100,7 @@ class ProtocolConfig:
         for path in self.bins:
             if not Path(path).is_file():
                 raise VigfaceError(f"protocol: --bins {path} does not exist")
+            read_bin(path)  # parsed now (not decoded): a damaged file stops us before the training
         if self.real_model is None:
             peer_average(self.real_reference)  # validates the name
 
