@@ -41,9 +41,21 @@ def test_vigface_export_trt_writes_the_checked_onnx_then_reports_missing_tensorr
     assert code == 2
     captured = capsys.readouterr()
     assert "TensorRT is not installed" in captured.err
+    onnx = model_dir / "engines" / "denoiser.onnx"  # ... and the error says where the graph is
+    assert f"The ONNX graph is written ({onnx}); build the engine from it" in captured.err
+    assert f"--format trt --onnx {onnx}" in captured.err and captured.err.count("error:") == 1
     assert "onnxruntime vs torch max |diff|" in captured.out  # the TensorRT input was checked first
-    assert (model_dir / "engines" / "denoiser.onnx").is_file()
+    assert onnx.is_file()
     assert not (model_dir / "engines" / "denoiser.plan").exists()
+
+
+def test_vigface_export_to_a_folder_is_refused_before_exporting(model_dir, tmp_path, capsys):  # noqa: F811
+    for fmt in ("onnx", "trt"):
+        assert export_cli.main(["--model", str(model_dir), "--format", fmt, "--out", str(tmp_path)]) == 2
+        captured = capsys.readouterr()
+        assert f"--out {tmp_path}: is a folder; give the file to write" in captured.err
+        assert "ONNX (" not in captured.out  # nothing was exported
+    assert not list(tmp_path.iterdir())
 
 
 def test_sidecar_refuses_every_mismatch_by_name(tmp_path):

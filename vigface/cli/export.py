@@ -58,6 +58,9 @@ def _export(args: argparse.Namespace) -> int:
         raise VigfaceError("--precision: the onnx export is float32; reduced precision is for --format trt")
     if args.onnx and args.format != "trt":
         raise VigfaceError("--onnx is an input of --format trt")
+    if args.out and Path(args.out).is_dir():  # found before the export, not at its final rename
+        name = "denoiser.onnx" if args.format == "onnx" else "denoiser.plan"
+        raise VigfaceError(f"--out {args.out}: is a folder; give the file to write (e.g. its {name})")
     sampler = FaceSampler.load(args.model, "cpu", "eager")
     denoiser, model_sha = sampler.denoiser, state_sha256(sampler.denoiser)
     artifacts = engine_artifacts(args.model)
@@ -101,11 +104,17 @@ def _export(args: argparse.Namespace) -> int:
 
     from vigface.engines.trt import build_trt_engine
 
-    plan = build_trt_engine(
-        onnx_bytes, out, config=denoiser.config, precision=args.precision, model_sha256=model_sha,
-        exporter=exporter, typing=typing, profiles=((args.min_batch, args.opt_batch, args.max_batch),),
-        workspace_gib=args.workspace_gib, timing_cache=args.timing_cache, device=args.device,
-    )  # fmt: skip
+    try:
+        plan = build_trt_engine(
+            onnx_bytes, out, config=denoiser.config, precision=args.precision, model_sha256=model_sha,
+            exporter=exporter, typing=typing, profiles=((args.min_batch, args.opt_batch, args.max_batch),),
+            workspace_gib=args.workspace_gib, timing_cache=args.timing_cache, device=args.device,
+        )  # fmt: skip
+    except BackendUnavailableError as err:  # the graph above is still of use where TensorRT is
+        raise BackendUnavailableError(
+            f"{err}. The ONNX graph is written ({onnx_path}); build the engine from it where TensorRT "
+            f"and a GPU are: vigface-export --model {args.model} --format trt --onnx {onnx_path}"
+        ) from None
     print(f"wrote {plan}")
     return 0
 
