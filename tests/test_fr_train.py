@@ -100,6 +100,11 @@ def test_outputs_of_a_run(uninterrupted, small_toy):
     assert meta["head_loss"] == "reference"  # what --loss auto chose on a CPU
     kept = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert kept == ["step_00000039", "step_00000040"]  # keep_checkpoints=2; saves every 3 steps + the end
+    # safetensors files get the mode of every other output (its writer alone makes them 0600).
+    usual = (out / "backbone.json").stat().st_mode & 0o777
+    state = "checkpoints/step_00000040/state.safetensors"
+    for name in ("backbone.safetensors", "prototypes.safetensors", state):
+        assert (out / name).stat().st_mode & 0o777 == usual, name
 
 
 def test_resume_continues_bit_for_bit(uninterrupted, small_toy, tmp_path):
@@ -167,6 +172,7 @@ def test_embed_cli_matches_embed_images(uninterrupted, small_toy, tmp_path):
     assert embed_cli.main([str(out), str(small_toy / "train.rec"), "--out", str(rec_out), "--quiet"]) == 0
     tensors = load_file(rec_out)
     assert tensors["embeddings"].shape == (320, 32) and tensors["labels"].max().item() == 39
+    assert rec_out.stat().st_mode & 0o777 == target.stat().st_mode & 0o777  # as the .npy's
 
 
 def test_cli_errors_are_one_line(small_toy, tmp_path, capsys):

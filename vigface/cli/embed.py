@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from vigface.cli.common import positive_int, run_command
+from vigface.data.files import usual_permissions
 from vigface.errors import VigfaceError
 
 
@@ -62,6 +63,7 @@ def _embed(args: argparse.Namespace) -> int:
         save_file(
             tensors, tmp, metadata={"backbone_sha256": meta.get("sha256", ""), "source": str(args.input)}
         )
+        usual_permissions(tmp)
     os.replace(tmp, out)
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out}")
     return 0

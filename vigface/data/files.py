@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -20,10 +21,22 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def usual_permissions(path: str | os.PathLike) -> None:
+    """Give `path` the mode open() gives a new file (0666 less the umask).
+
+    safetensors' writer creates its files 0600, so models and embeddings were readable by their
+    owner alone, unlike every other output (a model shared through a group folder could not load)."""
+    mask = os.umask(0)  # the only way to read the umask; set back at once
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
     """Write `data` to a temporary name beside `path`, then rename it there: a crash or a full disk
     leaves the old file (or none), never a half-written one under the real name."""
     path = Path(path)
+    if path.is_dir():  # else the rename below fails naming the temporary file first
+        raise IsADirectoryError(errno.EISDIR, "is a folder; a file is to be written there", str(path))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         if isinstance(data, str):

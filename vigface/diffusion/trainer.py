@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from vigface.data.files import write_atomically
+from vigface.data.files import usual_permissions, write_atomically
 from vigface.data.image_folder import ImageFolderDataset
 from vigface.data.landmarks_npy import read_landmarks_npy
 from vigface.data.loaders import make_loader
@@ -290,6 +290,7 @@ class _Run:
         weights = {k: v.detach().contiguous().cpu() for k, v in self.ema.items()}
         tmp = self.out / f".{DENOISER_WEIGHTS}.tmp"
         save_file(weights, tmp)
+        usual_permissions(tmp)
         os.replace(tmp, self.out / DENOISER_WEIGHTS)
         meta = {
             "denoiser": self.den_config.to_dict(),

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from vigface.data.files import fsync_dir, write_atomically
+from vigface.data.files import fsync_dir, usual_permissions, write_atomically
 from vigface.errors import DataFormatError, VigfaceError
 
 FORMAT_VERSION = 1
@@ -76,6 +76,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict, meta: dic
     save_file(
         {k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}, tmp / "state.safetensors"
     )
+    usual_permissions(tmp / "state.safetensors")
     (tmp / "state.json").write_text(json.dumps({"format": FORMAT_VERSION, "step": step, **meta}, indent=2))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:

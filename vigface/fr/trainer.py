@@ -30,7 +30,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from vigface.data.files import write_atomically
+from vigface.data.files import usual_permissions, write_atomically
 from vigface.data.loaders import make_loader
 from vigface.data.verification_bin import load_verification_pairs, read_bin
 from vigface.errors import VigfaceError
@@ -319,6 +319,7 @@ class _Run:
         real, virtual = prototypes[: self.num_real], prototypes[self.num_real :]
         backbone_state = {k: v.detach().contiguous().cpu() for k, v in self.backbone.state_dict().items()}
         save_file(backbone_state, self.out / f".{BACKBONE_WEIGHTS}.tmp")
+        usual_permissions(self.out / f".{BACKBONE_WEIGHTS}.tmp")
         os.replace(self.out / f".{BACKBONE_WEIGHTS}.tmp", self.out / BACKBONE_WEIGHTS)
         meta = {
             "backbone": self.config.backbone_config().to_dict(),
@@ -332,6 +333,7 @@ class _Run:
         }
         _write_json(self.out / BACKBONE_META, meta)
         save_file({"real": real.contiguous(), "virtual": virtual.contiguous()}, self.out / ".prototypes.tmp")
+        usual_permissions(self.out / ".prototypes.tmp")
         os.replace(self.out / ".prototypes.tmp", self.out / "prototypes.safetensors")
         report = {
             "step": self.step,
