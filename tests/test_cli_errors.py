@@ -7,6 +7,7 @@ import pytest
 from safetensors import SafetensorError
 
 from vigface.assets import tiny_model_dir
+from vigface.cli import eval as eval_cli
 from vigface.cli import export as export_cli
 from vigface.cli import gen as gen_cli
 from vigface.cli import main as vigface_cli
@@ -126,3 +127,20 @@ def test_a_bad_val_file_stops_train_fr_before_its_run_folder_exists(small_toy, t
         err = capsys.readouterr().err
         assert why in err and "Traceback" not in err
         assert not out.exists()  # no config.json / metrics.jsonl of a run that never started
+
+
+def test_eval_outputs_below_a_file_are_refused_before_any_work(tmp_path, capsys):
+    """The model and data named do not even exist: the output check comes first."""
+    a_file = tmp_path / "report.bin"
+    a_file.write_text("a file")
+    for out in (a_file, a_file / "below"):
+        commands = {
+            "--out": ["metrics", "no_model", "no_data", "--out", str(out)],
+            "--work": ["cfg-sweep", "no_model", "--real", "no_data", "--work", str(out)],
+            "--out ": ["protocol", "no_data", "--out", str(out), "--bins", "no.bin"],
+        }
+        for option, argv in commands.items():
+            assert eval_cli.main(argv) == 2, argv
+            err = capsys.readouterr().err
+            why = f"{option.strip()} {out}: {a_file} is a file; a folder is needed there"
+            assert err.strip() == f"vigface-eval: error: {why}"

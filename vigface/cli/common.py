@@ -32,6 +32,21 @@ def positive_int(text: str) -> int:
     return value
 
 
+def check_output_folder(option: str, path: str | os.PathLike | None) -> None:
+    """Refuse, before any work, an output folder that is a file or lies below one.
+
+    Commands that compute for a while and write at the end call this first, so the user learns
+    of a mistyped --out at once rather than after the work (which would then be lost)."""
+    if path is None:
+        return
+    path = Path(path)
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise VigfaceError(f"{option} {path}: {existing} is a file; a folder is needed there")
+            return
+
+
 def run_command(prog: str, func, args) -> int:
     """Run func(args); a VigfaceError becomes `prog: error: ...` and exit status 2, Ctrl-C 130.
 

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from vigface.cli.common import positive_int, run_command
+from vigface.cli.common import check_output_folder, positive_int, run_command
 from vigface.data.files import write_atomically
 
 
@@ -77,6 +77,7 @@ def _cmd_metrics(args) -> int:
     from vigface.eval.similarity import distribution_iou, genuine_imposter, histogram
     from vigface.fr.embed import embed_images, load_backbone
 
+    check_output_folder("--out", args.out)
     device = _device(args.device)
     model, _ = load_backbone(args.model, device)
     data = read_labelled_set(args.data, max_ids=args.max_ids, max_per_id=args.max_per_id)
@@ -148,6 +149,7 @@ def _cmd_cfg_sweep(args) -> int:
     from vigface.eval.cfg_sweep import SweepConfig, cfg_sweep
     from vigface.eval.report import write_report
 
+    check_output_folder("--work", args.work)
     config = SweepConfig(
         model=args.model, real=args.real, work=args.work, ws=args.w, num_ids=args.num_ids,
         per_id=args.per_id, real_max_ids=args.real_max_ids or None,
@@ -175,6 +177,7 @@ def _cmd_cfg_sweep(args) -> int:
 def _cmd_protocol(args) -> int:
     from vigface.eval.protocol import ProtocolConfig, peer_rows, run_protocol
 
+    check_output_folder("--out", args.out)
     config = ProtocolConfig(
         data=args.data, out=args.out, bins=args.bins, real_reference=args.real_reference,
         real_model=args.real_model, arch=args.arch, margin=args.margin, width=args.width,
