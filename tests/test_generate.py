@@ -299,3 +299,19 @@ def test_a_folder_holding_another_dataset_is_refused_untouched(denoiser_dir, sma
     # An empty folder, or one a killed run left with only its (empty) shards folder, is fine.
     (tmp_path / "empty" / "shards").mkdir(parents=True)
     assert gen_cli.main(gen_args(denoiser_dir, tmp_path / "empty")) == 0
+
+
+def test_data_info_describes_a_generated_folder(denoiser_dir, tmp_path, capsys):
+    from vigface.cli.main import main as vigface_main
+
+    out = tmp_path / "gen"
+    assert gen_cli.main(gen_args(denoiser_dir, out)) == 0
+    capsys.readouterr()
+    assert vigface_main(["data", "info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "generated-dataset" and (info["real_ids"], info["virtual_ids"]) == (3, 3)
+    assert info["data"]["images"] == info["planned_images"] == 24 and info["data"]["identities"] == 6
+    assert (info["w_real"], info["sampler"]) == (0.5, "ddim, 8 steps")
+    (out / "train.rec").unlink()  # as if the merge had not happened yet
+    assert vigface_main(["data", "info", str(out), "--json"]) == 0
+    assert "not finished (6 of 6 shards made)" in json.loads(capsys.readouterr().out)["data"]

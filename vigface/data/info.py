@@ -1,4 +1,4 @@
-"""`vigface data info PATH`: a short summary of any .rec, .bin, image folder or toy dataset folder."""
+"""`vigface data info PATH`: a short summary of a .rec, .bin, image folder, toy or generated dataset."""
 
 from __future__ import annotations
 
@@ -83,6 +83,40 @@ def describe_folder(path: Path) -> dict:
     }
 
 
+def describe_generated(path: Path) -> dict:
+    """A vigface-gen output folder: its plan, the identities by kind, and the data once merged."""
+    meta_path = path / "generation.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        plan, labels = meta["plan"], meta["labels"]
+        config = plan["config"]
+        kinds = [str(kind) for kind, _ in labels.values()]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise DataFormatError(meta_path, f"not a generation description ({exc})") from None
+    info = {
+        "kind": "generated-dataset",
+        "path": str(path),
+        "model": config.get("model"),
+        "sampler": f"{config.get('sampler')}, {config.get('steps')} steps",
+        "w_real": config.get("w_real"),
+        "w_virtual": config.get("w_virtual"),
+        "real_ids": kinds.count("real"),
+        "virtual_ids": kinds.count("virtual"),
+        "planned_images": plan.get("images"),
+    }
+    if config.get("format") == "folder" and (path / MANIFEST).is_file():
+        info["data"] = describe_folder(path)
+    elif config.get("format", "rec") == "rec" and (path / "train.rec").is_file():
+        info["data"] = describe_rec(path / "train.rec")
+    else:
+        done = len(list(path.glob("shards/shard_*/meta.json")))
+        info["data"] = (
+            f"not finished ({done} of {plan.get('shards')} shards made); "
+            "run the same vigface-gen command again to finish it"
+        )
+    return info
+
+
 def describe(path: str | os.PathLike) -> dict:
     """Summary of `path` as a flat dict; raises VigfaceError for what it cannot read."""
     path = Path(path)
@@ -102,6 +136,10 @@ def describe(path: str | os.PathLike) -> dict:
             elif name.endswith(".bin"):
                 info[name] = describe_bin(path / name)
         return info
+    if path.is_dir() and (path / "generation.json").is_file():
+        return describe_generated(path)
+    if path.is_dir() and (path / "train.rec").is_file() and not (path / MANIFEST).exists():
+        return describe_rec(path / "train.rec")  # a folder holding train.rec, as the trainers take it
     if path.is_dir():
         return describe_folder(path)
     if path.suffix == ".rec":
