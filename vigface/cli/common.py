@@ -126,9 +126,11 @@ def _base_type(hint):
 
 
 def config_parser(
-    prog: str, description: str, config_cls, help_texts: dict, choices: dict
+    prog: str, description: str, config_cls, help_texts: dict, choices: dict, required_fields: tuple = ()
 ) -> argparse.ArgumentParser:
-    """A parser with one flag per field of the dataclass `config_cls` (--resume and --config too)."""
+    """A parser with one flag per field of the dataclass `config_cls` (--resume and --config too).
+
+    `required_fields`: those the command needs (from a flag, --config or the resumed run)."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -139,10 +141,11 @@ def config_parser(
         default = f.default if f.default is not MISSING else f.default_factory()
         kind, item = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
-        kwargs = {
-            "default": argparse.SUPPRESS,
-            "help": f"{help_texts.get(f.name, f.name.replace('_', ' '))} (default: {default})",
-        }
+        text = help_texts.get(f.name, f.name.replace("_", " "))
+        if "(default:" not in text:  # a text may say its default in words
+            required = f.name in required_fields and default in ("", None)
+            text += " (required)" if required else f" (default: {default})"
+        kwargs = {"default": argparse.SUPPRESS, "help": text}
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif kind is list:

@@ -198,6 +198,7 @@ def _cmd_protocol(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vigface.engines.fused_update import SAMPLERS
     from vigface.eval.protocol import DEFAULT_REAL_REFERENCE
 
     parser = argparse.ArgumentParser(prog="vigface-eval", description=__doc__.splitlines()[0])
@@ -238,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure the first N identities of --real (default 500; 0: all, decoded into memory at once)",
     )  # fmt: skip
     s.add_argument("--steps", type=positive_int, default=50)
-    s.add_argument("--sampler", default="ddim", help="ddim | dpm++")
+    s.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="(default: %(default)s)")
     s.add_argument("--batch-size", type=positive_int, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--keep-images", action="store_true", help="keep each w's generated set")

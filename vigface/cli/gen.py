@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", required=True, help="output folder (shards/, train.rec or image folder, manifests)"
     )
-    p.add_argument("--ids", choices=KINDS, default="virtual", help="identities to generate")
+    p.add_argument(
+        "--ids", choices=KINDS, default="virtual", help="identities to generate (default: %(default)s)"
+    )
     p.add_argument(
         "--preset", choices=tuple(PRESETS), help="S 10K x 50, B 60K x 20, L 120K x 50 (ids x images)"
     )
@@ -44,14 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--landmarks", help="the landmarks table --pose dataset draws from (default: training set's)"
     )
     p.add_argument(
-        "--w-real", type=float, default=DEFAULT_W_REAL, help="guidance weight for real ids (eq. 9)"
+        "--w-real",
+        type=float,
+        default=DEFAULT_W_REAL,
+        help="guidance weight for real ids (eq. 9; default: %(default)s)",
     )
     p.add_argument(
-        "--w-virtual", type=float, default=DEFAULT_W_VIRTUAL, help="guidance weight for virtual ids"
+        "--w-virtual",
+        type=float,
+        default=DEFAULT_W_VIRTUAL,
+        help="guidance weight for virtual ids (default: %(default)s)",
     )
-    p.add_argument("--steps", type=positive_int, default=100, help="sampler steps")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    p.add_argument("--engine", choices=ENGINES, default="eager")
+    p.add_argument("--steps", type=positive_int, default=100, help="sampler steps (default: %(default)s)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="(default: %(default)s)")
+    p.add_argument("--engine", choices=ENGINES, default="eager", help="(default: %(default)s)")
     p.add_argument("--precision", choices=PRECISIONS, help="denoiser precision (default: the engine's, fp32)")
     p.add_argument(
         "--kernels",
@@ -60,11 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="fast: the Triton attention / AdaLN kernels and the cuBLASLt GELU epilogue on CUDA "
         "(use with --precision bf16); reference: plain PyTorch ops",
     )
-    p.add_argument("--format", choices=["rec", "folder"], default="rec")
-    p.add_argument("--output-size", type=positive_int, default=112)
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--shard-size", type=positive_int, default=1024, help="images per shard")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=["rec", "folder"], default="rec", help="(default: %(default)s)")
+    p.add_argument("--output-size", type=positive_int, default=112, help="image side (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="(default: %(default)s)")
+    p.add_argument(
+        "--shard-size", type=positive_int, default=1024, help="images per shard (default: %(default)s)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--quiet", action="store_true")
     return p

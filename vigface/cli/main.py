@@ -125,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--quiet", action="store_true", help="no progress bars")
     toy.set_defaults(func=_cmd_data_toy)
 
-    info = data.add_parser("info", help="summarise a .rec, .bin, image folder or toy dataset folder")
+    info = data.add_parser(
+        "info", help="summarise a .rec, .bin, image folder, toy or vigface-gen dataset folder"
+    )
     info.add_argument("path")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_cmd_data_info)
@@ -158,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole pipeline on the toy world: data, FR, diffusion, generation, evaluation, report",
         description="Make toy data, train an FR model with virtual prototypes and a diffusion model, "
         "generate real and virtual identities, train a fresh FR model on them, verify both on held-out "
-        "toy pairs and write report.html (about 10 min on 2 CPU cores; --quick: the shipped tiny "
+        "toy pairs and write report.html (6-10 min on 2 CPU cores; --quick: the shipped tiny "
         "models, < 2 min).",
     )
     demo.add_argument("--out", default="vigface_demo", help="output folder (default ./vigface_demo)")

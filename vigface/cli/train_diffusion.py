@@ -13,14 +13,18 @@ import argparse
 import sys
 
 from vigface.cli.common import config_from_args, config_parser, run_command
+from vigface.diffusion.attention import BACKENDS as ATTENTION_BACKENDS
 from vigface.diffusion.config import LR_DECAYS, DiffusionTrainConfig
-from vigface.diffusion.denoiser import ARCHS, DENOISER_SIZES, PREDICTIONS
+from vigface.diffusion.denoiser import ADALN, ARCHS, DENOISER_SIZES, PREDICTIONS
 from vigface.diffusion.schedule import SCHEDULES
 
 PROG = "vigface-train-diffusion"
 HELP = {
     "data": "train.rec, a folder holding train.rec, or an image folder with landmarks in its manifest",
     "landmarks": "(N, 5, 2) .npy of the images' landmarks (default: <rec stem>_landmarks.npy)",
+    "out": "output folder (the run: checkpoints, metrics.jsonl, then the model)",
+    "attention": "attention kernel: sdpa (torch), triton (ours), flash (flash-attn, an extra), auto",
+    "adaln": "AdaLN: reference (torch) or triton (fused LayerNorm + modulate); auto: triton on CUDA",
     "fr_model": "a vigface-train-fr output folder (its backbone gives the condition f(x0))",
     "size": "denoiser size: tiny (CPU), S, B (ViT-B/4 at 112x112, the paper's)",
     "image_size": "denoiser resolution (default: the size's own; images are area-resized)",
@@ -39,10 +43,13 @@ HELP = {
     "cache_conditions": "embed each training image with the FR model once, not every epoch (same numbers; "
     "datasets over 1 GiB of conditions are not cached)",
 }
+REQUIRED = ("data", "fr_model", "out")
 CHOICES = {
     "size": tuple(DENOISER_SIZES),
     "arch": ARCHS,
     "prediction": PREDICTIONS,
+    "attention": ATTENTION_BACKENDS,
+    "adaln": ADALN,
     "schedule": SCHEDULES,
     "lr_decay": LR_DECAYS,
     "amp": ("auto", "bf16", "off"),
@@ -52,13 +59,13 @@ CHOICES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return config_parser(PROG, __doc__.splitlines()[0], DiffusionTrainConfig, HELP, CHOICES)
+    return config_parser(PROG, __doc__.splitlines()[0], DiffusionTrainConfig, HELP, CHOICES, REQUIRED)
 
 
 def _train(args: argparse.Namespace) -> int:
     from vigface.diffusion.trainer import train_diffusion
 
-    config, resume = config_from_args(DiffusionTrainConfig, args, PROG, ("data", "fr_model", "out"))
+    config, resume = config_from_args(DiffusionTrainConfig, args, PROG, REQUIRED)
     summary = train_diffusion(config, resume=resume)
     print(f"step {summary['step']}: wrote {summary['out']}")
     return 0

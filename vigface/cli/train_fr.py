@@ -51,6 +51,7 @@ HELP = {
     "device": "auto, cpu or cuda",
     "workers": "DataLoader decode processes",
 }
+REQUIRED = ("data", "out")
 CHOICES = {
     "arch": ARCHS,
     "margin": MARGINS,
@@ -63,13 +64,13 @@ CHOICES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return config_parser("vigface-train-fr", __doc__.splitlines()[0], FRTrainConfig, HELP, CHOICES)
+    return config_parser("vigface-train-fr", __doc__.splitlines()[0], FRTrainConfig, HELP, CHOICES, REQUIRED)
 
 
 def _train(args: argparse.Namespace) -> int:
     from vigface.fr.trainer import train_fr
 
-    config, resume = config_from_args(FRTrainConfig, args, "vigface-train-fr", ("data", "out"))
+    config, resume = config_from_args(FRTrainConfig, args, "vigface-train-fr", REQUIRED)
     summary = train_fr(config, resume=resume)
     if summary.get("prototype_stats"):
         stats = summary["prototype_stats"]
