@@ -315,3 +315,8 @@ def test_data_info_describes_a_generated_folder(denoiser_dir, tmp_path, capsys):
     (out / "train.rec").unlink()  # as if the merge had not happened yet
     assert vigface_main(["data", "info", str(out), "--json"]) == 0
     assert "not finished (6 of 6 shards made)" in json.loads(capsys.readouterr().out)["data"]
+    for damage in ("[1]", '{"plan": {"config": {}}, "labels": [1]}'):
+        (out / "generation.json").write_text(damage)
+        assert vigface_main(["data", "info", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "generation.json: not a generation description" in err and "Traceback" not in err

@@ -91,7 +91,9 @@ def describe_generated(path: Path) -> dict:
         plan, labels = meta["plan"], meta["labels"]
         config = plan["config"]
         kinds = [str(kind) for kind, _ in labels.values()]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+        if not isinstance(plan, dict) or not isinstance(config, dict):
+            raise TypeError("plan and plan.config must be JSON objects")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise DataFormatError(meta_path, f"not a generation description ({exc})") from None
     info = {
         "kind": "generated-dataset",
