@@ -137,6 +137,13 @@ def test_quick_mode_uses_trained_models_without_training_them(demo_run, tmp_path
     with pytest.raises(VigfaceError, match="not a denoiser folder"):
         run_demo(dataclasses.replace(config, model=str(tmp_path)), str(tmp_path / "again"))
     assert not (tmp_path / "again").exists()  # a refused run leaves no folder
+    # A folder holding other runs (the README's runs/ with runs/fr beside runs/diffusion): refused untouched.
+    runs = tmp_path / "runs"
+    (runs / "fr").mkdir(parents=True)
+    (runs / "diffusion").mkdir()
+    with pytest.raises(VigfaceError, match="holds fr, which vigface demo does not write"):
+        run_demo(config, str(runs))
+    assert sorted(p.name for p in runs.iterdir()) == ["diffusion", "fr"]
     # A damaged model file: refused before the toy data is made, no folder left either.
     damaged = tmp_path / "damaged"
     shutil.copytree(full_out / "diffusion", damaged)

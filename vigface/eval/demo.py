@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from vigface.data.files import write_atomically
+from vigface.data.output_folder import refuse_foreign_output
 from vigface.errors import VigfaceError
 from vigface.run_lock import FolderLock
 
@@ -174,6 +175,11 @@ def _diffusion_config(c: DemoConfig, data: Path, fr: Path, out: Path):
 
 
 DEMO_PLAN = "demo.json"  # the settings a demo folder was started with
+# Everything a demo writes into its folder (stage folders, the report and its figures).
+DEMO_ENTRIES = (
+    DEMO_PLAN, "toy", "fr_real", "diffusion", "cfg_sweep", "generated", "fr_generated", "real_matched",
+    "fr_real_matched", "figures", "report.json", "report.html",
+)  # fmt: skip
 
 
 def _check_folder(out: Path, resume: bool) -> None:
@@ -190,6 +196,8 @@ def _check_folder(out: Path, resume: bool) -> None:
         )
     if resume and not (out / DEMO_PLAN).is_file():
         raise VigfaceError(f"demo --resume: {out} holds no demo run to continue (no {DEMO_PLAN})")
+    if not started:  # e.g. --out runs beside the README's runs/diffusion: never resume someone else's
+        refuse_foreign_output(out, own=DEMO_ENTRIES, what="vigface demo")
 
 
 def _settings(c: DemoConfig) -> dict:
