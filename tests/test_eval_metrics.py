@@ -203,3 +203,26 @@ def test_genuine_imposter_accepts_any_label_type():
     names = np.array(["carol", "ann", "bob"])[ints]  # the same grouping under string labels
     for got, want in zip(genuine_imposter(e, names), genuine_imposter(e, ints), strict=True):
         np.testing.assert_array_equal(np.sort(got), np.sort(want))
+
+
+def test_sampled_genuine_pairs_are_the_enumerated_lists_draw():
+    """Drawn by rank without listing every pair: the same pairs as listing them all, then drawing."""
+    rng = np.random.default_rng(5)
+    e = rng.normal(size=(90, 4))
+    labels = rng.integers(0, 6, size=90)
+    u = e / np.linalg.norm(e, axis=1, keepdims=True)
+    listed = [
+        (i, j) for c in np.unique(labels) for i, j in itertools.combinations(np.flatnonzero(labels == c), 2)
+    ]
+    pick = np.random.default_rng(7).choice(len(listed), size=40, replace=False)  # the old draw, seed 7
+    want = [u[listed[p][0]] @ u[listed[p][1]] for p in pick]
+    got, _ = genuine_imposter(e, labels, max_pairs=40, seed=7)
+    np.testing.assert_allclose(got, want)
+
+
+def test_a_huge_class_is_sampled_without_listing_its_pairs():
+    n = 30_000  # 450 M pairs: listing them would take ~7 GB of indices
+    labels = np.r_[np.zeros(n, dtype=np.int64), np.ones(20, dtype=np.int64)]
+    e = np.random.default_rng(0).normal(size=(n + 20, 3))
+    genuine, imposter = genuine_imposter(e, labels, max_pairs=1000)
+    assert len(genuine) == len(imposter) == 1000 and np.all(np.abs(genuine) <= 1 + 1e-12)

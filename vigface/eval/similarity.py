@@ -34,6 +34,40 @@ def _unit(embeddings) -> np.ndarray:
     return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
 
 
+def _triu_unrank(q: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(i, j) of the q-th entry of np.triu_indices(m, k=1), elementwise (row-major order)."""
+    q, m = q.astype(np.int64), m.astype(np.int64)
+    before = lambda i: i * (2 * m - i - 1) // 2  # noqa: E731  (entries in rows < i)
+    i = np.floor(((2 * m - 1) - np.sqrt((2.0 * m - 1) ** 2 - 8.0 * q)) / 2).astype(np.int64)
+    i = np.clip(i, 0, m - 2)
+    i -= before(i) > q  # the square root's rounding, one row either way
+    i += before(i + 1) <= q
+    return i, q - before(i) + i + 1
+
+
+def _genuine_pairs(classes: list[np.ndarray], max_pairs: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Every within-class pair (i < j, class by class), or `max_pairs` of them drawn uniformly.
+
+    The draw ranks all pairs without listing them: one class of n images has n^2 / 2 pairs (50 M
+    for n = 10,000), which would not fit in memory as index arrays."""
+    sizes = np.array([len(c) for c in classes], dtype=np.int64)
+    counts = sizes * (sizes - 1) // 2
+    if counts.sum() <= max_pairs:
+        left, right = [], []
+        for members in classes:
+            i, j = np.triu_indices(len(members), k=1)
+            left.append(members[i])
+            right.append(members[j])
+        return np.concatenate(left), np.concatenate(right)
+    rank = rng.choice(int(counts.sum()), size=max_pairs, replace=False)  # global pair ranks
+    ends = np.cumsum(counts)
+    k = np.searchsorted(ends, rank, side="right")  # the class each rank falls in
+    i, j = _triu_unrank(rank - (ends[k] - counts[k]), sizes[k])
+    starts = np.cumsum(sizes) - sizes
+    members = np.concatenate(classes)
+    return members[starts[k] + i], members[starts[k] + j]
+
+
 def genuine_imposter(
     embeddings, labels, *, max_pairs: int = 50_000, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -48,18 +82,9 @@ def genuine_imposter(
         raise VigfaceError(f"similarity: {len(e)} embeddings but labels of shape {labels.shape}")
     labels = np.unique(labels, return_inverse=True)[1].reshape(-1)  # any label type -> 0..C-1
     rng = np.random.default_rng(seed)
-    # Genuine pairs, class by class (classes are small, so this enumeration is cheap).
-    left, right = [], []
     order = np.argsort(labels, kind="stable")
     bounds = np.flatnonzero(np.diff(labels[order])) + 1
-    for members in np.split(order, bounds):
-        i, j = np.triu_indices(len(members), k=1)
-        left.append(members[i])
-        right.append(members[j])
-    gi, gj = np.concatenate(left), np.concatenate(right)
-    if len(gi) > max_pairs:
-        pick = rng.choice(len(gi), size=max_pairs, replace=False)
-        gi, gj = gi[pick], gj[pick]
+    gi, gj = _genuine_pairs(np.split(order, bounds), max_pairs, rng)
     genuine = np.sum(e[gi] * e[gj], axis=1)
     # Imposter pairs: all of them when few, else sampled with rejection of same-class draws.
     n = len(e)
