@@ -226,3 +226,8 @@ def test_a_huge_class_is_sampled_without_listing_its_pairs():
     e = np.random.default_rng(0).normal(size=(n + 20, 3))
     genuine, imposter = genuine_imposter(e, labels, max_pairs=1000)
     assert len(genuine) == len(imposter) == 1000 and np.all(np.abs(genuine) <= 1 + 1e-12)
+    # Few imposter pairs (one class and a single other image): all of them, found class pair by
+    # class pair; each is that image against one of the class's.
+    genuine, imposter = genuine_imposter(e[: n + 1], labels[: n + 1], max_pairs=50_000)
+    u = e[: n + 1] / np.linalg.norm(e[: n + 1], axis=1, keepdims=True)
+    np.testing.assert_allclose(imposter, u[:n] @ u[n])

@@ -68,6 +68,21 @@ def _genuine_pairs(classes: list[np.ndarray], max_pairs: int, rng) -> tuple[np.n
     return members[starts[k] + i], members[starts[k] + j]
 
 
+def _all_imposter_pairs(classes: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair (i < j) of two classes, in np.triu_indices(n) order, listed class pair by class
+    pair: memory for the imposter pairs only, not for all n^2 / 2 (one class of 30,000 images and
+    a few others has few imposter pairs but 450 M pairs in all)."""
+    left, right = [np.empty(0, dtype=np.int64)], [np.empty(0, dtype=np.int64)]
+    for a, first in enumerate(classes):
+        for second in classes[a + 1 :]:
+            i, j = np.repeat(first, len(second)), np.tile(second, len(first))
+            left.append(np.minimum(i, j))
+            right.append(np.maximum(i, j))
+    ii, jj = np.concatenate(left), np.concatenate(right)
+    row_major = np.argsort(ii * n + jj, kind="stable")
+    return ii[row_major], jj[row_major]
+
+
 def genuine_imposter(
     embeddings, labels, *, max_pairs: int = 50_000, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -84,15 +99,14 @@ def genuine_imposter(
     rng = np.random.default_rng(seed)
     order = np.argsort(labels, kind="stable")
     bounds = np.flatnonzero(np.diff(labels[order])) + 1
-    gi, gj = _genuine_pairs(np.split(order, bounds), max_pairs, rng)
+    classes = np.split(order, bounds)
+    gi, gj = _genuine_pairs(classes, max_pairs, rng)
     genuine = np.sum(e[gi] * e[gj], axis=1)
     # Imposter pairs: all of them when few, else sampled with rejection of same-class draws.
     n = len(e)
-    total_imposter = (n * (n - 1) - sum(len(m) * (len(m) - 1) for m in np.split(order, bounds))) // 2
+    total_imposter = (n * (n - 1) - sum(len(m) * (len(m) - 1) for m in classes)) // 2
     if total_imposter <= max_pairs:
-        i, j = np.triu_indices(n, k=1)
-        keep = labels[i] != labels[j]
-        ii, jj = i[keep], j[keep]
+        ii, jj = _all_imposter_pairs(classes, n)
     else:
         ii, jj = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
         while len(ii) < max_pairs:
