@@ -323,3 +323,36 @@ def test_without_virtual_embeddings_virtual_prototypes_collapse(small_toy, tmp_p
         final[virtual] = _mean_offdiagonal_cosine(load_file(out / "prototypes.safetensors")["virtual"])
     assert final[False] > 0.7, final
     assert abs(final[True]) < 0.06, final
+
+
+def test_config_files_of_the_wrong_shape_or_types_are_one_line_errors(small_toy, tmp_path, capsys):
+    """--config and a resumed run's config.json: each value must be of its field's type (a string
+    "no" for flip used to be stored as given and read as true)."""
+    base = ["--data", str(small_toy), "--out", str(tmp_path / "o"), "--epochs", "1", "--workers", "0"]
+    for content, why in (
+        ('{"flip": "no"}', 'flip must be of type bool, got "no"'),
+        ('{"epochs": "two"}', 'epochs must be of type int, got "two"'),
+        ('{"width": 8.5}', "width must be of type int, got 8.5"),
+        ('{"lr_steps": 5}', "lr_steps must be of type list[float], got 5"),
+        ('{"lr": true}', "lr must be of type float, got true"),
+        ("[1, 2]", "must be a JSON object of config fields, got a JSON list"),
+        ('{"flip": fals', "Expecting value"),
+    ):
+        config = tmp_path / "c.json"
+        config.write_text(content)
+        assert train_cli.main([*base, "--config", str(config)]) == 2, content
+        err = capsys.readouterr().err
+        assert why in err and "Traceback" not in err and err.count("\n") == 1, (content, err)
+        assert not (tmp_path / "o").exists()
+    (tmp_path / "c.json").write_text('{"lr": 1, "margin_m": null, "lr_steps": [1, 1.5]}')  # ints are floats
+    from vigface.cli.common import _read_config_json
+    from vigface.fr.config import FRTrainConfig
+
+    assert _read_config_json(FRTrainConfig, tmp_path / "c.json", "--config")["lr"] == 1
+    # A damaged config.json of a run to resume.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"data": "x", "ou')
+    assert train_cli.main(["--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume {run / 'config.json'}: Unterminated string" in err and "Traceback" not in err

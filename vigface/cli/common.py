@@ -159,15 +159,54 @@ def config_parser(
     return parser
 
 
+def _matches(value, hint) -> bool:
+    """Whether a JSON value fits a config field's type hint (int | None, list[float], bool, ...)."""
+    if isinstance(hint, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_matches(v, typing.get_args(hint)[0]) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (str, dict):
+        return isinstance(value, hint)
+    return True  # a type this check does not know: the config's own validation decides
+
+
+def _read_config_json(config_cls, path: Path, what: str) -> dict:
+    """A JSON object of config fields, each of its field's type (a string "false" for a bool field
+    would otherwise be stored as given and read as true)."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise VigfaceError(f"{what} {path}: {exc}") from None
+    if not isinstance(values, dict):
+        kind = type(values).__name__
+        raise VigfaceError(f"{what} {path}: must be a JSON object of config fields, got a JSON {kind}")
+    hints = typing.get_type_hints(config_cls)
+    for name, value in values.items():
+        if name in hints and not _matches(value, hints[name]):
+            raise VigfaceError(
+                f"{what} {path}: {name} must be of type {_type_name(hints[name])}, got {json.dumps(value)}"
+            )
+    return values
+
+
+def _type_name(hint) -> str:
+    return str(hint).replace("typing.", "") if not isinstance(hint, type) else hint.__name__
+
+
 def config_from_args(config_cls, args: argparse.Namespace, prog: str, required: tuple) -> tuple:
     """(config, resume) from flags over --config over the run's own config.json when resuming."""
     given = {k: v for k, v in vars(args).items() if k not in ("resume", "config")}
     values: dict = {}
     if args.config:
-        try:
-            values.update(json.loads(Path(args.config).read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise VigfaceError(f"--config {args.config}: {exc}") from None
+        values.update(_read_config_json(config_cls, Path(args.config), "--config"))
     if args.resume:
         out = given.get("out") or values.get("out")
         if not out:
@@ -175,7 +214,7 @@ def config_from_args(config_cls, args: argparse.Namespace, prog: str, required: 
         saved = Path(out) / "config.json"
         if not saved.is_file():
             raise VigfaceError(f"--resume: {saved} does not exist; is {out} a {prog} output folder?")
-        values = {**json.loads(saved.read_text()), **values}
+        values = {**_read_config_json(config_cls, saved, "--resume"), **values}
     values.update(given)
     for name in required:
         if not values.get(name):

@@ -169,7 +169,7 @@ def resume_point(out: str | os.PathLike, resume: bool) -> Path | None:
 def start_run_folder(out: Path, config) -> None:
     """A new run's folder: config.json and an empty metrics.jsonl."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    write_atomically(out / "config.json", json.dumps(config.to_dict(), indent=2))  # --resume reads it
     (out / "metrics.jsonl").write_text("")
 
 
