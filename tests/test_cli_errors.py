@@ -7,6 +7,7 @@ import pytest
 from safetensors import SafetensorError
 
 from vigface.assets import tiny_model_dir
+from vigface.cli import embed as embed_cli
 from vigface.cli import eval as eval_cli
 from vigface.cli import export as export_cli
 from vigface.cli import gen as gen_cli
@@ -144,3 +145,14 @@ def test_eval_outputs_below_a_file_are_refused_before_any_work(tmp_path, capsys)
             err = capsys.readouterr().err
             why = f"{option.strip()} {out}: {a_file} is a file; a folder is needed there"
             assert err.strip() == f"vigface-eval: error: {why}"
+
+
+def test_file_outputs_that_are_folders_are_refused_before_any_work(tmp_path, capsys):
+    """The model and inputs named do not exist: the output check comes first, nothing is left."""
+    folder = tmp_path / "emb.npy"
+    folder.mkdir()
+    assert embed_cli.main(["no_model", "no.bin", "--out", str(folder)]) == 2
+    assert f"--out {folder}: is a folder; give the file to write" in capsys.readouterr().err
+    assert eval_cli.main(["verify", "no_model", "no.bin", "--json", str(tmp_path)]) == 2
+    assert f"--json {tmp_path}: is a folder; give the file to write" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy"] and not list(folder.iterdir())

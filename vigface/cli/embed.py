@@ -43,6 +43,8 @@ def _embed(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in (".npy", ".safetensors"):
         raise VigfaceError(f"--out {out}: use a .npy or .safetensors file name")
+    if out.is_dir():  # found now, not after the whole embedding pass
+        raise VigfaceError(f"--out {out}: is a folder; give the file to write")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, meta = load_backbone(args.model, device)
     images, count, labels, issame = _source(Path(args.input))
