@@ -356,3 +356,18 @@ def test_config_files_of_the_wrong_shape_or_types_are_one_line_errors(small_toy,
     assert train_cli.main(["--out", str(run), "--resume"]) == 2
     err = capsys.readouterr().err
     assert f"--resume {run / 'config.json'}: Unterminated string" in err and "Traceback" not in err
+
+
+def test_a_run_started_with_relative_paths_resumes_from_another_folder(small_toy, tmp_path, monkeypatch):
+    shutil.copytree(small_toy, tmp_path / "toy")
+    monkeypatch.chdir(tmp_path)
+    args = ["--arch", "iresnet18", "--width", "8", "--input-size", "32", "--embedding-dim", "32",
+            "--batch-size", "32", "--workers", "0", "--no-progress", "--val", "toy/toy_val.bin"]  # fmt: skip
+    assert train_cli.main(["--data", "toy/", "--out", "fr", *args, "--epochs", "1"]) == 0
+    saved = json.loads((tmp_path / "fr" / "config.json").read_text())
+    assert saved["data"] == str(tmp_path / "toy") and saved["val"] == [str(tmp_path / "toy" / "toy_val.bin")]
+    monkeypatch.chdir("/")
+    # From another folder, the saved absolute paths are found; the same data spelt otherwise is no change.
+    assert train_cli.main(["--out", str(tmp_path / "fr"), "--resume", "--epochs", "2"]) == 0
+    assert train_cli.main(["--out", str(tmp_path / "fr"), "--resume", "--epochs", "2",
+                           "--data", str(tmp_path / "toy") + "/"]) == 0  # fmt: skip

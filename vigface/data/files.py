@@ -46,3 +46,26 @@ def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # after a failed write; after the rename there is nothing
+
+
+# Config fields naming input files: the CLI stores them absolute, and resuming compares them as
+# paths, so that a run started as `--data toy` continues from any folder as `--data /abs/toy`.
+INPUT_PATH_FIELDS = ("data", "fr_model", "landmarks", "val")
+
+
+def setting_changed(name: str, before, now) -> bool:
+    """Whether a config field's value differs, input paths compared by what they name (resolved
+    against the current folder: a relative path saved elsewhere may then still differ)."""
+    if before == now:
+        return False
+    if name not in INPUT_PATH_FIELDS:
+        return True
+
+    def resolved(value):
+        if isinstance(value, str) and value:
+            return str(Path(value).resolve())
+        if isinstance(value, list):
+            return [resolved(v) for v in value]
+        return value
+
+    return resolved(before) != resolved(now)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+from vigface.data.files import setting_changed
 from vigface.diffusion.denoiser import ARCHS, DENOISER_SIZES, PREDICTIONS, DenoiserConfig
 from vigface.diffusion.schedule import SCHEDULES, NoiseSchedule
 from vigface.errors import VigfaceError
@@ -148,4 +149,4 @@ class DiffusionTrainConfig:
 
     def changes_from(self, other: DiffusionTrainConfig) -> list[str]:
         a, b = self.to_dict(), other.to_dict()
-        return [k for k in a if a[k] != b[k] and k not in RESUMABLE_CHANGES]
+        return [k for k in a if setting_changed(k, b[k], a[k]) and k not in RESUMABLE_CHANGES]

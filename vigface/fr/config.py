@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+from vigface.data.files import setting_changed
 from vigface.errors import VigfaceError
 from vigface.fr.iresnet import ARCHS, BackboneConfig
 from vigface.fr.margins import MARGINS, MarginConfig
@@ -155,4 +156,4 @@ class FRTrainConfig:
     def changes_from(self, other: FRTrainConfig) -> list[str]:
         """Names of fields that differ and would change the computation."""
         a, b = self.to_dict(), other.to_dict()
-        return [k for k in a if a[k] != b[k] and k not in RESUMABLE_CHANGES]
+        return [k for k in a if setting_changed(k, b[k], a[k]) and k not in RESUMABLE_CHANGES]
