@@ -213,3 +213,11 @@ def test_torchrun_two_gloo_processes(small_toy, fr_model, tmp_path):
     with pytest.raises(VigfaceError, match="2 process"):
         resumed = tiny(small_toy, fr_model, out, batch_size=8, steps=9, virtual_weight=0.5)
         train_diffusion(resumed, resume=True)
+
+
+def test_resuming_with_fewer_steps_than_done_is_refused(uninterrupted, small_toy, fr_model):
+    """It used to stop at once and export denoiser.json saying 20 steps beside 40 steps' weights."""
+    before = {p.name: p.read_bytes() for p in uninterrupted.iterdir() if p.is_file()}
+    with pytest.raises(VigfaceError, match="is at step 40, past --steps 20"):
+        train_diffusion(tiny(small_toy, fr_model, uninterrupted, steps=20), resume=True)
+    assert {p.name: p.read_bytes() for p in uninterrupted.iterdir() if p.is_file()} == before

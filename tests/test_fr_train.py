@@ -358,7 +358,9 @@ def test_config_files_of_the_wrong_shape_or_types_are_one_line_errors(small_toy,
     assert f"--resume {run / 'config.json'}: Unterminated string" in err and "Traceback" not in err
 
 
-def test_a_run_started_with_relative_paths_resumes_from_another_folder(small_toy, tmp_path, monkeypatch):
+def test_a_run_started_with_relative_paths_resumes_from_another_folder(
+    small_toy, tmp_path, monkeypatch, capsys
+):
     shutil.copytree(small_toy, tmp_path / "toy")
     monkeypatch.chdir(tmp_path)
     args = ["--arch", "iresnet18", "--width", "8", "--input-size", "32", "--embedding-dim", "32",
@@ -371,3 +373,9 @@ def test_a_run_started_with_relative_paths_resumes_from_another_folder(small_toy
     assert train_cli.main(["--out", str(tmp_path / "fr"), "--resume", "--epochs", "2"]) == 0
     assert train_cli.main(["--out", str(tmp_path / "fr"), "--resume", "--epochs", "2",
                            "--data", str(tmp_path / "toy") + "/"]) == 0  # fmt: skip
+    # Fewer epochs than already trained: refused (it exported a config saying 1 epoch beside 2 epochs'
+    # weights), the run's files untouched.
+    before = (tmp_path / "fr" / "backbone.json").read_bytes()
+    assert train_cli.main(["--out", str(tmp_path / "fr"), "--resume", "--epochs", "1"]) == 2
+    assert "past the" in capsys.readouterr().err
+    assert (tmp_path / "fr" / "backbone.json").read_bytes() == before

@@ -146,6 +146,11 @@ class _Run:
         self.ema = {k[4:]: v.to(self.device) for k, v in tensors.items() if k.startswith("ema.")}
         load_optimizer_state(self.opt, self.names, "opt.", tensors, meta["optimizer_scalars"])
         self.step = self.saved_step = int(meta["step"])
+        if self.step > self.config.steps:  # else it would stop at once and export a config it never ran
+            raise VigfaceError(
+                f"--resume: {self.out} is at step {self.step}, past --steps {self.config.steps}; "
+                "ask for at least as many"
+            )
         self.last_checkpoint = folder
         if self.is_main:
             trim_metrics(self.out / "metrics.jsonl", self.step)

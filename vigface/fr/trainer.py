@@ -180,6 +180,11 @@ class _Run:
 
         load_optimizer_state(self.opt_head, ["weight"], "opt.head.", tensors, scalars, transform=shard)
         self.step = self.saved_step = int(meta["step"])
+        if self.step > self.total_steps:  # else it would stop at once and export a config it never ran
+            raise VigfaceError(
+                f"--resume: {self.out} is at step {self.step}, past the {self.total_steps} steps that "
+                "--epochs / --max-steps now give; ask for at least as many"
+            )
         self.last_checkpoint = folder
         if self.is_main:
             trim_metrics(self.out / "metrics.jsonl", self.step)
