@@ -13,7 +13,7 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from vigface.data.files import INPUT_PATH_FIELDS
+from vigface.data.files import INPUT_PATH_FIELDS, resolved_paths
 from vigface.errors import VigfaceError
 
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
@@ -202,16 +202,6 @@ def _type_name(hint) -> str:
     return str(hint).replace("typing.", "") if not isinstance(hint, type) else hint.__name__
 
 
-def _resolve_paths(values: dict) -> None:
-    """Input paths made absolute in place, so that --resume works from any folder and spelling."""
-    for name in INPUT_PATH_FIELDS:
-        value = values.get(name)
-        if isinstance(value, str) and value:
-            values[name] = str(Path(value).resolve())
-        elif isinstance(value, list):
-            values[name] = [str(Path(v).resolve()) if isinstance(v, str) else v for v in value]
-
-
 def config_from_args(config_cls, args: argparse.Namespace, prog: str, required: tuple) -> tuple:
     """(config, resume) from flags over --config over the run's own config.json when resuming."""
     given = {k: v for k, v in vars(args).items() if k not in ("resume", "config")}
@@ -219,7 +209,9 @@ def config_from_args(config_cls, args: argparse.Namespace, prog: str, required: 
     if args.config:
         values.update(_read_config_json(config_cls, Path(args.config), "--config"))
     for source in (given, values):  # not a resumed run's saved values: they are as it was started
-        _resolve_paths(source)
+        for name in INPUT_PATH_FIELDS:  # absolute: --resume then works from any folder and spelling
+            if name in source:
+                source[name] = resolved_paths(source[name])
     if args.resume:
         out = given.get("out") or values.get("out")
         if not out:

@@ -53,19 +53,18 @@ def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
 INPUT_PATH_FIELDS = ("data", "fr_model", "landmarks", "val")
 
 
+def resolved_paths(value):
+    """A path string (or a list of them) made absolute; anything else (None, "") as it is."""
+    if isinstance(value, str) and value:
+        return str(Path(value).resolve())
+    if isinstance(value, list):
+        return [resolved_paths(v) for v in value]
+    return value
+
+
 def setting_changed(name: str, before, now) -> bool:
     """Whether a config field's value differs, input paths compared by what they name (resolved
     against the current folder: a relative path saved elsewhere may then still differ)."""
     if before == now:
         return False
-    if name not in INPUT_PATH_FIELDS:
-        return True
-
-    def resolved(value):
-        if isinstance(value, str) and value:
-            return str(Path(value).resolve())
-        if isinstance(value, list):
-            return [resolved(v) for v in value]
-        return value
-
-    return resolved(before) != resolved(now)
+    return name not in INPUT_PATH_FIELDS or resolved_paths(before) != resolved_paths(now)
