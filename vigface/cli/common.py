@@ -40,12 +40,15 @@ def check_output_folder(option: str, path: str | os.PathLike | None) -> None:
     of a mistyped --out at once rather than after the work (which would then be lost)."""
     if path is None:
         return
-    path = Path(path)
-    for existing in (path, *path.parents):
-        if existing.exists():
-            if not existing.is_dir():
-                raise VigfaceError(f"{option} {path}: {existing} is a file; a folder is needed there")
-            return
+    in_the_way = _file_at_or_above(Path(path))
+    if in_the_way is not None:
+        raise VigfaceError(f"{option} {path}: {in_the_way} is a file; a folder is needed there")
+
+
+def check_output_file(option: str, path: str | os.PathLike | None, example: str = "") -> None:
+    """Refuse, before any work, an output file name that is an existing folder."""
+    if path is not None and Path(path).is_dir():
+        raise VigfaceError(f"{option} {path}: is a folder; give the file to write{example}")
 
 
 def run_command(prog: str, func, args) -> int:
@@ -98,10 +101,15 @@ def _file_in_the_way(err: OSError) -> str | None:
     """For "File exists" / "Not a directory" (an --out that is, or lies below, a file): that file."""
     if err.errno not in (errno.EEXIST, errno.ENOTDIR) or err.filename is None:
         return None
-    path = Path(os.fsdecode(err.filename))
+    in_the_way = _file_at_or_above(Path(os.fsdecode(err.filename)))
+    return None if in_the_way is None else str(in_the_way)
+
+
+def _file_at_or_above(path: Path) -> Path | None:
+    """The nearest existing entry at or above `path` when it is not a folder, else None."""
     for candidate in (path, *path.parents):
-        if candidate.exists() and not candidate.is_dir():
-            return str(candidate)
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
     return None
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vigface.cli.common import positive_int, run_command
+from vigface.cli.common import check_output_file, positive_int, run_command
 from vigface.data.files import usual_permissions
 from vigface.errors import VigfaceError
 
@@ -43,8 +43,7 @@ def _embed(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in (".npy", ".safetensors"):
         raise VigfaceError(f"--out {out}: use a .npy or .safetensors file name")
-    if out.is_dir():  # found now, not after the whole embedding pass
-        raise VigfaceError(f"--out {out}: is a folder; give the file to write")
+    check_output_file("--out", out)  # found now, not after the whole embedding pass
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, meta = load_backbone(args.model, device)
     images, count, labels, issame = _source(Path(args.input))

@@ -18,9 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from vigface.cli.common import check_output_folder, positive_int, run_command
+from vigface.cli.common import check_output_file, check_output_folder, positive_int, run_command
 from vigface.data.files import write_atomically
-from vigface.errors import VigfaceError
 
 
 def _device(choice: str) -> str:
@@ -52,8 +51,7 @@ def _cmd_verify(args) -> int:
 
     if not args.real_model:
         peer_average(args.real_reference)  # a misspelt name fails now, not after the verification
-    if args.json and Path(args.json).is_dir():
-        raise VigfaceError(f"--json {args.json}: is a folder; give the file to write")
+    check_output_file("--json", args.json)
     device = _device(args.device)
     ours = evaluate_model(args.model, args.bins, device)
     _print_table(args.model, ours)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from vigface.cli.common import positive_int, run_command
+from vigface.cli.common import check_output_file, positive_int, run_command
 from vigface.data.files import write_atomically
 from vigface.errors import BackendUnavailableError, VigfaceError
 
@@ -58,9 +58,8 @@ def _export(args: argparse.Namespace) -> int:
         raise VigfaceError("--precision: the onnx export is float32; reduced precision is for --format trt")
     if args.onnx and args.format != "trt":
         raise VigfaceError("--onnx is an input of --format trt")
-    if args.out and Path(args.out).is_dir():  # found before the export, not at its final rename
-        name = "denoiser.onnx" if args.format == "onnx" else "denoiser.plan"
-        raise VigfaceError(f"--out {args.out}: is a folder; give the file to write (e.g. its {name})")
+    name = "denoiser.onnx" if args.format == "onnx" else "denoiser.plan"
+    check_output_file("--out", args.out, f" (e.g. its {name})")  # before the export, not at its rename
     sampler = FaceSampler.load(args.model, "cpu", "eager")
     denoiser, model_sha = sampler.denoiser, state_sha256(sampler.denoiser)
     artifacts = engine_artifacts(args.model)
