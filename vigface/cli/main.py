@@ -1,4 +1,4 @@
-"""The `vigface` command: `vigface data toy|info|align` and `vigface demo`.
+"""The `vigface` command: `vigface data toy|info|align|merge` and `vigface demo`.
 
 Every user error (bad file, bad argument) ends as one line `vigface: error: ...` and exit
 status 2, never a traceback; an interrupted command exits 130 and leaves no half-written file
@@ -67,6 +67,20 @@ def _cmd_data_align(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(f"aligned {summary['images']} images of {summary['identities']} identities into {args.out}")
+    return 0
+
+
+def _cmd_data_merge(args: argparse.Namespace) -> int:
+    from vigface.data.merge import merge_datasets
+
+    summary = merge_datasets(
+        args.inputs, args.out, real_ids=args.real_ids, overwrite=args.overwrite, progress=not args.quiet
+    )
+    print(
+        f"merged {summary['images']} images of {summary['identities']} identities from "
+        f"{len(summary['inputs'])} datasets into {args.out}"
+        + ("" if summary["landmarks"] else " (no landmarks: not every input has them)")
+    )
     return 0
 
 
@@ -154,6 +168,27 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--overwrite", action="store_true", help="replace an aligned set already in --out")
     align.add_argument("--quiet", action="store_true")
     align.set_defaults(func=_cmd_data_align)
+
+    merge = data.add_parser(
+        "merge",
+        help="several datasets as one train.rec with disjoint labels (real + generated training)",
+        description="Copy every image of the inputs into one train.rec (grouped by label, images not "
+        "re-encoded). Input k's label l becomes l plus the class count of the inputs before it. A "
+        "vigface-gen set of real identities needs --real-ids. Writes merge.json with the mapping.",
+    )
+    merge.add_argument(
+        "inputs", nargs="+", metavar="DATASET",
+        help="train.rec, a folder holding train.rec, or an image folder (a vigface-gen output too)",
+    )  # fmt: skip
+    merge.add_argument("--out", required=True, help="output folder (train.rec, train.idx, merge.json)")
+    merge.add_argument(
+        "--real-ids", choices=["join", "separate"],
+        help="for generated real identities: join = label them as their class of the first non-generated "
+        "input (the data stage 1 was trained on); separate = classes of their own",
+    )  # fmt: skip
+    merge.add_argument("--overwrite", action="store_true", help="replace a merged set already in --out")
+    merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    merge.set_defaults(func=_cmd_data_merge)
 
     demo = top.add_parser(
         "demo",

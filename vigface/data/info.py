@@ -119,6 +119,19 @@ def describe_generated(path: Path) -> dict:
     return info
 
 
+def _merge_inputs(path: Path) -> list[str] | str:
+    """One line per input of a `vigface data merge` output: its path, images and label offset."""
+    try:
+        inputs = json.loads(path.read_text())["inputs"]
+        return [
+            f"{x['path']} ({x['images']} images, labels from {x['label_offset']}"
+            + (f"; {x['images_joined']} joined to real classes)" if "images_joined" in x else ")")
+            for x in inputs
+        ]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        return f"unreadable {path.name} ({exc!r})"
+
+
 def describe(path: str | os.PathLike) -> dict:
     """Summary of `path` as a flat dict; raises VigfaceError for what it cannot read."""
     path = Path(path)
@@ -141,7 +154,10 @@ def describe(path: str | os.PathLike) -> dict:
     if path.is_dir() and (path / "generation.json").is_file():
         return describe_generated(path)
     if path.is_dir() and (path / "train.rec").is_file() and not (path / MANIFEST).exists():
-        return describe_rec(path / "train.rec")  # a folder holding train.rec, as the trainers take it
+        info = describe_rec(path / "train.rec")  # a folder holding train.rec, as the trainers take it
+        if (path / "merge.json").is_file():
+            info["merged_from"] = _merge_inputs(path / "merge.json")
+        return info
     if path.is_dir():
         return describe_folder(path)
     if path.suffix == ".rec":

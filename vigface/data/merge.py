@@ -1,0 +1,220 @@
+"""`vigface data merge`: several labelled face datasets as one training set (train.rec).
+
+The paper's second use of VIGFace (§5.3, Table 3) trains an FR model on real images *and*
+generated ones. The trainers read one dataset, so this writes one: every input's images, copied
+as encoded (no re-encoding), with labels made disjoint — input k's label l becomes l plus the class
+count of the inputs before it. A vigface-gen set of *real* identities shows people the real data
+already holds (prototype p is class p of the data stage 1 was trained on), so for such an input
+the caller must choose: `real_ids="join"` labels those images as that class of the first
+non-generated input, `"separate"` gives them classes of their own.
+
+    out/train.rec, train.idx   images grouped by label (identity ranges in record 0)
+    out/train_landmarks.npy    the inputs' landmarks in record order, when every input has them
+    out/merge.json             the inputs, their label mapping and the counts (written last)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from vigface.data.files import write_atomically
+from vigface.data.image_folder import ImageFolderDataset
+from vigface.data.images import decode_image
+from vigface.data.loaders.landmarks import default_landmarks_path, read_landmarks_table
+from vigface.data.loaders.source import open_face_dataset
+from vigface.data.output_folder import refuse_foreign_output
+from vigface.data.recordio import FaceRecordDataset, FaceRecordWriter
+from vigface.errors import VigfaceError
+from vigface.eval.labelled_set import generation_kinds
+
+MERGE_FILES = ("train.rec", "train.idx", "train_landmarks.npy", "merge.json")
+REAL_ID_CHOICES = ("join", "separate")
+
+
+@dataclass
+class _Input:
+    path: Path
+    dataset: FaceRecordDataset | ImageFolderDataset
+    labels: np.ndarray
+    kinds: dict[int, tuple[str, int]] | None  # vigface-gen's label -> (kind, prototype index)
+
+    def encoded(self, i: int) -> bytes:
+        if isinstance(self.dataset, FaceRecordDataset):
+            return self.dataset.encoded(i)[0]
+        return self.dataset.encoded(i)
+
+    def image_shape(self) -> tuple[int, ...]:
+        return decode_image(self.encoded(0), self.path).shape
+
+    def landmarks(self) -> np.ndarray | None:
+        """(N, 5, 2) in dataset order, or None when the input has no table (a bad table raises)."""
+        if isinstance(self.dataset, FaceRecordDataset):
+            table = default_landmarks_path(Path(self.dataset.rec_path))
+            if table is None:
+                return None
+            keys = self.dataset.image_keys.tolist()
+            return read_landmarks_table(table, keys=keys, n=len(self.labels))
+        return self.dataset.landmarks
+
+    def real_labels(self) -> np.ndarray:
+        """The labels vigface-gen gave to real identities (empty for other inputs)."""
+        if self.kinds is None:
+            return np.zeros(0, dtype=np.int64)
+        return np.asarray(sorted(k for k, (kind, _) in self.kinds.items() if kind == "real"), dtype=np.int64)
+
+
+def _open(path: Path) -> _Input:
+    dataset = open_face_dataset(path)
+    labels = np.asarray(dataset.labels, dtype=np.int64)
+    if len(labels) == 0:
+        raise VigfaceError(f"{path}: holds no images")
+    kinds = generation_kinds(path)
+    if kinds is not None:
+        unknown = sorted(set(np.unique(labels).tolist()) - set(kinds))
+        if unknown:
+            raise VigfaceError(
+                f"{path}: label {unknown[0]} is not in its generation.json ({len(unknown)} such labels)"
+            )
+    return _Input(path, dataset, labels, kinds)
+
+
+def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    if out.suffix == ".rec" or out.is_file():
+        raise VigfaceError(f"--out {out}: must be a folder (it receives train.rec, train.idx, merge.json)")
+    resolved = out.resolve()
+    for path in inputs:
+        folder = path if path.is_dir() else path.parent
+        if folder.resolve() == resolved:
+            raise VigfaceError(f"--out {out}: is also an input; write the merged set to another folder")
+    refuse_foreign_output(out, own=MERGE_FILES, what="vigface data merge")
+    if (out / "train.rec").exists() and not overwrite:
+        raise VigfaceError(f"{out / 'train.rec'}: already exists; pass --overwrite to replace it")
+
+
+def _new_labels(inputs: list[_Input], real_ids: str | None) -> tuple[list[np.ndarray], list[dict]]:
+    """Each input's labels in the merged set, and a description of each mapping for merge.json."""
+    with_real = [x for x in inputs if len(x.real_labels())]
+    if with_real and real_ids is None:
+        raise VigfaceError(
+            f"{with_real[0].path}: holds generated images of real identities (kind 'real' in its "
+            "generation.json), people the real data may hold too; pass --real-ids join to label them as "
+            "the classes of the first input that is not a generated set (prototype p = class p of the "
+            "data stage 1 was trained on), or --real-ids separate to give them classes of their own"
+        )
+    if real_ids is not None and real_ids not in REAL_ID_CHOICES:
+        raise VigfaceError(f"--real-ids {real_ids!r}: expected one of {', '.join(REAL_ID_CHOICES)}")
+    anchor = next((k for k, x in enumerate(inputs) if x.kinds is None), None)
+    if with_real and real_ids == "join" and anchor is None:
+        raise VigfaceError(
+            "--real-ids join: every input is a generated set, so no input holds the real classes to join; "
+            "add the real training set as an input, or pass --real-ids separate"
+        )
+    # An input whose real ids are joined keeps only its other (virtual) identities, on consecutive
+    # labels in their order; any other input's label l becomes l + offset.
+    joins, own, offsets, total = [], [], [], 0
+    for x in inputs:
+        join = bool(len(x.real_labels())) and real_ids == "join"
+        kept = np.unique(x.labels[~np.isin(x.labels, x.real_labels())]) if join else None
+        joins.append(join)
+        own.append(kept)
+        offsets.append(total)
+        total += len(kept) if join else int(x.labels.max()) + 1
+    mapped, described = [], []
+    for k, x in enumerate(inputs):
+        entry = {"path": str(x.path.resolve()), "images": int(len(x.labels)), "label_offset": offsets[k]}
+        new = x.labels + offsets[k]
+        if joins[k]:
+            classes = int(inputs[anchor].labels.max()) + 1
+            joined = np.isin(x.labels, x.real_labels())
+            protos = np.asarray([x.kinds[int(label)][1] for label in x.labels[joined]], dtype=np.int64)
+            if len(protos) and protos.max() >= classes:
+                raise VigfaceError(
+                    f"--real-ids join: {x.path} has images of real prototype {int(protos.max())}, but "
+                    f"{inputs[anchor].path} has only {classes} classes (is it the data stage 1 used?)"
+                )
+            new[joined] = protos + offsets[anchor]
+            new[~joined] = offsets[k] + np.searchsorted(own[k], x.labels[~joined])
+            entry.update(
+                real_ids_joined_with=str(inputs[anchor].path.resolve()), images_joined=int(joined.sum())
+            )
+        mapped.append(new)
+        described.append(entry)
+    return mapped, described
+
+
+def merge_datasets(
+    inputs: list[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    real_ids: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Write the inputs as one train.rec in `out`; returns what merge.json records.
+
+    Everything is checked before the first image is written (paths, image sizes, landmark tables,
+    the label mapping); the .rec appears by atomic rename, and merge.json last, so a folder holding
+    merge.json holds a finished merge."""
+    paths = [Path(p) for p in inputs]
+    out = Path(out)
+    if len(paths) < 2:
+        raise VigfaceError(f"merge: give at least two datasets to merge, got {len(paths)}")
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        key = (path / "train.rec" if (path / "train.rec").is_file() else path).resolve()
+        if key in seen:
+            raise VigfaceError(f"{path}: listed twice (also as {seen[key]}); each input is merged once")
+        seen[key] = path
+    _check_output(out, paths, overwrite)
+    sources = [_open(path) for path in paths]
+    shapes = [x.image_shape() for x in sources]
+    for x, shape in zip(sources[1:], shapes[1:], strict=True):
+        if shape != shapes[0]:
+            raise VigfaceError(
+                f"{x.path}: images are {shape[1]}x{shape[0]}, but {sources[0].path}'s are "
+                f"{shapes[0][1]}x{shapes[0][0]}; align or generate them at one size first"
+            )
+    tables = [x.landmarks() for x in sources]
+    keep_landmarks = all(t is not None for t in tables)
+    mapped, described = _new_labels(sources, real_ids)
+
+    # The .rec stores each identity as one key range, so write all images of a label together
+    # (joined real ids gather images from two inputs): one stable sort over (label, input, row).
+    labels = np.concatenate(mapped)
+    which = np.concatenate([np.full(len(m), k) for k, m in enumerate(mapped)])
+    rows = np.concatenate([np.arange(len(m)) for m in mapped])
+    order = np.argsort(labels, kind="stable")
+    (out / "merge.json").unlink(missing_ok=True)  # a replaced merge is unfinished until the new one lands
+    with FaceRecordWriter(out) as writer:
+        for n in tqdm(order, desc="merge", unit="img", disable=not progress):
+            writer.add(sources[which[n]].encoded(int(rows[n])), int(labels[n]))
+    if keep_landmarks:
+        table = np.concatenate(tables)[order].astype(np.float32)
+        buffer = io.BytesIO()
+        np.save(buffer, table)
+        write_atomically(out / "train_landmarks.npy", buffer.getvalue())
+    else:
+        (out / "train_landmarks.npy").unlink(missing_ok=True)
+    summary = {
+        "inputs": described,
+        "images": int(len(labels)),
+        "identities": int(len(np.unique(labels))),
+        "num_classes": int(labels.max()) + 1,
+        "real_ids": real_ids,
+        "landmarks": keep_landmarks,
+    }
+    if not keep_landmarks:
+        missing = [str(x.path) for x, t in zip(sources, tables, strict=True) if t is None]
+        summary["landmarks_missing_in"] = missing
+    write_atomically(out / "merge.json", json.dumps(summary, indent=2) + "\n")
+    for x in sources:
+        if isinstance(x.dataset, FaceRecordDataset):
+            x.dataset.close()
+    return summary
