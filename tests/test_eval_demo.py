@@ -337,7 +337,7 @@ def test_protocol_trains_irse50_adaface_and_compares(demo_run, tmp_path):
     assert [r["method"] for r in result["peers"]["rows"]][-1] == "VIGFace(L)"
 
 
-def test_protocol_pieces(small_toy, tmp_path):
+def test_protocol_pieces(small_toy, tmp_path, monkeypatch):
     # The peer table as transcribed: each average is the mean of its five sets (to the 0.01 printed).
     for row in PEER_TABLE:
         assert np.mean(row[3:8]) == pytest.approx(row[8], abs=0.011), row[0]
@@ -351,6 +351,26 @@ def test_protocol_pieces(small_toy, tmp_path):
         ProtocolConfig(data="d.rec", out="o", bins=[str(bin_path), str(damaged)])
     fr = train_config(ProtocolConfig(data="d.rec", out=str(tmp_path), bins=[str(bin_path)]))
     assert (fr.arch, fr.margin, fr.num_virtual, fr.input_size) == ("irse50", "adaface", 0, 112)
+    assert (fr.epochs, fr.lr_steps) == (26, [12, 20, 24])
+    # A shorter run decays at the same fractions (it used to keep 12, 20, 24 and never decay) ...
+    short = train_config(ProtocolConfig(data="d.rec", out=str(tmp_path), bins=[str(bin_path)], epochs=13))
+    assert short.lr_steps == [6, 10, 12]
+    # ... unless the steps are given, as the CLI passes them with its other recipe flags.
+    seen = {}
+
+    def captured(config, resume):
+        seen["config"] = config
+        raise KeyboardInterrupt  # stop before the training (the CLI exits 130)
+
+    monkeypatch.setattr("vigface.eval.protocol.run_protocol", captured)
+    code = eval_cli.main(
+        ["protocol", "d.rec", "--out", str(tmp_path / "p"), "--bins", str(bin_path), "--epochs", "4",
+         "--lr-steps", "3", "--scale", "32", "--seed", "7", "--arch", "iresnet18", "--margin", "arcface"]
+    )  # fmt: skip
+    assert code == 130
+    fr = train_config(seen["config"])
+    recipe = (fr.epochs, fr.lr_steps, fr.scale, fr.seed, fr.arch, fr.margin)
+    assert recipe == (4, [3], 32, 7, "iresnet18", "arcface")
     with pytest.raises(VigfaceError, match="does not exist"):
         ProtocolConfig(data="d.rec", out="o", bins=[str(tmp_path / "missing.bin")])
     with pytest.raises(VigfaceError, match="no peer"):

@@ -182,9 +182,9 @@ def _cmd_protocol(args) -> int:
     config = ProtocolConfig(
         data=args.data, out=args.out, bins=args.bins, real_reference=args.real_reference,
         real_model=args.real_model, arch=args.arch, margin=args.margin, width=args.width,
-        input_size=args.input_size, embedding_dim=args.embedding_dim, batch_size=args.batch_size,
-        epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, workers=args.workers, device=args.device,
-        progress=not args.quiet,
+        input_size=args.input_size, embedding_dim=args.embedding_dim, scale=args.scale,
+        batch_size=args.batch_size, epochs=args.epochs, lr_steps=args.lr_steps, max_steps=args.max_steps,
+        lr=args.lr, seed=args.seed, workers=args.workers, device=args.device, progress=not args.quiet,
     )  # fmt: skip
     result = run_protocol(config, resume=args.resume)
     _print_table(f"{args.arch} + {args.margin} on {args.data}", result["ours"])
@@ -201,6 +201,8 @@ def _cmd_protocol(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from vigface.engines.fused_update import SAMPLERS
     from vigface.eval.protocol import DEFAULT_REAL_REFERENCE
+    from vigface.fr.iresnet import ARCHS
+    from vigface.fr.margins import MARGINS
 
     parser = argparse.ArgumentParser(prog="vigface-eval", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -248,24 +250,57 @@ def build_parser() -> argparse.ArgumentParser:
     common(s)
     s.set_defaults(func=_cmd_cfg_sweep)
 
-    p = sub.add_parser("protocol", help="train IR-SE50 + AdaFace on a dataset and verify it (Table 2)")
+    p = sub.add_parser(
+        "protocol", help="train IR-SE50 + AdaFace on a dataset and verify it (Table 2)",
+        description="Train a fresh FR model on DATA with AdaFace's CASIA-WebFace recipe (the defaults), "
+        "verify it on --bins and print it beside the published peers; writes OUT/protocol.json.",
+    )  # fmt: skip
     p.add_argument("data", help="the training set (train.rec, a folder holding it, or an image folder)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--bins", nargs="+", required=True, help="the five benchmark .bin files (or toy ones)")
-    p.add_argument("--real-model", help="our own real-data FR folder for Gap-to-Real")
-    p.add_argument("--real-reference", default=DEFAULT_REAL_REFERENCE)
-    p.add_argument("--arch", default="irse50")
-    p.add_argument("--margin", default="adaface")
-    p.add_argument("--width", type=positive_int, default=64)
-    p.add_argument("--input-size", type=positive_int, default=112)
-    p.add_argument("--embedding-dim", type=positive_int, default=512)
-    p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--epochs", type=positive_int, default=26)
-    p.add_argument("--max-steps", type=positive_int)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--out", required=True, help="output folder: the trained model and protocol.json (required)"
+    )
+    p.add_argument(
+        "--bins", nargs="+", required=True, help="the five benchmark .bin files (or toy ones) (required)"
+    )
+    p.add_argument(
+        "--real-model", help="our own real-data FR folder for Gap-to-Real (verified on the same --bins)"
+    )
+    p.add_argument(
+        "--real-reference", default=DEFAULT_REAL_REFERENCE,
+        help="the published row Gap-to-Real is computed against without --real-model (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument("--arch", choices=ARCHS, default="irse50", help="backbone (default: %(default)s)")
+    p.add_argument(
+        "--margin", choices=MARGINS, default="adaface", help="margin softmax (default: %(default)s)"
+    )
+    p.add_argument(
+        "--width",
+        type=positive_int,
+        default=64,
+        help="channels of the first stage (16 for CPU runs) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--input-size",
+        type=positive_int,
+        default=112,
+        help="input resolution (56 or 32 for CPU runs) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--embedding-dim", type=positive_int, default=512, help="embedding dim (default: %(default)s)"
+    )
+    p.add_argument("--scale", type=float, default=64.0, help="logit scale s (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="batch size (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=26, help="epochs (default: %(default)s)")
+    p.add_argument(
+        "--lr-steps", type=float, nargs="+",
+        help="epochs where lr x0.1 (default: 12, 20, 24 of 26, scaled to --epochs)",
+    )  # fmt: skip
+    p.add_argument("--max-steps", type=positive_int, help="stop after this many steps (smoke runs)")
+    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="loader processes (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     common(p)
     p.set_defaults(func=_cmd_protocol)
     return parser
