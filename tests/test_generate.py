@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from vigface.cli import gen as gen_cli
 from vigface.data.recordio import FaceRecordDataset
@@ -242,6 +243,43 @@ def test_a_damaged_generation_plan_is_a_one_line_error(denoiser_dir, tmp_path, c
         err = capsys.readouterr().err
         assert "generation.json" in err and "not a generation plan" in err
         assert "Traceback" not in err
+
+
+def test_a_rerun_matches_the_plan_by_content_not_path_spelling(denoiser_dir, tmp_path, capsys, monkeypatch):
+    """An unfinished generation continues from another folder, under an absolute --out, or from a moved
+    (reinstalled) model; weights retrained in place or another setting are refused, named."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(denoiser_dir, tmp_path / "model")
+    assert gen_cli.main(gen_args("model", "gen")) == 0  # relative paths
+    reference = (tmp_path / "gen" / "train.rec").read_bytes()
+    (tmp_path / "gen" / "shards" / "shard_00003").rename(tmp_path / "gen" / "shards" / ".removed")
+    (tmp_path / "gen" / "train.rec").unlink()  # as if killed before the merge
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.copytree(tmp_path / "model", moved)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert gen_cli.main(gen_args(moved, tmp_path / "gen")) == 0
+    assert "(1 made now)" in capsys.readouterr().out
+    assert (tmp_path / "gen" / "train.rec").read_bytes() == reference
+
+    args = gen_args(moved, tmp_path / "gen")
+    assert gen_cli.main([*args, "--w-real", "1.0"]) == 2
+    assert "other settings (w_real 0.5 there, 1.0 now)" in capsys.readouterr().err
+    weights = moved / "denoiser.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1e-3  # "retrained in place"
+    save_file(tensors, weights)
+    assert gen_cli.main(args) == 2
+    assert "other settings (the denoiser weights differ)" in capsys.readouterr().err
+
+    # a plan written before the hashes is compared by path, resolved
+    meta = json.loads((tmp_path / "gen" / "generation.json").read_text())
+    del meta["plan"]["inputs_sha256"]
+    meta["plan"]["config"]["model"] = "../model"
+    (tmp_path / "gen" / "generation.json").write_text(json.dumps(meta))
+    assert gen_cli.main(gen_args(tmp_path / "model", tmp_path / "gen")) == 0
+    assert gen_cli.main(args) == 2
+    assert f"other settings (model '{tmp_path / 'model'}' there, '{moved}' now)" in capsys.readouterr().err
 
 
 def test_shipped_model_generates_without_arguments(tmp_path, capsys):

@@ -30,20 +30,27 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vigface.data.align import ARCFACE_TEMPLATE_112
-from vigface.data.files import fsync_dir
+from vigface.data.files import fsync_dir, resolved_paths
 from vigface.data.image_folder import ImageFolderWriter
 from vigface.data.images import encode_image
 from vigface.data.landmarks_npy import read_landmarks_npy
 from vigface.data.output_folder import refuse_foreign_output
 from vigface.data.recordio import FaceRecordDataset, FaceRecordWriter
 from vigface.diffusion.cfg import DEFAULT_W_REAL, DEFAULT_W_VIRTUAL
-from vigface.diffusion.model_folder import POSE_TABLE, PROTOTYPES, fr_model_dir, load_prototypes
+from vigface.diffusion.model_folder import (
+    DENOISER_WEIGHTS,
+    POSE_TABLE,
+    PROTOTYPES,
+    fr_model_dir,
+    load_prototypes,
+)
 from vigface.diffusion.pose import landmark_image
 from vigface.diffusion.sampling import ENGINES, KERNELS, SAMPLERS, FaceSampler
 from vigface.engines.base import PRECISIONS
 from vigface.engines.fused_update import plan_steps
 from vigface.errors import DataFormatError, VigfaceError
 from vigface.fr.distributed import finish_distributed, setup_distributed
+from vigface.fr.embed import file_sha256
 from vigface.fr.rng import step_seed
 from vigface.run_lock import FolderLock
 
@@ -178,6 +185,62 @@ def _load_pose_table(config: GenerationConfig, train_config: dict) -> np.ndarray
     return read_landmarks_npy(path)
 
 
+# Plan fields naming input files. A plan records what they held (inputs_sha256), so a rerun of an
+# unfinished generation is matched by content: the model may have moved (a reinstalled package
+# ships its tiny model elsewhere) or be named another way (relative, absolute), but weights
+# retrained in place are refused rather than mixed with the shards already made.
+_PLAN_PATHS = ("model", "prototypes", "landmarks", "pose")
+_POSE_NAMES = ("dataset", "frontal")
+
+
+def _array_sha256(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _plan_paths(config: dict) -> dict:
+    """`config` with its input paths (and out) absolute; pose names stay as they are."""
+    paths = {k: resolved_paths(config.get(k)) for k in (*_PLAN_PATHS, "out") if config.get(k)}
+    if config.get("pose") in _POSE_NAMES:
+        paths.pop("pose", None)
+    return {**config, **paths}
+
+
+def _names_a_file(key: str, value) -> bool:
+    return key in _PLAN_PATHS and not (key == "pose" and value in _POSE_NAMES)
+
+
+def _plan_changes(saved, plan: dict) -> list[str]:
+    """What differs between a saved plan and this run's, as 'name <there>, <now>' (empty: same)."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        return ["its plan is not readable"]
+    before, now = _plan_paths(saved["config"]), plan["config"]
+    hashes = saved.get("inputs_sha256")  # None in plans written before hashes: paths compared then
+    if hashes is not None and not isinstance(hashes, dict):
+        return ["its plan is not readable"]
+    changes = []
+    for key in sorted(set(before) | set(now)):
+        if key == "out" or before.get(key) == now.get(key):
+            continue
+        if hashes is not None and _names_a_file(key, before.get(key)) and _names_a_file(key, now.get(key)):
+            continue  # compared by content below
+        changes.append(f"{key} {before.get(key)!r} there, {now.get(key)!r} now")
+    if hashes is not None:
+        changes += [
+            f"the {key} differ"
+            for key in plan["inputs_sha256"]
+            if hashes.get(key) != plan["inputs_sha256"][key]
+        ]
+    for key in ("images", "shards"):
+        if not changes and saved.get(key) != plan[key]:
+            changes.append(f"{key} {saved.get(key)} there, {plan[key]} now")
+    return changes
+
+
 class _Generator:
     def __init__(self, config: GenerationConfig, lock: FolderLock):
         self.config = c = config
@@ -200,6 +263,11 @@ class _Generator:
         self.prototypes = load_prototypes(proto_path)
         self.jobs = plan_jobs(c, len(self.prototypes["real"]), len(self.prototypes["virtual"]))
         self.table = _load_pose_table(c, train_config) if self.sampler.config.pose else None
+        self.inputs_sha256 = {
+            "denoiser weights": file_sha256(Path(c.model) / DENOISER_WEIGHTS),
+            "prototypes": _array_sha256(self.prototypes["real"].numpy(), self.prototypes["virtual"].numpy()),
+            "poses": None if self.table is None else _array_sha256(self.table),
+        }
         self.out = Path(c.out)
         self.shard_root = self.out / "shards"
         self.num_shards = (len(self.jobs) + c.shard_size - 1) // c.shard_size
@@ -209,7 +277,12 @@ class _Generator:
         config = {k: v for k, v in self.config.to_dict().items() if k not in ("device", "progress")}
         if config["kernels"] == "reference":
             del config["kernels"]  # plans written before the option existed still match
-        plan = {"config": config, "images": len(self.jobs), "shards": self.num_shards}
+        plan = {
+            "config": _plan_paths(config),
+            "inputs_sha256": self.inputs_sha256,
+            "images": len(self.jobs),
+            "shards": self.num_shards,
+        }
         path = self.out / "generation.json"
         # Every rank must reach the barrier below: a rank that returned early because rank 0 had
         # just written the file would be one barrier behind for the rest of the run (seen in CI).
@@ -221,8 +294,12 @@ class _Generator:
             if not isinstance(saved, dict):
                 why = saved if isinstance(saved, Exception) else "not a JSON object"
                 raise DataFormatError(path, f"is not a generation plan ({why}); choose another --out")
-            if saved.get("plan") != plan:
-                raise VigfaceError(f"{self.out} holds a generation with other settings; choose another --out")
+            changes = _plan_changes(saved.get("plan"), plan)
+            if changes:
+                raise VigfaceError(
+                    f"{self.out} holds a generation with other settings ({'; '.join(changes)}); rerun with "
+                    "its settings to finish it, or choose another --out"
+                )
         else:
             # No plan yet: the folder must be new or empty (its plan is the first thing written).
             # Every rank checks, so that all of them stop rather than wait at the barrier.
