@@ -138,6 +138,13 @@ def test_existing_outputs_need_overwrite_and_foreign_folders_are_refused(wild_fo
         assert f"{rec}: already exists; pass --overwrite" in capsys.readouterr().err
         assert rec.read_bytes() == before
         assert align("--out", str(out), "--format", "rec", "--overwrite") == 0
+    # An --out ending in .rec is a RecordIO without --format (it was an image folder named a.rec) ...
+    assert align("--out", str(tmp_path / "b.rec")) == 0
+    assert len(FaceRecordDataset(tmp_path / "b.rec")) == 6
+    # ... and an image folder with that name is refused.
+    assert align("--out", str(tmp_path / "c.rec"), "--format", "folder") == 2
+    assert "an image folder named *.rec would pass for a RecordIO file" in capsys.readouterr().err
+    assert not (tmp_path / "c.rec").exists()
     # A folder holding another dataset: refused for both formats, even with --overwrite for rec.
     other = tmp_path / "other"
     other.mkdir()

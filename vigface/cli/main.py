@@ -153,8 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="landmarks .jsonl ({'path', 'landmarks'} per line) or .npy (N,5,2) in manifest order; "
         "default: the 'landmarks' of the folder's manifest.jsonl",
     )
-    align.add_argument("--out", required=True, help="output: a folder, or a .rec path with --format rec")
-    align.add_argument("--format", choices=["folder", "rec"], default="folder")
+    align.add_argument("--out", required=True, help="output: a folder, or a .rec path")
+    align.add_argument(
+        "--format", choices=["folder", "rec"],
+        help="output layout (default: rec for an --out ending in .rec, else folder)",
+    )  # fmt: skip
     align.add_argument(
         "--size", type=_positive_int, default=112, help="output size (template scaled; default 112)"
     )

@@ -65,6 +65,17 @@ def load_landmarks(ds: ImageFolderDataset, landmarks: str | os.PathLike | None) 
     raise VigfaceError(f"--landmarks {path}: expected a .jsonl or .npy file")
 
 
+def _output_format(out: Path, out_format: str | None) -> str:
+    if out_format is None:
+        return "rec" if out.suffix == ".rec" else "folder"
+    if out_format == "folder" and out.suffix == ".rec":
+        raise VigfaceError(
+            f"--out {out} with --format folder: an image folder named *.rec would pass for a RecordIO file; "
+            "drop --format folder to write a .rec, or choose a folder name"
+        )
+    return out_format
+
+
 def _check_output(out: Path, out_format: str, overwrite: bool) -> None:
     if out_format == "rec":
         rec = out if out.suffix == ".rec" else out / "train.rec"
@@ -88,7 +99,7 @@ def align_image_folder(
     out: str | os.PathLike,
     *,
     landmarks: str | os.PathLike | None = None,
-    out_format: str = "folder",
+    out_format: str | None = None,
     size: int = 112,
     quality: int = 95,
     image_format: str = "jpeg",
@@ -99,7 +110,9 @@ def align_image_folder(
     """Align every image of the folder `images` into `out`; returns {"images", "identities"}.
 
     An existing aligned output (a manifest, or the .rec) is replaced only with `overwrite`; a folder
-    holding anything else is refused either way (checked before any image is read)."""
+    holding anything else is refused either way (checked before any image is read). `out_format`
+    None: "rec" for an --out ending in .rec, else "folder"."""
+    out_format = _output_format(Path(out), out_format)
     _check_output(Path(out), out_format, overwrite)
     ds = ImageFolderDataset(images)
     if len(ds) == 0:
