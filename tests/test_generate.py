@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vigface.cli import gen as gen_cli
+from vigface.data.image_folder import ImageFolderDataset
+from vigface.data.loaders.source import FaceSource
 from vigface.data.recordio import FaceRecordDataset
 from vigface.diffusion.config import DiffusionTrainConfig
 from vigface.diffusion.sampling import FaceSampler
@@ -167,6 +169,20 @@ def test_model_folder_generates_on_its_own(denoiser_dir, tmp_path):
     drawn = np.load(tmp_path / "a" / "train_landmarks.npy")  # output size 112: the table's own frame
     table = np.load(moved / "pose_landmarks.npy")
     assert all(any(np.allclose(row, t) for t in table) for row in drawn)
+
+
+def test_folder_format_holds_the_same_images_and_their_landmarks(denoiser_dir, tmp_path):
+    """--format folder: the .rec's images byte for byte, and each manifest line carries the image's
+    landmarks, so the folder trains stage 2 like the .rec (it said "the manifest has no landmarks")."""
+    assert gen_cli.main(gen_args(denoiser_dir, tmp_path / "rec")) == 0
+    assert gen_cli.main([*gen_args(denoiser_dir, tmp_path / "folder"), "--format", "folder"]) == 0
+    rec, folder = FaceRecordDataset(tmp_path / "rec" / "train.rec"), ImageFolderDataset(tmp_path / "folder")
+    assert len(folder) == len(rec) == 24
+    assert all(folder.encoded(i) == rec.encoded(i)[0] for i in range(24))
+    assert folder.labels.tolist() == rec.labels.tolist()
+    expected = np.load(tmp_path / "rec" / "train_landmarks.npy")
+    assert np.array_equal(np.load(tmp_path / "folder" / "train_landmarks.npy"), expected)
+    assert np.allclose(FaceSource(tmp_path / "folder", need_landmarks=True).landmarks, expected)
 
 
 def test_precision_flag(denoiser_dir, tmp_path, capsys):

@@ -395,10 +395,14 @@ class _Generator:
             for k in range(self.num_shards):
                 shard = self.shard_dir(k)
                 data = FaceRecordDataset(shard / "data.rec")
+                table = np.load(shard / "landmarks.npy")
                 for i in range(len(data)):
                     payload, label = data.encoded(i)
-                    writer.add(payload, label)
-                tables.append(np.load(shard / "landmarks.npy"))
+                    if c.format == "rec":
+                        writer.add(payload, label)
+                    else:  # the manifest carries each image's landmarks, as an aligned folder's does
+                        writer.add(payload, label, landmarks=table[i].tolist())
+                tables.append(table)
                 digest = hashlib.sha256((shard / "data.rec").read_bytes()).hexdigest()
                 lines.append(json.dumps({"shard": shard.name, "images": len(data), "sha256": digest}))
                 data.close()
