@@ -379,3 +379,25 @@ def test_a_run_started_with_relative_paths_resumes_from_another_folder(
     assert train_cli.main(["--out", str(tmp_path / "fr"), "--resume", "--epochs", "1"]) == 2
     assert "past the" in capsys.readouterr().err
     assert (tmp_path / "fr" / "backbone.json").read_bytes() == before
+
+
+def test_prototype_plot_says_its_scale_is_stretched(tmp_path, monkeypatch):
+    """The trainer's title ("prototype cosine, step N") replaced the one saying the matrix is min-max
+    normalised, so its 0..1 colour bar read as cosines; the title and the bar now say what 0 and 1 are."""
+    import matplotlib.axes
+    import matplotlib.colorbar
+
+    from vigface.eval.prototypes import plot_prototype_similarity
+
+    texts = []
+
+    def spy(self, text, **kwargs):
+        texts.append(text)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", spy)
+    monkeypatch.setattr(matplotlib.colorbar.Colorbar, "set_label", spy)
+    real, virtual = np.eye(3)[:2], np.asarray([[0.6, 0.8, 0.0]])  # cosines 0 .. 1, and 0.6 / 0.8
+    plot_prototype_similarity(real, virtual, tmp_path / "p.png", title="prototype cosine, step 7")
+    assert texts[0] == "prototype cosine, step 7 (min-max normalised)"
+    assert texts[-1] == "0 = cosine 0.00, 1 = cosine 1.00"  # (the colour bar sets an empty label first)
+    assert (tmp_path / "p.png").stat().st_size > 0

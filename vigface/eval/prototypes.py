@@ -71,7 +71,8 @@ def plot_prototype_similarity(
     w = np.concatenate([r, v])
     w /= np.linalg.norm(w, axis=1, keepdims=True)
     sim = w @ w.T
-    sim = (sim - sim.min()) / max(sim.max() - sim.min(), 1e-12)
+    lo, hi = sim.min(), sim.max()
+    sim = (sim - lo) / max(hi - lo, 1e-12)
     fig, ax = plt.subplots(figsize=(5, 4.5), dpi=120)
     im = ax.imshow(sim, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
     if len(v):
@@ -82,8 +83,10 @@ def plot_prototype_similarity(
         ticks, names = ticks + [len(r) + len(v) / 2], names + ["virtual"]
     ax.set_xticks(ticks, names)
     ax.set_yticks(ticks, names)
-    ax.set_title(title or "prototype cosine similarity (min-max normalised)", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    # The scale is stretched, so say so whatever the title: 0.4 on it is not a cosine of 0.4.
+    ax.set_title(f"{title or 'prototype cosine similarity'} (min-max normalised)", fontsize=9)
+    bar = fig.colorbar(im, ax=ax, fraction=0.046)
+    bar.set_label(f"0 = cosine {lo:.2f}, 1 = cosine {hi:.2f}", fontsize=8)
     fig.tight_layout()
     tmp = f"{os.fspath(path)}.tmp.png"
     fig.savefig(tmp)
