@@ -221,3 +221,35 @@ def test_resuming_with_fewer_steps_than_done_is_refused(uninterrupted, small_toy
     with pytest.raises(VigfaceError, match="is at step 40, past --steps 20"):
         train_diffusion(tiny(small_toy, fr_model, uninterrupted, steps=20), resume=True)
     assert {p.name: p.read_bytes() for p in uninterrupted.iterdir() if p.is_file()} == before
+
+
+def test_throughput_leaves_out_checkpoints_and_checkpoints_print_a_line(
+    small_toy, fr_model, tmp_path, monkeypatch, capsys
+):
+    """images_per_s counted the checkpoint time of the window before it. A fake clock that moves only
+    1000 s per save shows it: every row must stay fast. Without a bar, each checkpoint prints a line
+    (the trainer printed nothing until it ended)."""
+    import types
+
+    import vigface.diffusion.trainer as trainer
+
+    clock = {"t": 0.0}
+
+    def perf_counter():
+        clock["t"] += 0.001
+        return clock["t"]
+
+    real_save = trainer._Run.save
+
+    def slow_save(self):
+        clock["t"] += 1000.0
+        return real_save(self)
+
+    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(trainer._Run, "save", slow_save)
+    out = tmp_path / "run"
+    train_diffusion(tiny(small_toy, fr_model, out, steps=4, save_every=2, log_every=1))
+    speeds = [row["images_per_s"] for row in metrics(out)]
+    assert len(speeds) == 4 and min(speeds) > 1000
+    printed = capsys.readouterr().out
+    assert "step 2/4: loss " in printed and "step 4/4: loss " in printed and "checkpoint saved" in printed

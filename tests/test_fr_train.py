@@ -401,3 +401,37 @@ def test_prototype_plot_says_its_scale_is_stretched(tmp_path, monkeypatch):
     assert texts[0] == "prototype cosine, step 7 (min-max normalised)"
     assert texts[-1] == "0 = cosine 0.00, 1 = cosine 1.00"  # (the colour bar sets an empty label first)
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_throughput_leaves_out_validation_and_checkpoints(small_toy, tmp_path, monkeypatch, capsys):
+    """samples_per_s counted the validation and checkpoint time of the window before it (9 against ~200
+    samples/s after each validation, seen by hand). A fake clock that only moves 1000 s per validation or
+    save shows it: every row must stay fast. Without a progress bar, each checkpoint prints a line."""
+    import types
+
+    import vigface.fr.trainer as trainer
+
+    clock = {"t": 0.0}
+
+    def perf_counter():
+        clock["t"] += 0.001
+        return clock["t"]
+
+    def slow(method):
+        def wrapped(self, *args, **kwargs):
+            clock["t"] += 1000.0
+            return method(self, *args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(trainer._Run, "evaluate", slow(trainer._Run.evaluate))
+    monkeypatch.setattr(trainer._Run, "save", slow(trainer._Run.save))
+    out = tmp_path / "run"
+    train_fr(tiny_config(small_toy, out, epochs=1, val=[str(small_toy / "toy_val.bin")]))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    speeds = [row["samples_per_s"] for row in rows if "samples_per_s" in row]
+    assert len(speeds) >= 10 and min(speeds) > 1000
+    assert all(row["lr"] == round(row["lr"], 8) for row in rows if "lr" in row)
+    printed = capsys.readouterr().out
+    assert "step 3/20: checkpoint saved" in printed and "step 20/20: checkpoint saved" in printed

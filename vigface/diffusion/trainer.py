@@ -272,7 +272,7 @@ class _Run:
                     record = {k: round(float(v) / count, 6) for k, v in sums.items()}
                     record.update(
                         step=self.step,
-                        lr=lr,
+                        lr=float(f"{lr:.8g}"),  # 0.001, not 0.0010000000000000002
                         images_per_s=round(count * c.batch_size * self.world_size / (now - t_log), 1),
                     )
                     if self.is_main:
@@ -281,6 +281,12 @@ class _Run:
                     sums, count, t_log = {}, 0, now
                 if saving:
                     self.save()
+                    if self.is_main and not c.progress:  # without a bar, a line per checkpoint
+                        print(
+                            f"step {self.step}/{c.steps}: loss {record['loss']:.4f}, checkpoint saved",
+                            flush=True,
+                        )
+                    t_log = time.perf_counter()  # the next images_per_s counts training only
                 if finished:
                     break
         bar.close()

@@ -243,6 +243,7 @@ class _Run:
         sums: dict[str, torch.Tensor] = {}
         count = 0
         last_val: dict = {}
+        last_val_step = -1
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -288,7 +289,7 @@ class _Run:
                     record.update(
                         step=self.step,
                         epoch=round(self.step / self.steps_per_epoch, 4),
-                        lr=lr,
+                        lr=float(f"{lr:.8g}"),  # 0.01, not 0.010000000000000002
                         samples_per_s=round(count * self.global_batch / (now - t_log), 1),
                     )
                     self.log(record)
@@ -296,7 +297,7 @@ class _Run:
                     sums, count, t_log = {}, 0, now
                 epochs_done = self.step // self.steps_per_epoch
                 if self.val_sets and ((end_of_epoch and epochs_done % c.val_every == 0) or finished):
-                    last_val = self.evaluate()
+                    last_val, last_val_step = self.evaluate(), self.step
                     self.log(
                         {
                             "step": self.step,
@@ -307,6 +308,10 @@ class _Run:
                     bar.write(f"step {self.step} (epoch {self.step / self.steps_per_epoch:.2f}): {last_val}")
                 if saving:
                     self.save()
+                    if self.is_main and not c.progress:  # without a bar, a line per checkpoint
+                        print(f"step {self.step}/{self.total_steps}: checkpoint saved", flush=True)
+                if saving or last_val_step == self.step:
+                    t_log = time.perf_counter()  # the next samples_per_s counts training only
                 if finished:
                     break
         bar.close()
