@@ -432,6 +432,6 @@ def test_throughput_leaves_out_validation_and_checkpoints(small_toy, tmp_path, m
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     speeds = [row["samples_per_s"] for row in rows if "samples_per_s" in row]
     assert len(speeds) >= 10 and min(speeds) > 1000
-    assert all(row["lr"] == round(row["lr"], 8) for row in rows if "lr" in row)
+    assert all(row["lr"] == float(f"{row['lr']:.12g}") for row in rows if "lr" in row)
     printed = capsys.readouterr().out
     assert "step 3/20: checkpoint saved" in printed and "step 20/20: checkpoint saved" in printed

@@ -272,7 +272,7 @@ class _Run:
                     record = {k: round(float(v) / count, 6) for k, v in sums.items()}
                     record.update(
                         step=self.step,
-                        lr=float(f"{lr:.8g}"),  # 0.001, not 0.0010000000000000002
+                        lr=float(f"{lr:.12g}"),  # 0.001, not 0.0010000000000000002
                         images_per_s=round(count * c.batch_size * self.world_size / (now - t_log), 1),
                     )
                     if self.is_main:

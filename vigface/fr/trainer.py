@@ -289,7 +289,7 @@ class _Run:
                     record.update(
                         step=self.step,
                         epoch=round(self.step / self.steps_per_epoch, 4),
-                        lr=float(f"{lr:.8g}"),  # 0.01, not 0.010000000000000002
+                        lr=float(f"{lr:.12g}"),  # 0.01, not 0.010000000000000002
                         samples_per_s=round(count * self.global_batch / (now - t_log), 1),
                     )
                     self.log(record)
