@@ -78,6 +78,9 @@ def test_align_to_rec_groups_identities_and_writes_landmarks(wild_folder, tmp_pa
     ds = FaceRecordDataset(tmp_path / "a.rec")
     assert sorted(ds.labels.tolist()) == ds.labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert np.load(tmp_path / "a_landmarks.npy").shape == (6, 5, 2)
+    # the identity name of each label (folder names), which a .rec cannot hold
+    names = json.loads((tmp_path / "a_identities.json").read_text())
+    assert names == {"0": "000000", "1": "000001", "2": "000002"}  # write_image_folder's folder names
 
 
 def test_info_on_folder(wild_folder, capsys):

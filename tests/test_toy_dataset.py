@@ -1,6 +1,11 @@
 """`vigface data toy` end to end on a small world: files, layout, determinism, refusal to clobber."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -125,3 +130,55 @@ def test_a_folder_holding_another_dataset_is_refused_even_with_overwrite(tmp_pat
     (half / "toy_val.bin").write_bytes(b"partial")
     make_toy_dataset(half, SMALL, workers=1, progress=False)
     assert (half / "toy.json").is_file()
+
+
+def _start_toy(out, *extra):
+    """`vigface data toy` as its own process group (a terminal's Ctrl-C reaches the whole group)."""
+    cmd = [sys.executable, "-m", "vigface.cli.main", "data", "toy", "--out", str(out), "--ids", "400",
+           "--per-id", "20", "--pairs", "0", "--workers", "2", "--quiet", *extra]  # fmt: skip
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+
+
+def _wait_for_temporaries(proc, out):
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list(out.glob("train.rec.*.tmp")):
+            time.sleep(0.5)  # well inside the rendering: the workers have started
+            return
+        time.sleep(0.02)
+    raise AssertionError("the toy set finished (or failed) before it could be stopped")
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT to the group"])
+def test_stopped_toy_run_cleans_up_in_one_line(tmp_path, how):
+    """SIGTERM (a plain kill, a scheduler's stop) used to kill the writer mid-file and leave its *.tmp
+    files; Ctrl-C printed a KeyboardInterrupt traceback from every pool worker. Both now end in one
+    line, with no temporary file left."""
+    out = tmp_path / "toy"
+    proc = _start_toy(out)
+    _wait_for_temporaries(proc, out)
+    if how == "SIGTERM":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == (143 if how == "SIGTERM" else 130)
+    assert err.strip() == ("vigface: terminated" if how == "SIGTERM" else "vigface: interrupted")
+    assert not list(out.glob("*.tmp"))
+
+
+def test_a_killed_runs_temporaries_are_removed_by_the_next_run(tmp_path):
+    """kill -9 leaves `train.rec.<pid>.tmp`; the next run into the folder removes those of dead writers."""
+    out = tmp_path / "toy"
+    out.mkdir()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = out / f"train.rec.{int(dead.stdout)}.tmp"
+    stale.write_bytes(b"half a file")
+    alive = out / f"train.idx.{os.getppid()}.tmp"  # a writer that still runs: left alone
+    alive.write_bytes(b"")
+    make_toy_dataset(out, ToyConfig(ids=4, per_id=2, pairs=0, val_ids=2), workers=1, progress=False)
+    assert not stale.exists() and alive.exists()

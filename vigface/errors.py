@@ -30,3 +30,8 @@ class AlignmentError(VigfaceError):
 
 class BackendUnavailableError(VigfaceError):
     """A backend was requested by name but what it needs is missing."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a plain `kill`, a job scheduler's stop), raised in the main thread like Ctrl-C, so that
+    every writer removes its temporary files on the way out instead of dying mid-write."""

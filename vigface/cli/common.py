@@ -7,14 +7,16 @@ import errno
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import types
 import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 from vigface.data.files import INPUT_PATH_FIELDS, resolved_paths
-from vigface.errors import VigfaceError
+from vigface.errors import Terminated, VigfaceError
 
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 FULL_DISK_HINT = (
@@ -61,6 +63,7 @@ def run_command(prog: str, func, args) -> int:
     Other OSErrors without a path keep their traceback. safetensors' writer reports a full disk as
     its own error type, "... (os error 28)": that is read as the OSError it stands for.
     """
+    previous = _raise_on_sigterm()
     try:
         return func(args)
     except VigfaceError as err:
@@ -72,7 +75,10 @@ def run_command(prog: str, func, args) -> int:
             raise
         print(f"{prog}: error: {line}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        if isinstance(err, Terminated):
+            print(f"{prog}: terminated", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # safetensors' SafetensorError is not an OSError
@@ -82,6 +88,21 @@ def run_command(prog: str, func, args) -> int:
             raise
         print(f"{prog}: error: {line}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _raise_on_sigterm():
+    """Turn SIGTERM into `Terminated` while a command runs (main thread only); returns the handler it
+    replaced, or None where it could not install one."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _terminate)
 
 
 def _os_error_line(err: OSError) -> str | None:

@@ -4,7 +4,8 @@ The landmarks come from a `.jsonl` file ({"path": "<identity>/<n>.jpg", "landmar
 per line), an `.npy` of shape (N, 5, 2) in the folder's manifest order, or the folder's own
 manifest. The output is an image folder (aligned landmarks in its manifest) or a RecordIO
 file with `<stem>_landmarks.npy` beside it (row i = record key i + 1), the layout the toy
-world writes. The C op is used when built (bit-identical to the NumPy reference).
+world writes, and `<stem>_identities.json` ({label: identity folder name}). The C op is used
+when built (bit-identical to the NumPy reference).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import numpy as np
 from tqdm import tqdm
 
 from vigface.data.align import align_faces, transform_points
+from vigface.data.files import write_atomically
 from vigface.data.image_folder import MANIFEST, ImageFolderDataset, ImageFolderWriter
 from vigface.data.landmarks_npy import read_landmarks_npy
-from vigface.data.output_folder import refuse_foreign_output
+from vigface.data.output_folder import refuse_foreign_output, remove_stale_temporaries
 from vigface.data.recordio import FaceRecordWriter
 from vigface.errors import DataFormatError, VigfaceError
 
@@ -65,6 +67,9 @@ def load_landmarks(ds: ImageFolderDataset, landmarks: str | os.PathLike | None) 
     raise VigfaceError(f"--landmarks {path}: expected a .jsonl or .npy file")
 
 
+ALIGN_REC_FILES = ("train.rec", "train.idx", "train_landmarks.npy", "train_identities.json")
+
+
 def _output_format(out: Path, out_format: str | None) -> str:
     if out_format is None:
         return "rec" if out.suffix == ".rec" else "folder"
@@ -82,7 +87,8 @@ def _check_output(out: Path, out_format: str, overwrite: bool) -> None:
         if rec.exists() and not overwrite:
             raise VigfaceError(f"{rec}: already exists; pass --overwrite to replace it")
         if rec.parent == out:  # --out is a folder: it receives train.rec and its companions only
-            refuse_foreign_output(out, own=("train.rec", "train.idx", "train_landmarks.npy"), what="align")
+            refuse_foreign_output(out, own=ALIGN_REC_FILES, what="align")
+        remove_stale_temporaries(rec.parent, own=(rec.name, rec.with_suffix(".idx").name))
     elif out_format == "folder":
         if (out / MANIFEST).exists():
             if not overwrite:
@@ -148,4 +154,7 @@ def align_image_folder(
         with open(tmp, "wb") as f:
             np.save(f, aligned_points)
         os.replace(tmp, target)
+        # A .rec keeps labels only: the identity (folder) name of each label goes beside it.
+        names = dict(zip(ds.labels.tolist(), ds.identities, strict=True))
+        write_atomically(rec.with_name(rec.stem + "_identities.json"), json.dumps(names, indent=0) + "\n")
     return {"images": len(ds), "identities": len(set(ds.labels.tolist()))}

@@ -29,7 +29,7 @@ from vigface.data.image_folder import ImageFolderDataset
 from vigface.data.images import decode_image
 from vigface.data.loaders.landmarks import default_landmarks_path, read_landmarks_table
 from vigface.data.loaders.source import open_face_dataset
-from vigface.data.output_folder import refuse_foreign_output
+from vigface.data.output_folder import refuse_foreign_output, remove_stale_temporaries
 from vigface.data.recordio import FaceRecordDataset, FaceRecordWriter
 from vigface.errors import VigfaceError
 from vigface.eval.labelled_set import generation_kinds
@@ -192,6 +192,7 @@ def merge_datasets(
     rows = np.concatenate([np.arange(len(m)) for m in mapped])
     order = np.argsort(labels, kind="stable")
     (out / "merge.json").unlink(missing_ok=True)  # a replaced merge is unfinished until the new one lands
+    remove_stale_temporaries(out, own=MERGE_FILES)
     with FaceRecordWriter(out) as writer:
         for n in tqdm(order, desc="merge", unit="img", disable=not progress):
             writer.add(sources[which[n]].encoded(int(rows[n])), int(labels[n]))

@@ -8,6 +8,8 @@ Each writer names the entries it makes itself; anything else, hidden files aside
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Collection
 from pathlib import Path
 
@@ -30,3 +32,26 @@ def refuse_foreign_output(out: Path, *, own: Collection[str], what: str) -> None
             f"{out}: holds {shown}, which {what} does not write; choose an empty or new folder for --out "
             "(nothing was changed)"
         )
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path, *, own: Collection[str]) -> list[str]:
+    """Delete `<name>.<pid>.tmp` files of `own` outputs whose writer no longer runs (a `kill -9`
+    leaves them: every other way out removes its own); returns the names removed."""
+    removed = []
+    if out.is_dir():
+        for path in out.glob("*.tmp"):
+            match = re.fullmatch(r"(.+)\.(\d+)\.tmp", path.name)
+            if match and match.group(1) in own and not _running(int(match.group(2))):
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+    return sorted(removed)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from vigface.data import toyfaces
 from vigface.data.files import write_atomically
 from vigface.data.images import encode_image
-from vigface.data.output_folder import refuse_foreign_output
+from vigface.data.output_folder import refuse_foreign_output, remove_stale_temporaries
 from vigface.data.recordio import FaceRecordWriter
 from vigface.data.verification_bin import write_bin
 from vigface.errors import VigfaceError
@@ -122,6 +123,12 @@ TOY_FILES = (
 )  # fmt: skip
 
 
+def _ignore_interrupts() -> None:
+    # Ctrl-C reaches every process of the terminal's group: the main process stops the pool and
+    # cleans up, so workers ignore it instead of each printing a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_toy_dataset(
     out: str | os.PathLike,
     cfg: ToyConfig,
@@ -136,10 +143,15 @@ def make_toy_dataset(
     if (out / "toy.json").exists() and not overwrite:
         raise VigfaceError(f"{out}: already holds a toy dataset (toy.json); pass --overwrite to replace it")
     refuse_foreign_output(out, own=TOY_FILES, what="a toy dataset")  # --overwrite replaces only toy sets
+    remove_stale_temporaries(out, own=TOY_FILES)
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or min(os.cpu_count() or 1, 8)
     # One pool for every phase (spawned: safe even after torch started threads in this process).
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    pool = (
+        multiprocessing.get_context("spawn").Pool(workers, initializer=_ignore_interrupts)
+        if workers > 1
+        else None
+    )
     try:
         return _make(out, cfg, pool, workers, progress)
     finally:
