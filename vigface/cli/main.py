@@ -1,8 +1,8 @@
 """The `vigface` command: `vigface data toy|info|align|merge` and `vigface demo`.
 
 Every user error (bad file, bad argument) ends as one line `vigface: error: ...` and exit
-status 2, never a traceback; an interrupted command exits 130 and leaves no half-written file
-(every writer writes to a temporary name and renames at the end).
+status 2, never a traceback; an interrupted command exits 130 (SIGTERM: 143) and leaves no
+half-written file (every writer writes to a temporary name and renames at the end).
 """
 
 from __future__ import annotations
