@@ -435,3 +435,18 @@ def test_throughput_leaves_out_validation_and_checkpoints(small_toy, tmp_path, m
     assert all(row["lr"] == float(f"{row['lr']:.12g}") for row in rows if "lr" in row)
     printed = capsys.readouterr().out
     assert "step 3/20: checkpoint saved" in printed and "step 20/20: checkpoint saved" in printed
+
+
+def test_lr_steps_past_the_run_are_warned_about_in_one_line(small_toy, tmp_path, capsys):
+    """The default --lr-steps 10 18 22 with --epochs 1..4 never decayed the lr, silently."""
+    args = tiny_args(small_toy, tmp_path / "o")
+    args[args.index("--lr-steps") + 1] = "10"
+    assert train_cli.main([*args, "--epochs", "1", "--max-steps", "1"]) == 0
+    err = capsys.readouterr().err
+    expected = "vigface-train-fr: warning: --lr-steps 10 are all at or past --epochs 1: the learning rate"
+    assert expected in err
+    assert "UserWarning" not in err and "warnings.warn" not in err
+    assert (
+        train_cli.main([*tiny_args(small_toy, tmp_path / "p"), "--max-steps", "1"]) == 0
+    )  # steps at 1.5 of 2
+    assert "warning" not in capsys.readouterr().err

@@ -35,3 +35,7 @@ class BackendUnavailableError(VigfaceError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a plain `kill`, a job scheduler's stop), raised in the main thread like Ctrl-C, so that
     every writer removes its temporary files on the way out instead of dying mid-write."""
+
+
+class VigfaceWarning(UserWarning):
+    """Something the user probably did not mean, but that still runs (printed as `<prog>: warning: ...`)."""

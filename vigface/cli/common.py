@@ -12,11 +12,12 @@ import sys
 import threading
 import types
 import typing
+import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 from vigface.data.files import INPUT_PATH_FIELDS, resolved_paths
-from vigface.errors import Terminated, VigfaceError
+from vigface.errors import Terminated, VigfaceError, VigfaceWarning
 
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 FULL_DISK_HINT = (
@@ -64,6 +65,8 @@ def run_command(prog: str, func, args) -> int:
     its own error type, "... (os error 28)": that is read as the OSError it stands for.
     """
     previous = _raise_on_sigterm()
+    show_warning = warnings.showwarning
+    warnings.showwarning = _one_line_warnings(prog, show_warning)
     try:
         return func(args)
     except VigfaceError as err:
@@ -89,8 +92,21 @@ def run_command(prog: str, func, args) -> int:
         print(f"{prog}: error: {line}", file=sys.stderr)
         return 2
     finally:
+        warnings.showwarning = show_warning
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line_warnings(prog: str, fallback):
+    """vigface's own warnings as `prog: warning: ...` (no source line); others as Python shows them."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, VigfaceWarning):
+            print(f"{prog}: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            fallback(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def _terminate(signum, frame):

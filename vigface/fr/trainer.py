@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from tqdm import tqdm
 from vigface.data.files import usual_permissions, write_atomically
 from vigface.data.loaders import make_loader
 from vigface.data.verification_bin import load_verification_pairs, read_bin
-from vigface.errors import VigfaceError
+from vigface.errors import VigfaceError, VigfaceWarning
 from vigface.eval.prototypes import PAPER_FIG3B, plot_prototype_similarity, prototype_stats
 from vigface.eval.verification import verify_embeddings
 from vigface.fr.checkpoint import (
@@ -88,6 +89,15 @@ class _Run:
         self.out = Path(config.out)
         self.rank, self.world_size, self.device = setup_distributed(config.device)
         self.is_main = self.rank == 0
+        if self.is_main and config.lr_steps and min(config.lr_steps) >= config.epochs:
+            steps = " ".join(f"{s:g}" for s in config.lr_steps)
+            warnings.warn(
+                VigfaceWarning(
+                    f"--lr-steps {steps} are all at or past --epochs {config.epochs}: the learning rate "
+                    "never decays (pass --lr-steps inside the run, e.g. at 70 % and 90 % of it)"
+                ),
+                stacklevel=2,
+            )
         checkpoint = resume_point(self.out, resume)
         # Decoding, flips and normalisation: vigface.data.loaders (the "torch" loader computes
         # exactly what the former DataLoader + prepare_batch did; --loader dali decodes in DALI).

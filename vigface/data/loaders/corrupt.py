@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import warnings
 
-from vigface.errors import VigfaceError
+from vigface.errors import VigfaceError, VigfaceWarning
 
 log = logging.getLogger(__name__)
 
 _LISTED = 20  # images named in one warning; the rest are counted
 
 
-class CorruptImageWarning(UserWarning):
+class CorruptImageWarning(VigfaceWarning):
     """Images were skipped because they could not be read, decoded or aligned."""
 
 
