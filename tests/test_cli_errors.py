@@ -156,3 +156,11 @@ def test_file_outputs_that_are_folders_are_refused_before_any_work(tmp_path, cap
     assert eval_cli.main(["verify", "no_model", "no.bin", "--json", str(tmp_path)]) == 2
     assert f"--json {tmp_path}: is a folder; give the file to write" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy"] and not list(folder.iterdir())
+
+
+def test_verify_takes_one_gap_to_real_reference(capsys):
+    """--real-model and --real-reference were both accepted and the model silently won."""
+    with pytest.raises(SystemExit) as info:
+        eval_cli.main(["verify", "m", "a.bin", "--real-model", "r", "--real-reference", "CASIA (Real)"])
+    assert info.value.code == 2
+    assert "--real-reference: not allowed with argument --real-model" in capsys.readouterr().err

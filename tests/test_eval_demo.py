@@ -17,7 +17,14 @@ from vigface.errors import VigfaceError
 from vigface.eval.demo import FULL, QUICK, DemoConfig, run_demo
 from vigface.eval.labelled_set import read_labelled_set
 from vigface.eval.privacy import training_set_search
-from vigface.eval.protocol import PEER_TABLE, ProtocolConfig, compare_to_real, train_config
+from vigface.eval.protocol import (
+    PEER_TABLE,
+    ProtocolConfig,
+    compare_to_real,
+    compares_with_peers,
+    recipe_differences,
+    train_config,
+)
 from vigface.eval.verification import summarise, verify_bins
 from vigface.fr.embed import embed_images, load_backbone
 from vigface.run_lock import FolderLock
@@ -385,3 +392,13 @@ def test_protocol_pieces(small_toy, tmp_path, monkeypatch):
         is None
     )
     assert compare_to_real(five, {"average": 99.0}, "CASIA (Real)")["gap_to_real"] == pytest.approx(0.1)
+    # The peers' rows compare only on the five benchmarks, whatever folder they are in.
+    assert compares_with_peers([f"/d/{n}.bin" for n in ("calfw", "lfw", "cfp_fp", "cplfw", "agedb_30")])
+    assert not compares_with_peers([str(bin_path)]) and not compares_with_peers(["lfw.bin"] * 5)
+    # A --real-model trained with another recipe is named field by field (from its run's config.json).
+    real = tmp_path / "real_model"
+    real.mkdir()
+    (real / "config.json").write_text(json.dumps({"arch": "iresnet18", "margin": "adaface", "epochs": 4}))
+    ours = train_config(ProtocolConfig(data="d.rec", out="o", bins=[str(bin_path)], epochs=4)).to_dict()
+    assert recipe_differences(real, ours) == ["arch iresnet18 there, irse50 here"]
+    assert recipe_differences(tmp_path / "no_such_model", ours) == []

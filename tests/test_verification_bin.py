@@ -167,6 +167,9 @@ def test_not_a_pickle(tmp_path):
         assert str(tmp_path / name) in str(info.value)
     with pytest.raises(DataFormatError, match="no such"):
         read_bin(tmp_path / "absent.bin")
+    # a folder of images (what a researcher may hold out) is named as such, not "Is a directory"
+    with pytest.raises(DataFormatError, match="is a folder, not a verification .bin"):
+        read_bin(tmp_path)
 
 
 def test_bad_image_names_the_pair(tmp_path):

@@ -191,6 +191,17 @@ def _cmd_protocol(args) -> int:
     gap = result["gap"]
     if gap["gap_to_real"] is not None:
         print(f"Gap-to-Real vs {gap['reference']}: {100 * gap['gap_to_real']:.2f} %")
+    if result["real_model_recipe_differs"]:
+        print(
+            "note: --real-model was trained with another recipe ("
+            + "; ".join(result["real_model_recipe_differs"])
+            + "), so this Gap-to-Real measures the recipe as well as the data"
+        )
+    if not result["comparable_with_peers"]:
+        print(
+            "note: the peers below were measured on the five benchmarks (lfw, cfp_fp, cplfw, agedb_30, "
+            "calfw); these sets are not those, so the rows are not comparable with ours"
+        )
     print("published peers (IR-SE50 + AdaFace):")
     for row in peer_rows():
         print(f"  {row['method']:<14} {row['images']:<26} avg {row['average']:.2f}")
@@ -213,8 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="10-fold 1:1 verification of a trained backbone on .bin sets")
     v.add_argument("model", help="a vigface-train-fr output folder")
     v.add_argument("bins", nargs="+", help="verification .bin files (lfw.bin, cfp_fp.bin, ...)")
-    v.add_argument("--real-model", help="a real-data FR folder to compute Gap-to-Real against")
-    v.add_argument("--real-reference", default=DEFAULT_REAL_REFERENCE, help="peer row used for GR otherwise")
+    real = v.add_mutually_exclusive_group()
+    real.add_argument("--real-model", help="a real-data FR folder to compute Gap-to-Real against")
+    real.add_argument(
+        "--real-reference", default=DEFAULT_REAL_REFERENCE,
+        help="the published row to compute Gap-to-Real against otherwise (default: %(default)s)",
+    )  # fmt: skip
     v.add_argument("--json", help="also write the results to this JSON file")
     common(v)
     v.set_defaults(func=_cmd_verify)
@@ -262,10 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--bins", nargs="+", required=True, help="the five benchmark .bin files (or toy ones) (required)"
     )
-    p.add_argument(
+    real = p.add_mutually_exclusive_group()
+    real.add_argument(
         "--real-model", help="our own real-data FR folder for Gap-to-Real (verified on the same --bins)"
     )
-    p.add_argument(
+    real.add_argument(
         "--real-reference", default=DEFAULT_REAL_REFERENCE,
         help="the published row Gap-to-Real is computed against without --real-model (default: %(default)s)",
     )  # fmt: skip

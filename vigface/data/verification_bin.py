@@ -183,6 +183,10 @@ def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
         data = path.read_bytes()
     except FileNotFoundError:
         raise DataFormatError(path, "no such verification .bin file") from None
+    except IsADirectoryError:
+        raise DataFormatError(
+            path, "is a folder, not a verification .bin (pickled image pairs, like lfw.bin or toy_val.bin)"
+        ) from None
     if not data:
         raise DataFormatError(path, "empty file", 0)
     try:

@@ -162,6 +162,41 @@ def compare_to_real(ours: dict, real: dict | None, real_reference: str) -> dict:
     }
 
 
+RECIPE_FIELDS = (
+    "arch",
+    "margin",
+    "scale",
+    "width",
+    "input_size",
+    "embedding_dim",
+    "epochs",
+    "batch_size",
+    "lr",
+)
+
+
+def recipe_differences(real_model: str | os.PathLike, train: dict) -> list[str]:
+    """How the --real-model's training recipe (its run's config.json) differs from this run's: Gap-to-Real
+    against it then measures the recipe as well as the data. Empty when the same or unknown."""
+    path = Path(real_model) / "config.json"
+    try:
+        theirs = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(theirs, dict):
+        return []
+    return [
+        f"{name} {theirs[name]} there, {train[name]} here"
+        for name in RECIPE_FIELDS
+        if name in theirs and theirs[name] != train.get(name)
+    ]
+
+
+def compares_with_peers(bins: list[str]) -> bool:
+    """Whether `bins` are the five benchmarks the published peers were measured on."""
+    return sorted(Path(b).stem for b in bins) == sorted(BENCHMARKS)
+
+
 def run_protocol(config: ProtocolConfig, *, resume: bool = False) -> dict:
     """Train, evaluate, compare; writes out/protocol.json and returns the same dict."""
     from vigface.fr.trainer import train_fr
@@ -176,6 +211,8 @@ def run_protocol(config: ProtocolConfig, *, resume: bool = False) -> dict:
         "ours": ours,
         "real": real,
         "gap": compare_to_real(ours, real, config.real_reference),
+        "real_model_recipe_differs": recipe_differences(config.real_model, fr.to_dict()) if real else [],
+        "comparable_with_peers": compares_with_peers(config.bins),
         "peers": {"columns": list(PEER_COLUMNS), "rows": peer_rows(), "note": PEER_NOTE},
         "benchmarks": BENCHMARKS,
     }
