@@ -33,7 +33,8 @@ def tiny_fr_model(small_toy, tmp_path_factory):
     train_fr(
         FRTrainConfig(
             data=str(small_toy / "train.rec"), out=str(out), arch="iresnet18", width=8, input_size=32,
-            embedding_dim=32, num_virtual=10, batch_size=16, epochs=1, scale=16.0, workers=0, progress=False,
+            embedding_dim=32, num_virtual=10, batch_size=16, epochs=1, lr_steps=[], scale=16.0, workers=0,
+            progress=False,
         )
     )  # fmt: skip
     return out

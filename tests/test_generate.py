@@ -374,3 +374,20 @@ def test_data_info_describes_a_generated_folder(denoiser_dir, tmp_path, capsys):
         assert vigface_main(["data", "info", str(out)]) == 2
         err = capsys.readouterr().err
         assert "generation.json: not a generation description" in err and "Traceback" not in err
+
+
+def test_poses_outside_the_aligned_frame_are_warned_about(denoiser_dir, tmp_path, capsys):
+    """--pose with the landmarks of unaligned photos (another frame) generated faces posed from them
+    without a word; it now warns, naming the file."""
+    from vigface.data.align import ARCFACE_TEMPLATE_112
+
+    shifted = np.stack([ARCFACE_TEMPLATE_112 + [16.0, 16.0]] * 3).astype(np.float32)  # a 144-frame centre
+    np.save(tmp_path / "poses.npy", shifted)
+    args = ["--model", str(denoiser_dir), "--out", str(tmp_path / "g"), "--num-ids", "1", "--per-id", "2",
+            "--steps", "2", "--pose", str(tmp_path / "poses.npy"), "--quiet"]  # fmt: skip
+    assert gen_cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"vigface-gen: warning: poses {tmp_path / 'poses.npy'}: these landmarks do not look like aligned"
+        in err
+    )

@@ -70,6 +70,7 @@ def _cmd_verify(args) -> int:
 def _cmd_metrics(args) -> int:
     import numpy as np
 
+    from vigface.data.alignment_check import check_dataset_alignment
     from vigface.eval import plots
     from vigface.eval.labelled_set import read_labelled_set
     from vigface.eval.metrics import dataset_metrics
@@ -81,6 +82,9 @@ def _cmd_metrics(args) -> int:
     check_output_folder("--out", args.out)
     device = _device(args.device)
     model, _ = load_backbone(args.model, device)
+    check_dataset_alignment(args.data, "DATA")
+    if args.real:
+        check_dataset_alignment(args.real, "--real")
     data = read_labelled_set(args.data, max_ids=args.max_ids, max_per_id=args.max_per_id)
     sets = {"dataset": data}
     if data.kinds is not None:  # a generated set: real and virtual ids measured apart

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from vigface.data.alignment_check import warn_if_not_aligned
 from vigface.data.files import usual_permissions, write_atomically
 from vigface.data.image_folder import ImageFolderDataset
 from vigface.data.landmarks_npy import read_landmarks_npy
@@ -100,6 +101,9 @@ class _Run:
         if len(self.dataset) < c.batch_size * self.world_size:
             raise VigfaceError(f"{c.data} has {len(self.dataset)} images, fewer than one global batch")
         self.landmarks = torch.from_numpy(load_landmarks(c, self.dataset)) if c.pose else None
+        if self.landmarks is not None and self.is_main:  # the pose maps assume the aligned frame
+            what = f"--landmarks {c.landmarks}" if c.landmarks else f"--data {c.data}"
+            warn_if_not_aligned(self.landmarks.numpy(), self.dataset[0][0].shape[0], what)
         self.fr, self.fr_meta = load_backbone(c.fr_model, self.device)
         self.fr.requires_grad_(False)
         self.schedule = c.noise_schedule()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vigface.data.alignment_check import check_dataset_alignment
 from vigface.data.files import write_atomically
 from vigface.errors import VigfaceError
 from vigface.eval.labelled_set import LabelledSet, read_labelled_set
@@ -94,6 +95,7 @@ def cfg_sweep(config: SweepConfig, fr_model=None) -> dict:
     if fr_model is None:
         meta = json.loads((Path(config.model) / DENOISER_META).read_text())
         fr_model, _ = load_backbone(fr_model_dir(config.model, meta), device)
+    check_dataset_alignment(config.real, "--real")
     real = read_labelled_set(config.real, max_ids=config.real_max_ids)
     real_emb = embed_images(fr_model, real.images, device=device)
     real_dist = genuine_imposter(real_emb, real.labels, max_pairs=config.max_pairs, seed=config.seed)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from vigface.data.alignment_check import check_dataset_alignment
 from vigface.data.files import usual_permissions, write_atomically
 from vigface.data.loaders import make_loader
 from vigface.data.verification_bin import load_verification_pairs, read_bin
@@ -98,6 +99,8 @@ class _Run:
                 ),
                 stacklevel=2,
             )
+        if self.is_main:
+            check_dataset_alignment(config.data, "--data")
         checkpoint = resume_point(self.out, resume)
         # Decoding, flips and normalisation: vigface.data.loaders (the "torch" loader computes
         # exactly what the former DataLoader + prepare_batch did; --loader dali decodes in DALI).

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vigface.data.align import ARCFACE_TEMPLATE_112
+from vigface.data.alignment_check import warn_if_not_aligned
 from vigface.data.files import fsync_dir, resolved_paths
 from vigface.data.image_folder import ImageFolderWriter
 from vigface.data.images import encode_image
@@ -182,7 +183,9 @@ def _load_pose_table(config: GenerationConfig, train_config: dict) -> np.ndarray
         )
     if not path.is_file():
         raise DataFormatError(path, "pose landmarks not found (pass --landmarks FILE or --pose frontal)")
-    return read_landmarks_npy(path)
+    table = read_landmarks_npy(path)
+    warn_if_not_aligned(table, 112, f"poses {path}")  # drawn in the aligned 112 frame
+    return table
 
 
 # Plan fields naming input files. A plan records what they held (inputs_sha256), so a rerun of an

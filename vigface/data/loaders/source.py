@@ -54,6 +54,14 @@ class FaceSource:
     def num_classes(self) -> int:
         return int(self.labels.max()) + 1
 
+    def landmarks_if_any(self) -> np.ndarray | None:
+        """The dataset's own landmarks table (beside the .rec, or its manifest's), or None without one."""
+        if self.kind == "rec" and default_landmarks_path(self.path) is None:
+            return None
+        if self.kind == "folder" and self.dataset.landmarks is None:
+            return None
+        return self._landmarks(None)
+
     def _landmarks(self, explicit) -> np.ndarray:
         n = len(self)
         if self.kind == "rec":
