@@ -157,3 +157,33 @@ def test_existing_outputs_need_overwrite_and_foreign_folders_are_refused(wild_fo
     assert align("--out", str(other)) == 2
     assert "not empty and holds no manifest.jsonl" in capsys.readouterr().err
     assert sorted(p.name for p in other.iterdir()) == ["toy.json"]
+
+
+def test_a_rec_with_its_landmarks_aligns_like_the_folder_route(tmp_path, capsys):
+    """`vigface data toy --unaligned` writes a .rec + train_landmarks.npy, which align refused ("not a
+    directory"); it now reads them, with the same result per image as align_faces."""
+    from vigface.data.alignment_check import template_distance
+    from vigface.data.toy_dataset import ToyConfig, make_toy_dataset
+
+    raw = tmp_path / "raw"
+    config = ToyConfig(ids=3, per_id=2, pairs=0, val_ids=2, unaligned=True)
+    make_toy_dataset(raw, config, workers=1, progress=False)
+    args = ["data", "align", "--images", str(raw), "--out", str(tmp_path / "a.rec"), "--image-format", "png"]
+    assert main([*args, "--quiet"]) == 0
+    src, out = FaceRecordDataset(raw / "train.rec"), FaceRecordDataset(tmp_path / "a.rec")
+    table = np.load(raw / "train_landmarks.npy")
+    assert len(out) == 6 and out.labels.tolist() == src.labels.tolist()
+    for i in range(6):
+        expected, _ = align_faces(src[i][0], table[i])
+        np.testing.assert_array_equal(out[i][0], expected)
+    assert template_distance(np.load(tmp_path / "a_landmarks.npy"), 112) < 0.05 * 112
+    assert json.loads((tmp_path / "a_identities.json").read_text()) == {
+        "0": "000000",
+        "1": "000001",
+        "2": "000002",
+    }
+    # an explicit table that is missing is named
+    args = ["data", "align", "--images", str(raw / "train.rec"), "--landmarks", str(tmp_path / "no.npy"),
+            "--out", str(tmp_path / "b.rec"), "--quiet"]  # fmt: skip
+    assert main(args) == 2
+    assert "--landmarks " + str(tmp_path / "no.npy") + ": no such file" in capsys.readouterr().err

@@ -147,11 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_data_info)
 
     align = data.add_parser("align", help="align an image folder to 112x112 with 5-point landmarks")
-    align.add_argument("--images", required=True, help="image folder root/<identity>/<n>.jpg")
+    align.add_argument(
+        "--images", required=True,
+        help="image folder root/<identity>/<n>.jpg, or a .rec (a folder holding train.rec) with "
+        "<stem>_landmarks.npy beside it, as `vigface data toy --unaligned` writes",
+    )  # fmt: skip
     align.add_argument(
         "--landmarks",
-        help="landmarks .jsonl ({'path', 'landmarks'} per line) or .npy (N,5,2) in manifest order; "
-        "default: the 'landmarks' of the folder's manifest.jsonl",
+        help="landmarks .jsonl ({'path' or 'key', 'landmarks'} per line) or .npy (N,5,2) in dataset order; "
+        "default: the folder manifest's 'landmarks', or the table beside the .rec",
     )
     align.add_argument("--out", required=True, help="output: a folder, or a .rec path")
     align.add_argument(

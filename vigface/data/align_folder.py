@@ -100,6 +100,40 @@ def _check_output(out: Path, out_format: str, overwrite: bool) -> None:
             )
 
 
+class _AlignInput:
+    """What alignment reads: an image folder (landmarks from --landmarks or its manifest), or a .rec /
+    a folder holding train.rec (landmarks from --landmarks or <stem>_landmarks.npy beside it, the
+    layout `vigface data toy --unaligned` writes)."""
+
+    def __init__(self, images: str | os.PathLike, landmarks: str | os.PathLike | None):
+        path = Path(images)
+        if path.suffix == ".rec" or (path.is_dir() and (path / "train.rec").is_file()):
+            from vigface.data.loaders.source import FaceSource  # the loaders' reader, only for a .rec
+
+            if landmarks is not None and not Path(landmarks).exists():
+                raise VigfaceError(f"--landmarks {landmarks}: no such file")
+            source = FaceSource(path, landmarks=landmarks, need_landmarks=True)
+            self.dataset, self.where = source.dataset, source.describe
+            self.points = source.landmarks
+            names_path = source.path.with_name(f"{source.path.stem}_identities.json")
+            names = json.loads(names_path.read_text()) if names_path.is_file() else {}
+            self.identities = [str(names.get(str(label), f"{label:06d}")) for label in source.labels]
+        else:
+            ds = ImageFolderDataset(path)
+            if len(ds) == 0:
+                raise VigfaceError(f"{images}: no images found")
+            self.dataset, self.where = ds, lambda i: str(ds.path(i))
+            self.points = load_landmarks(ds, landmarks)
+            self.identities = ds.identities
+        self.labels = np.asarray(self.dataset.labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.dataset[i]
+
+
 def align_image_folder(
     images: str | os.PathLike,
     out: str | os.PathLike,
@@ -113,17 +147,16 @@ def align_image_folder(
     progress: bool = True,
     overwrite: bool = False,
 ) -> dict:
-    """Align every image of the folder `images` into `out`; returns {"images", "identities"}.
+    """Align every image of `images` (an image folder or a .rec, see _AlignInput) into `out`; returns
+    {"images", "identities"}.
 
     An existing aligned output (a manifest, or the .rec) is replaced only with `overwrite`; a folder
     holding anything else is refused either way (checked before any image is read). `out_format`
     None: "rec" for an --out ending in .rec, else "folder"."""
     out_format = _output_format(Path(out), out_format)
     _check_output(Path(out), out_format, overwrite)
-    ds = ImageFolderDataset(images)
-    if len(ds) == 0:
-        raise VigfaceError(f"{images}: no images found")
-    points = load_landmarks(ds, landmarks)
+    ds = _AlignInput(images, landmarks)
+    points = ds.points
     # RecordIO wants each identity's images contiguous: a stable sort by label keeps file order.
     order = np.argsort(ds.labels, kind="stable") if out_format == "rec" else np.arange(len(ds))
     out = Path(out)
@@ -140,7 +173,7 @@ def align_image_folder(
             try:
                 aligned, matrix = align_faces(img, points[i], out_size=size, backend=backend)
             except VigfaceError as err:
-                raise VigfaceError(f"{ds.path(int(i))}: {err}") from None
+                raise VigfaceError(f"{ds.where(int(i))}: {err}") from None
             moved = transform_points(points[i], matrix)
             if out_format == "rec":
                 writer.add(aligned, label)
