@@ -253,3 +253,21 @@ def test_throughput_leaves_out_checkpoints_and_checkpoints_print_a_line(
     assert len(speeds) == 4 and min(speeds) > 1000
     printed = capsys.readouterr().out
     assert "step 2/4: loss " in printed and "step 4/4: loss " in printed and "checkpoint saved" in printed
+
+
+def test_resume_with_the_fr_model_moved_matches_it_by_its_weights(small_toy, fr_model, tmp_path):
+    """A moved stage-1 folder (same weights) was refused as "a different configuration"; another FR
+    model still is."""
+    moved_fr = shutil.copytree(fr_model, tmp_path / "fr_moved")
+    out = tmp_path / "run"
+    train_diffusion(tiny(small_toy, fr_model, out, steps=2, save_every=1))
+    summary = train_diffusion(tiny(small_toy, moved_fr, out, steps=3, save_every=1), resume=True)
+    assert summary["step"] == 3
+    assert json.loads((out / "denoiser.json").read_text())["fr_model"] == str(moved_fr)
+
+    other = shutil.copytree(fr_model, tmp_path / "fr_other")
+    meta = json.loads((other / "backbone.json").read_text())
+    meta["sha256"] = "0" * 64  # as a retrained model's would differ
+    (other / "backbone.json").write_text(json.dumps(meta))
+    with pytest.raises(VigfaceError, match="different configuration .*fr_model"):
+        train_diffusion(tiny(small_toy, other, out, steps=4, save_every=1), resume=True)

@@ -145,6 +145,11 @@ class _Run:
 
     def _load(self, folder: Path) -> None:
         tensors, meta = load_checkpoint(folder)
+        saved = meta.get("config", {})
+        moved = saved.get("fr_model") != self.config.fr_model
+        if moved and meta.get("fr_sha256") and meta["fr_sha256"] == self.fr_meta.get("sha256"):
+            # The same stage-1 weights in another folder (moved or copied): the run continues as it was.
+            meta = {**meta, "config": {**saved, "fr_model": self.config.fr_model}}
         check_resumable(self.config, meta, folder, self.world_size)
         self.denoiser.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         self.ema = {k[4:]: v.to(self.device) for k, v in tensors.items() if k.startswith("ema.")}
@@ -168,6 +173,7 @@ class _Run:
             tensors.update(opt_tensors)
             meta = {
                 "config": self.config.to_dict(),
+                "fr_sha256": self.fr_meta.get("sha256"),  # resuming with the FR model moved: same weights
                 "world_size": self.world_size,
                 "optimizer_scalars": scalars,
             }
