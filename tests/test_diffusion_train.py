@@ -208,6 +208,8 @@ def test_torchrun_two_gloo_processes(small_toy, fr_model, tmp_path):
     assert json.loads((latest_checkpoint(out) / "state.json").read_text())["world_size"] == 2
     steps = [r["step"] for r in metrics(out)]
     assert steps == [2, 3, 4, 6]  # every 2 steps and at each save, by rank 0 alone
+    assert done.stdout.count(f"wrote {out}") == 1  # one closing line, not one per rank
+    assert done.stdout.count("checkpoint saved") == 2  # steps 3 and 6, by rank 0
     weights = load_file(out / "denoiser.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
     with pytest.raises(VigfaceError, match="2 process"):

@@ -313,6 +313,15 @@ def test_eval_command_line(demo_run, capsys, tmp_path):
     # The real histograms come from the first 3 identities only: 3 x C(per_id, 2) genuine pairs.
     assert sweep["config"]["real_max_ids"] == 3
     assert sweep["real_data"]["genuine"]["pairs"] == 3 * TINY.per_id * (TINY.per_id - 1) // 2
+    # --fr-model: another FR folder measures (the paper's independent ResNet-18): other real-data scores
+    assert eval_cli.main(
+        ["cfg-sweep", str(out / "diffusion"), "--real", str(out / "toy" / "train.rec"),
+         "--work", str(tmp_path / "s2"), "--w", "1", "--num-ids", "2", "--per-id", "2", "--steps", "1",
+         "--real-max-ids", "3", "--fr-model", str(out / "fr_generated"), "--quiet"]
+    ) == 0  # fmt: skip
+    other = json.loads((tmp_path / "s2" / "report.json").read_text())["cfg_sweep"]["real_data"]["genuine"]
+    assert other["pairs"] == sweep["real_data"]["genuine"]["pairs"]
+    assert other["mean"] != pytest.approx(sweep["real_data"]["genuine"]["mean"], abs=1e-6)
     for bad in ("1", "-3", "x"):
         with pytest.raises(SystemExit) as stop:
             eval_cli.main(["cfg-sweep", "m", "--real", "r", "--work", "w", "--real-max-ids", bad])

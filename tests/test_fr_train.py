@@ -298,6 +298,7 @@ def test_torchrun_two_gloo_processes(small_toy, tmp_path):
     assert meta["world_size"] == 2
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps.count(2) == 1  # rank 0 logs alone
+    assert done.stdout.count(f"wrote {out}") == 1  # one copy of the closing lines, not one per rank
     with pytest.raises(VigfaceError, match="2 process"):
         train_fr(tiny_config(small_toy, out, epochs=3), resume=True)
 

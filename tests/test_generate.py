@@ -152,6 +152,7 @@ def test_torchrun_two_ranks_equal_one_process(denoiser_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     for name in ("train.rec", "train.idx", "train_landmarks.npy", "shards.jsonl"):
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    assert done.stdout.count(f"-> {two}") == 1  # one closing line, not one per rank
 
 
 def test_model_folder_generates_on_its_own(denoiser_dir, tmp_path):

@@ -26,6 +26,11 @@ FULL_DISK_HINT = (
 )
 
 
+def first_rank() -> bool:
+    """Whether this process prints a command's closing lines: rank 0 under torchrun, or the only one."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

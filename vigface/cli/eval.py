@@ -161,7 +161,12 @@ def _cmd_cfg_sweep(args) -> int:
         steps=args.steps, sampler=args.sampler, batch_size=args.batch_size,
         seed=args.seed, device=args.device, progress=not args.quiet, keep_images=args.keep_images,
     )  # fmt: skip
-    result = cfg_sweep(config)
+    fr_model = None
+    if args.fr_model:  # another FR model measures (the paper: an independent ResNet-18)
+        from vigface.fr.embed import load_backbone
+
+        fr_model, _ = load_backbone(args.fr_model, _device(args.device))
+    result = cfg_sweep(config, fr_model)
     print("w        " + " ".join(f"{w:>6g}" for w in result["w"]))
     for kind in ("real", "virtual"):
         for key in ("genuine", "imposter", "average"):
@@ -252,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("cfg-sweep", help="generate at several w, pick w by IoU with real data (Table 1)")
     s.add_argument("model", help="a denoiser folder")
     s.add_argument("--real", required=True, help="real data of the FR model (train.rec or image folder)")
+    s.add_argument(
+        "--fr-model",
+        help="the FR folder that measures the similarities (default: the one the denoiser was trained "
+        "against, wherever denoiser.json says it is; the paper uses an independent ResNet-18)",
+    )
     s.add_argument("--work", required=True, help="folder for the generated sets and the report")
     s.add_argument("--w", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
     s.add_argument("--num-ids", type=positive_int, default=20, help="identities per kind (default 20)")

@@ -12,9 +12,10 @@ result is byte-identical to an uninterrupted run.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from vigface.cli.common import positive_int, run_command
+from vigface.cli.common import first_rank, positive_int, run_command
 from vigface.diffusion.cfg import DEFAULT_W_REAL, DEFAULT_W_VIRTUAL
 from vigface.diffusion.sampling import ENGINES, KERNELS, SAMPLERS
 from vigface.engines.base import PRECISIONS
@@ -92,8 +93,11 @@ def _generate(args: argparse.Namespace) -> int:
         )
     values = {k: v for k, v in vars(args).items() if k != "quiet"}
     summary = generate_dataset(GenerationConfig(**values, progress=not args.quiet))
-    made = summary["generated"]
-    print(f"{summary['images']} images in {summary['shards']} shards ({made} made now) -> {summary['out']}")
+    if not first_rank():  # under torchrun, one copy of the closing line
+        return 0
+    # ranks make shards apart; the count of this process alone would mislead under torchrun
+    made = f" ({summary['generated']} made now)" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else ""
+    print(f"{summary['images']} images in {summary['shards']} shards{made} -> {summary['out']}")
     return 0
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vigface.cli.common import config_from_args, config_parser, run_command
+from vigface.cli.common import config_from_args, config_parser, first_rank, run_command
 from vigface.diffusion.attention import BACKENDS as ATTENTION_BACKENDS
 from vigface.diffusion.config import LR_DECAYS, DiffusionTrainConfig
 from vigface.diffusion.denoiser import ADALN, ARCHS, DENOISER_SIZES, PREDICTIONS
@@ -67,7 +67,8 @@ def _train(args: argparse.Namespace) -> int:
 
     config, resume = config_from_args(DiffusionTrainConfig, args, PROG, REQUIRED)
     summary = train_diffusion(config, resume=resume)
-    print(f"step {summary['step']}: wrote {summary['out']}")
+    if first_rank():  # under torchrun, one copy of the closing line
+        print(f"step {summary['step']}: wrote {summary['out']}")
     return 0
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vigface.cli.common import config_from_args, config_parser, run_command
+from vigface.cli.common import config_from_args, config_parser, first_rank, run_command
 from vigface.fr.config import AMP_MODES, LOADERS, LOSSES, OPTIMIZERS, FRTrainConfig
 from vigface.fr.iresnet import ARCHS
 from vigface.fr.margins import MARGINS
@@ -72,6 +72,8 @@ def _train(args: argparse.Namespace) -> int:
 
     config, resume = config_from_args(FRTrainConfig, args, "vigface-train-fr", REQUIRED)
     summary = train_fr(config, resume=resume)
+    if not first_rank():  # under torchrun, one copy of the closing lines
+        return 0
     if summary.get("prototype_stats"):
         stats = summary["prototype_stats"]
         cells = "  ".join(
