@@ -302,6 +302,10 @@ def test_eval_command_line(demo_run, capsys, tmp_path):
     printed = capsys.readouterr().out
     assert "real ids" in printed and "virtual ids" in printed and "IoU with real data" in printed
     assert (tmp_path / "m" / "report.html").is_file()
+    figures = json.loads((tmp_path / "m" / "report.json").read_text())["figures"]
+    assert {"samples_0", "samples_1", "samples_2"} <= set(figures)  # real data, real ids, virtual ids
+    with Image.open(tmp_path / "m" / figures["samples_1"]) as grid:  # a picture of faces, not an empty page
+        assert grid.size[0] > 200 and len(set(grid.convert("L").getdata())) > 50
     assert eval_cli.main(
         ["cfg-sweep", str(out / "diffusion"), "--real", str(out / "toy" / "train.rec"),
          "--work", str(tmp_path / "s"), "--w", "2", "1", "--num-ids", "2", "--per-id", "2", "--steps", "1",
@@ -310,6 +314,8 @@ def test_eval_command_line(demo_run, capsys, tmp_path):
     printed = capsys.readouterr().out
     sweep = json.loads((tmp_path / "s" / "report.json").read_text())["cfg_sweep"]
     assert sweep["w"] == [1.0, 2.0] and f"picked w: real ids {sweep['picked']['real']:g}" in printed
+    sweep_figures = json.loads((tmp_path / "s" / "report.json").read_text())["figures"]
+    assert {"samples_0", "samples_1"} <= set(sweep_figures)  # one grid per w
     # The real histograms come from the first 3 identities only: 3 x C(per_id, 2) genuine pairs.
     assert sweep["config"]["real_max_ids"] == 3
     assert sweep["real_data"]["genuine"]["pairs"] == 3 * TINY.per_id * (TINY.per_id - 1) // 2

@@ -582,3 +582,16 @@ def test_nvjpeg_workers_refuse_truncated_jpegs(aligned_rec):
     png = encode_image(render_aligned(1, 0, 0)[0], "png")
     pixels, is_jpeg = read_for_nvjpeg(png, "a.png")
     assert not is_jpeg and pixels.shape == (112, 112, 3)
+
+
+def test_images_of_several_sizes_name_the_way_out(tmp_path):
+    """Unaligned photos of several sizes: the error said "set aligned=False", a Python argument the
+    CLI does not have; it now names `vigface data align` first."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for size in (16, 24, 16, 24)]
+    write_image_folder(tmp_path / "mixed", images, [0, 0, 1, 1], fmt="png")
+    loader = make_loader(tmp_path / "mixed", 4, loader="torch", workers=0, image_size=None)
+    with pytest.raises(
+        VigfaceError, match=r"differ in shape.*; align them to one size first \(vigface data align\)"
+    ):
+        next(iter(loader))

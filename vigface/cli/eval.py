@@ -128,6 +128,9 @@ def _cmd_metrics(args) -> int:
             ),
             "metric_bars": ("CST / DIV / SEP", plots.metric_bars_png(metrics)),
         }
+        for n, (name, s) in enumerate(sets.items()):  # look at the faces, not only at their numbers
+            rows, labels = plots.grid_rows(s.images, s.labels, ids=6, per_id=8)
+            figures[f"samples_{n}"] = (f"Samples: {name}", plots.sample_grid_png(rows, labels, name))
         path = write_report(
             args.out,
             {"title": f"dataset metrics of {args.data}", "dataset_metrics": metrics,
@@ -166,7 +169,8 @@ def _cmd_cfg_sweep(args) -> int:
         from vigface.fr.embed import load_backbone
 
         fr_model, _ = load_backbone(args.fr_model, _device(args.device))
-    result = cfg_sweep(config, fr_model)
+    samples: dict = {}
+    result = cfg_sweep(config, fr_model, samples)
     print("w        " + " ".join(f"{w:>6g}" for w in result["w"]))
     for kind in ("real", "virtual"):
         for key in ("genuine", "imposter", "average"):
@@ -179,6 +183,8 @@ def _cmd_cfg_sweep(args) -> int:
             plots.similarity_histograms_png(result["histograms"]),
         ),
     }
+    for n, (w, (rows, names)) in enumerate(samples.items()):  # the faces each w makes
+        figures[f"samples_{n}"] = (f"Samples at w = {w:g}", plots.sample_grid_png(rows, names, f"w = {w:g}"))
     path = write_report(args.work, {"title": "classifier-free guidance sweep", "cfg_sweep": result}, figures)
     print(f"report: {path}")
     return 0

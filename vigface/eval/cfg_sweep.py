@@ -23,6 +23,7 @@ from vigface.data.alignment_check import check_dataset_alignment
 from vigface.data.files import write_atomically
 from vigface.errors import VigfaceError
 from vigface.eval.labelled_set import LabelledSet, read_labelled_set
+from vigface.eval.plots import grid_rows
 from vigface.eval.similarity import distribution_iou, genuine_imposter, histogram, summary
 
 PAPER_W = {"real": 0.5, "virtual": 2.5}
@@ -83,11 +84,13 @@ def _histograms(dist: tuple) -> dict:
     return {"genuine": histogram(dist[0]).tolist(), "imposter": histogram(dist[1]).tolist()}
 
 
-def cfg_sweep(config: SweepConfig, fr_model=None) -> dict:
+def cfg_sweep(config: SweepConfig, fr_model=None, samples: dict | None = None) -> dict:
     """Table 1 for our model: {"w", "real": [IoU rows], "virtual": [...], "picked", histograms}.
 
     `fr_model`: the backbone that measures similarity (default: the one the denoiser was trained
-    against; the paper uses an independent ResNet-18)."""
+    against; the paper uses an independent ResNet-18). `samples`, when given, receives per w the
+    images of the first 3 real and 3 virtual ids ({w: (rows, row names)}) for a report's grids,
+    taken before the generated sets are deleted."""
     from vigface.diffusion.model_folder import DENOISER_META, fr_model_dir
     from vigface.fr.embed import embed_images, load_backbone
 
@@ -123,6 +126,14 @@ def cfg_sweep(config: SweepConfig, fr_model=None) -> dict:
             }
             result[kind].append(row)
             result["histograms"][f"{kind} ids, w={w:g}"] = _histograms(dist)
+        if samples is not None:
+            rows, names = [], []
+            for kind in KINDS:
+                sel = gen.kinds == kind
+                kind_rows, kind_names = grid_rows(gen.images[sel], gen.labels[sel], ids=3, per_id=8)
+                rows += kind_rows
+                names += [f"{kind} {name}" for name in kind_names]
+            samples[w] = (rows, names)
         if not config.keep_images:
             shutil.rmtree(out, ignore_errors=True)
     result["picked"] = {

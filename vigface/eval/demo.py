@@ -264,14 +264,6 @@ def _matched_real(train_rec: Path, out_rec: Path, num_images: int, max_ids: int)
     return len(ids), per_id
 
 
-def _grid_rows(images: np.ndarray, labels: np.ndarray, ids: int, per_id: int) -> tuple[list, list]:
-    rows, names = [], []
-    for label in np.unique(labels)[:ids]:
-        rows.append(images[labels == label][:per_id])
-        names.append(f"id {label}")
-    return rows, names
-
-
 def run_demo(config: DemoConfig, out: str, resume: bool = False) -> dict:
     """Run the demo into `out` (or continue the one there); returns {"report": html path, "json": ...,
     "summary": ...}."""
@@ -418,7 +410,7 @@ def _run_demo(config: DemoConfig, out: str, resume: bool, lock: FolderLock) -> d
             metrics[name] = m
             g, i = genuine_imposter(emb, s.labels, seed=c.seed)
             hists[name] = {"genuine": histogram(g).tolist(), "imposter": histogram(i).tolist()}
-            images[name] = _grid_rows(s.images, s.labels, c.grid_ids, c.grid_per_id)
+            images[name] = plots.grid_rows(s.images, s.labels, c.grid_ids, c.grid_per_id)
         # Privacy: do generated faces look like the training people, more than never-seen people do?
         never_seen = embed_images(fr_real, load_verification_pairs(bins[0])[0], device=device)
         generated = {k: embeddings[k] for k in ("generated, real ids", "generated, virtual ids")}

@@ -34,6 +34,15 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def grid_rows(images: np.ndarray, labels: np.ndarray, ids: int, per_id: int) -> tuple[list, list]:
+    """The first `per_id` images of each of the first `ids` labels, and a row name per label."""
+    rows, names = [], []
+    for label in np.unique(labels)[:ids]:
+        rows.append(images[labels == label][:per_id])
+        names.append(f"id {label}")
+    return rows, names
+
+
 def sample_grid_png(rows: list[np.ndarray], row_labels: list[str], title: str = "") -> bytes:
     """rows[r]: uint8 (M, H, W, 3) images of identity r, drawn left to right."""
     plt = _pyplot()

@@ -127,7 +127,7 @@ def _stack(images: list) -> np.ndarray:
     for image in images:
         if image.shape != shape or image.dtype != np.uint8:
             raise VigfaceError(
-                "embed: images must be uint8 arrays of one shape; "
-                f"got {image.shape} {image.dtype} and {shape}"
+                f"embed: images must be uint8 arrays of one shape, got {image.shape} {image.dtype} and "
+                f"{shape}; align them to one size first (vigface data align)"
             )
     return np.stack(images)

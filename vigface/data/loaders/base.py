@@ -20,6 +20,12 @@ from vigface.data.loaders.normalise import flip_mask, resize_to
 from vigface.data.loaders.order import rank_batches, steps_per_epoch
 from vigface.data.loaders.source import FaceSource
 
+# What to do about images of several sizes (unaligned photos), named in every loader's error.
+ALIGN_HINT = (
+    "align them to one size first (vigface data align), or set aligned=False in make_loader to align "
+    "on the fly"
+)
+
 
 @dataclass(frozen=True)
 class LoaderOptions:

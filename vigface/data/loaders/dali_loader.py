@@ -31,7 +31,7 @@ import torch
 
 from vigface.data.align import arcface_template, estimate_similarity, invert_affine
 from vigface.data.images import decode_image
-from vigface.data.loaders.base import FaceLoader, Job, Produced
+from vigface.data.loaders.base import ALIGN_HINT, FaceLoader, Job, Produced
 from vigface.errors import BackendUnavailableError, VigfaceError
 
 
@@ -119,8 +119,7 @@ class DaliLoader(FaceLoader):
         shapes = {tuple(s) for s in out.shape()}
         if len(shapes) > 1:
             raise VigfaceError(
-                f"{self.source.path}: images in one batch differ in shape: {sorted(shapes)}; "
-                "set aligned=False or resize the dataset"
+                f"{self.source.path}: images in one batch differ in shape: {sorted(shapes)}; {ALIGN_HINT}"
             )
         from nvidia.dali.plugin.pytorch import feed_ndarray
 

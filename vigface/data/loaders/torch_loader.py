@@ -23,7 +23,7 @@ import torch
 
 from vigface.data.align import align_faces, arcface_template, estimate_similarity, warp_affine
 from vigface.data.images import decode_image
-from vigface.data.loaders.base import FaceLoader, Job, Produced
+from vigface.data.loaders.base import ALIGN_HINT, FaceLoader, Job, Produced
 from vigface.data.loaders.decoders import decode_jpegs_on_gpu, decode_torchvision, read_for_nvjpeg
 from vigface.data.loaders.normalise import normalise_uint8
 from vigface.errors import VigfaceError
@@ -113,7 +113,7 @@ class TorchLoader(FaceLoader):
             yield Produced(job, kept, x, failed)
 
     def _mixed_sizes(self, what: str) -> VigfaceError:
-        return VigfaceError(f"{self.source.path}: {what}; set aligned=False or resize the dataset")
+        return VigfaceError(f"{self.source.path}: {what}; {ALIGN_HINT}")
 
     def _decode_on_gpu(self, job: Job, kept: np.ndarray, payloads: list, is_jpeg: list, failed: list):
         """nvJPEG-decode (and align) one step's images on the device -> (kept, NHWC uint8 or None, failed)."""
