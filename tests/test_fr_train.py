@@ -251,7 +251,7 @@ def test_virtual_embeddings_prevent_prototype_collapse(small_toy, tmp_path):
     """Fig. 3a on the toy world: with eqs. 5-7 the virtual prototypes stay spread (V-V ~ 0);
     without them they drift together, V-V rising at every checkpoint, while the backbone learns
     in both runs (accuracy on held-out pairs well above the untrained network's)."""
-    common = dict(TINY, num_virtual=20, epochs=20, margin="cosface", lr_steps=[100], save_every=100)
+    common = dict(TINY, num_virtual=20, epochs=20, margin="cosface", lr_steps=[], save_every=100)
     common["keep_checkpoints"] = 10
     val = [str(small_toy / "toy_val.bin")]
     vv = {}
@@ -429,7 +429,7 @@ def test_throughput_leaves_out_validation_and_checkpoints(small_toy, tmp_path, m
     monkeypatch.setattr(trainer._Run, "evaluate", slow(trainer._Run.evaluate))
     monkeypatch.setattr(trainer._Run, "save", slow(trainer._Run.save))
     out = tmp_path / "run"
-    train_fr(tiny_config(small_toy, out, epochs=1, val=[str(small_toy / "toy_val.bin")]))
+    train_fr(tiny_config(small_toy, out, epochs=1, lr_steps=[], val=[str(small_toy / "toy_val.bin")]))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     speeds = [row["samples_per_s"] for row in rows if "samples_per_s" in row]
     assert len(speeds) >= 10 and min(speeds) > 1000

@@ -1,4 +1,4 @@
-"""The `vigface` command: `vigface data toy|info|align|merge` and `vigface demo`.
+"""The `vigface` command: `vigface data toy|info|align|merge|pairs` and `vigface demo`.
 
 Every user error (bad file, bad argument) ends as one line `vigface: error: ...` and exit
 status 2, never a traceback; an interrupted command exits 130 (SIGTERM: 143) and leaves no
@@ -80,6 +80,17 @@ def _cmd_data_merge(args: argparse.Namespace) -> int:
         f"merged {summary['images']} images of {summary['identities']} identities from "
         f"{len(summary['inputs'])} datasets into {args.out}"
         + ("" if summary["landmarks"] else " (no landmarks: not every input has them)")
+    )
+    return 0
+
+
+def _cmd_data_pairs(args: argparse.Namespace) -> int:
+    from vigface.data.pairs import make_pairs_bin
+
+    summary = make_pairs_bin(args.data, args.out, pairs=args.pairs, seed=args.seed, overwrite=args.overwrite)
+    print(
+        f"wrote {summary['pairs']} pairs ({summary['images']} images of {summary['identities']} identities, "
+        f"10 identity-disjoint folds) to {args.out}"
     )
     return 0
 
@@ -196,6 +207,22 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace a merged set already in --out")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(func=_cmd_data_merge)
+
+    pairs = data.add_parser(
+        "pairs",
+        help="verification pairs (.bin, 10 identity-disjoint folds) from an aligned dataset (--val, verify)",
+    )
+    pairs.add_argument("data", metavar="DATASET", help="aligned held-out images: a .rec, or an image folder")
+    pairs.add_argument("--out", required=True, help="the .bin to write")
+    pairs.add_argument(
+        "--pairs",
+        type=_positive_int,
+        default=6000,
+        help="pairs, half genuine (a multiple of 20; default 6000)",
+    )
+    pairs.add_argument("--seed", type=int, default=0, help="which pairs are drawn (default 0)")
+    pairs.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    pairs.set_defaults(func=_cmd_data_pairs)
 
     demo = top.add_parser(
         "demo",

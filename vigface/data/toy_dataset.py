@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,11 +34,10 @@ from vigface.data import toyfaces
 from vigface.data.files import write_atomically
 from vigface.data.images import encode_image
 from vigface.data.output_folder import refuse_foreign_output, remove_stale_temporaries
+from vigface.data.pairs import N_FOLDS, fold_pairs, write_pairs_bin
 from vigface.data.recordio import FaceRecordWriter
-from vigface.data.verification_bin import write_bin
 from vigface.errors import VigfaceError
 
-N_FOLDS = 10
 # Image-index offsets keep the nuisance streams of the three uses of an identity apart.
 _VAL_INDEX0 = 0
 _FRONTAL_INDEX0 = 10_000
@@ -92,30 +92,6 @@ def _render_all(jobs: list[tuple], pool, desc: str, progress: bool):
     yield from tqdm(results, total=len(jobs), desc=desc, unit="img", disable=not progress)
 
 
-def _fold_pairs(rng, ids, left, right, n_pos: int, n_neg: int, distinct: bool):
-    """Pairs of one fold: `n_pos` same-identity then `n_neg` different-identity pairs.
-
-    left[a] / right[a] are the image slots of identity a that may stand first / second in a
-    pair; `distinct` excludes pairing a slot with itself (when left is right).
-    """
-    candidates = [(a, i, j) for a in ids for i in left[a] for j in right[a] if not (distinct and j <= i)]
-    pick = rng.choice(len(candidates), size=n_pos, replace=len(candidates) < n_pos)
-    pairs = [(candidates[k][1], candidates[k][2]) for k in pick]
-    for _ in range(n_neg):
-        a, b = rng.choice(ids, size=2, replace=False)
-        pairs.append((int(rng.choice(left[a])), int(rng.choice(right[b]))))
-    return pairs, [True] * n_pos + [False] * n_neg
-
-
-def _write_pairs_bin(path: Path, encoded: list[bytes], pairs_by_fold) -> None:
-    images, issame = [], []
-    for pairs, same in pairs_by_fold:
-        for (i, j), s in zip(pairs, same, strict=True):
-            images += [encoded[i], encoded[j]]
-            issame.append(s)
-    write_bin(path, images, issame)
-
-
 # Every entry make_toy_dataset writes into its folder (a half-made one may hold any of them).
 TOY_FILES = (
     "train.rec", "train.idx", "train_landmarks.npy", "toy_val.bin", "toy_pose.bin", "identities.json",
@@ -123,10 +99,19 @@ TOY_FILES = (
 )  # fmt: skip
 
 
-def _ignore_interrupts() -> None:
-    # Ctrl-C reaches every process of the terminal's group: the main process stops the pool and
-    # cleans up, so workers ignore it instead of each printing a KeyboardInterrupt traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _start_pool(workers: int):
+    """A spawned pool whose workers ignore Ctrl-C from birth. The terminal sends it to every process
+    of the group; the main process stops the pool and cleans up, while a worker caught by it (even
+    while it is still starting up, before any initializer runs) printed a KeyboardInterrupt traceback.
+    An ignored signal stays ignored across exec, and Python then leaves it so."""
+    context = multiprocessing.get_context("spawn")
+    if threading.current_thread() is not threading.main_thread():
+        return context.Pool(workers)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return context.Pool(workers)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def make_toy_dataset(
@@ -147,11 +132,7 @@ def make_toy_dataset(
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or min(os.cpu_count() or 1, 8)
     # One pool for every phase (spawned: safe even after torch started threads in this process).
-    pool = (
-        multiprocessing.get_context("spawn").Pool(workers, initializer=_ignore_interrupts)
-        if workers > 1
-        else None
-    )
+    pool = _start_pool(workers) if workers > 1 else None
     try:
         return _make(out, cfg, pool, workers, progress)
     finally:
@@ -196,8 +177,8 @@ def _make(out: Path, cfg: ToyConfig, pool, workers: int, progress: bool) -> dict
         slots = {
             int(a): list(range(n * cfg.val_per_id, (n + 1) * cfg.val_per_id)) for n, a in enumerate(held_out)
         }
-        folds = [_fold_pairs(rng, [int(a) for a in g], slots, slots, n_half, n_half, True) for g in groups]
-        _write_pairs_bin(out / "toy_val.bin", encoded, folds)
+        folds = [fold_pairs(rng, [int(a) for a in g], slots, slots, n_half, n_half, True) for g in groups]
+        write_pairs_bin(out / "toy_val.bin", encoded, folds)
 
         # toy_pose.bin: frontal against profile views (the CFP-FP protocol).
         m = cfg.pose_per_id
@@ -215,9 +196,9 @@ def _make(out: Path, cfg: ToyConfig, pool, workers: int, progress: bool) -> dict
         frontal = {int(a): list(range(2 * n * m, 2 * n * m + m)) for n, a in enumerate(held_out)}
         profile = {int(a): list(range(2 * n * m + m, 2 * n * m + 2 * m)) for n, a in enumerate(held_out)}
         folds = [
-            _fold_pairs(rng, [int(a) for a in g], frontal, profile, n_half, n_half, False) for g in groups
+            fold_pairs(rng, [int(a) for a in g], frontal, profile, n_half, n_half, False) for g in groups
         ]
-        _write_pairs_bin(out / "toy_pose.bin", encoded, folds)
+        write_pairs_bin(out / "toy_pose.bin", encoded, folds)
         files += ["toy_val.bin", "toy_pose.bin"]
     timings["verification_seconds"] = time.perf_counter() - t1
 

@@ -1,0 +1,61 @@
+"""`vigface data pairs`: a verification .bin from your own aligned images, checked by hand."""
+
+import numpy as np
+import pytest
+
+from vigface.cli.main import main
+from vigface.data.image_folder import write_image_folder
+from vigface.data.images import encode_image
+from vigface.data.pairs import make_pairs_bin
+from vigface.data.verification_bin import read_bin
+from vigface.errors import VigfaceError
+
+
+def _folder(path, ids: int, per_id: int):
+    """ids x per_id distinct PNGs; image bytes -> identity, to check every pair by hand."""
+    images, labels, owner = [], [], {}
+    for a in range(ids):
+        for k in range(per_id):
+            pixels = np.random.default_rng([a, k]).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            images.append(pixels)
+            labels.append(a)
+            owner[encode_image(pixels, "png")] = a
+    write_image_folder(path, images, labels, fmt="png")
+    return owner
+
+
+def test_pairs_are_labelled_right_and_folds_share_no_identity(tmp_path):
+    owner = _folder(tmp_path / "held_out", ids=25, per_id=3)
+    summary = make_pairs_bin(tmp_path / "held_out", tmp_path / "val.bin", pairs=200, seed=1)
+    assert summary == {"pairs": 200, "identities": 25, "images": summary["images"]}
+    images, issame = read_bin(tmp_path / "val.bin")
+    assert len(issame) == 200 and issame.sum() == 100
+    who = [owner[bytes(b)] for b in images]
+    for p, same in enumerate(issame):  # each flag says whether the two images show one identity
+        assert (who[2 * p] == who[2 * p + 1]) == bool(same)
+        assert not same or images[2 * p] != images[2 * p + 1]  # never an image with itself
+    folds = [set(who[40 * f : 40 * (f + 1)]) for f in range(10)]  # 20 pairs = 40 images per fold
+    assert all(not (folds[f] & folds[g]) for f in range(10) for g in range(f))
+    assert [issame[20 * f : 20 * (f + 1)].sum() for f in range(10)] == [10] * 10
+    again = make_pairs_bin(tmp_path / "held_out", tmp_path / "again.bin", pairs=200, seed=1)
+    assert again == summary and (tmp_path / "again.bin").read_bytes() == (tmp_path / "val.bin").read_bytes()
+
+
+def test_bad_requests_are_one_line_errors(tmp_path, capsys):
+    _folder(tmp_path / "small", ids=12, per_id=2)
+    with pytest.raises(VigfaceError, match="12 identities have 2 or more images; 10 identity-disjoint folds"):
+        make_pairs_bin(tmp_path / "small", tmp_path / "x.bin", pairs=200)
+    with pytest.raises(VigfaceError, match="multiple of 20"):
+        make_pairs_bin(tmp_path / "small", tmp_path / "x.bin", pairs=30)
+    with pytest.raises(VigfaceError, match="must end in .bin"):
+        make_pairs_bin(tmp_path / "small", tmp_path / "x.rec", pairs=200)
+    _folder(tmp_path / "ok", ids=20, per_id=2)
+    assert (
+        main(["data", "pairs", str(tmp_path / "ok"), "--out", str(tmp_path / "v.bin"), "--pairs", "40"]) == 0
+    )
+    assert "wrote 40 pairs" in capsys.readouterr().out
+    assert (
+        main(["data", "pairs", str(tmp_path / "ok"), "--out", str(tmp_path / "v.bin"), "--pairs", "40"]) == 2
+    )
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert not list(tmp_path.glob("x.*"))
