@@ -392,3 +392,23 @@ def test_poses_outside_the_aligned_frame_are_warned_about(denoiser_dir, tmp_path
         f"vigface-gen: warning: poses {tmp_path / 'poses.npy'}: these landmarks do not look like aligned"
         in err
     )
+
+
+def test_prototypes_of_another_fr_model_are_warned_about(denoiser_dir, tmp_path, capsys):
+    """--prototypes from another FR model was accepted silently: prototypes now record their backbone."""
+    from safetensors import safe_open
+
+    own = denoiser_dir / "prototypes.safetensors"
+    with safe_open(str(own), framework="pt") as f:
+        recorded = f.metadata()["backbone_sha256"]
+    assert recorded == json.loads((denoiser_dir / "denoiser.json").read_text())["fr_sha256"]
+    args = ["--model", str(denoiser_dir), "--num-ids", "1", "--per-id", "2", "--steps", "2", "--quiet"]
+    assert gen_cli.main([*args, "--out", str(tmp_path / "a"), "--prototypes", str(own)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    other = tmp_path / "other.safetensors"
+    save_file(load_file(own), other, metadata={"backbone_sha256": "0" * 64})
+    assert gen_cli.main([*args, "--out", str(tmp_path / "b"), "--prototypes", str(other)]) == 0
+    assert (
+        f"vigface-gen: warning: --prototypes {other}: they come from another FR model"
+        in capsys.readouterr().err
+    )

@@ -43,3 +43,15 @@ def load_prototypes(path: str | Path) -> dict:
     if missing:
         raise DataFormatError(path, f"has no 2-D {' / '.join(missing)} prototype table")
     return {k: F.normalize(protos[k].float(), dim=1) for k in ("real", "virtual")}
+
+
+def prototypes_backbone_sha256(path: str | Path) -> str | None:
+    """The sha256 of the backbone whose feature space a prototypes file holds (recorded by the FR
+    trainer since prototypes carry it), or None for older files and unreadable ones."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return (f.metadata() or {}).get("backbone_sha256")
+    except (SafetensorError, OSError):
+        return None

@@ -70,7 +70,7 @@ def peer_average(method: str) -> float:
             return row[-1]
     # some methods have a row per dataset size; a name picks its first (0.5M) row
     names = ", ".join(dict.fromkeys(r[0] for r in PEER_TABLE))
-    raise VigfaceError(f"protocol: no peer named {method!r}; choose one of {names}")
+    raise VigfaceError(f"--real-reference: no peer named {method!r}; choose one of {names}")
 
 
 @dataclass

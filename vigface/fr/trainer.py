@@ -355,7 +355,12 @@ class _Run:
             "train_config": self.config.to_dict(),
         }
         _write_json(self.out / BACKBONE_META, meta)
-        save_file({"real": real.contiguous(), "virtual": virtual.contiguous()}, self.out / ".prototypes.tmp")
+        # which backbone's feature space they live in: vigface-gen --prototypes checks it
+        save_file(
+            {"real": real.contiguous(), "virtual": virtual.contiguous()},
+            self.out / ".prototypes.tmp",
+            metadata={"backbone_sha256": meta["sha256"]},
+        )
         usual_permissions(self.out / ".prototypes.tmp")
         os.replace(self.out / ".prototypes.tmp", self.out / "prototypes.safetensors")
         report = {

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,12 +45,13 @@ from vigface.diffusion.model_folder import (
     PROTOTYPES,
     fr_model_dir,
     load_prototypes,
+    prototypes_backbone_sha256,
 )
 from vigface.diffusion.pose import landmark_image
 from vigface.diffusion.sampling import ENGINES, KERNELS, SAMPLERS, FaceSampler
 from vigface.engines.base import PRECISIONS
 from vigface.engines.fused_update import plan_steps
-from vigface.errors import DataFormatError, VigfaceError
+from vigface.errors import DataFormatError, VigfaceError, VigfaceWarning
 from vigface.fr.distributed import finish_distributed, setup_distributed
 from vigface.fr.embed import file_sha256
 from vigface.fr.rng import step_seed
@@ -263,6 +265,16 @@ class _Generator:
             proto_path = fr_model_dir(c.model, self.sampler.meta) / PROTOTYPES
         if not proto_path.is_file():
             raise DataFormatError(proto_path, "prototypes not found (pass --prototypes)")
+        made_by = prototypes_backbone_sha256(proto_path)
+        trained_with = self.sampler.meta.get("fr_sha256")
+        if made_by and trained_with and made_by != trained_with and self.rank == 0:
+            warnings.warn(
+                VigfaceWarning(
+                    f"--prototypes {proto_path}: they come from another FR model than the one the denoiser "
+                    "was trained against (backbone sha256 differs), so its faces will not show their ids"
+                ),
+                stacklevel=2,
+            )
         self.prototypes = load_prototypes(proto_path)
         self.jobs = plan_jobs(c, len(self.prototypes["real"]), len(self.prototypes["virtual"]))
         self.table = _load_pose_table(c, train_config) if self.sampler.config.pose else None
