@@ -182,3 +182,19 @@ def test_a_killed_runs_temporaries_are_removed_by_the_next_run(tmp_path):
     alive.write_bytes(b"")
     make_toy_dataset(out, ToyConfig(ids=4, per_id=2, pairs=0, val_ids=2), workers=1, progress=False)
     assert not stale.exists() and alive.exists()
+
+
+def test_info_describes_model_and_run_folders(tiny_fr_model, tmp_path, capsys):
+    """`vigface data info runs/fr` said "no manifest.jsonl and no images"; it now describes the model."""
+    assert main(["data", "info", str(tiny_fr_model)]) == 0
+    out = capsys.readouterr().out
+    assert "kind: fr-model" in out and "prototypes: 40 real + 10 virtual" in out and "32-d" in out
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000003").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    assert main(["data", "info", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "kind: training run (not exported yet)" in out and "latest step_00000003" in out
+    (run / "backbone.json").write_text("[1, 2]")
+    assert main(["data", "info", str(run)]) == 2
+    assert "backbone.json: not a JSON object" in capsys.readouterr().err

@@ -132,6 +132,55 @@ def _merge_inputs(path: Path) -> list[str] | str:
         return f"unreadable {path.name} ({exc!r})"
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataFormatError(path, f"not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise DataFormatError(path, "not a JSON object")
+    return data
+
+
+def describe_model(path: Path) -> dict:
+    """A trained model or run folder: what the trainers write (backbone / denoiser / checkpoints)."""
+    info: dict = {"path": str(path)}
+    if (path / "backbone.json").is_file():
+        meta = _read_json(path / "backbone.json")
+        backbone = meta.get("backbone") or {}
+        margin = meta.get("margin") or {}
+        info.update(
+            kind="fr-model",
+            backbone=f"{backbone.get('arch')} width {backbone.get('width')}, "
+            f"{backbone.get('input_size')} px, {backbone.get('embedding_dim')}-d",
+            margin=f"{margin.get('kind')} (s {margin.get('scale')}, m {margin.get('margin')})",
+            prototypes=f"{meta.get('num_real')} real + {meta.get('num_virtual')} virtual",
+            step=meta.get("step"),
+            data=(meta.get("train_config") or {}).get("data"),
+        )
+    elif (path / "denoiser.json").is_file():
+        meta = _read_json(path / "denoiser.json")
+        den = meta.get("denoiser") or {}
+        info.update(
+            kind="denoiser",
+            denoiser=f"{den.get('arch')} {den.get('image_size')} px, patch {den.get('patch')}, width "
+            f"{den.get('width')}, depth {den.get('depth')}",
+            step=meta.get("step"),
+            fr_model=meta.get("fr_model"),
+            data=(meta.get("train_config") or {}).get("data"),
+        )
+    else:
+        info["kind"] = "training run (not exported yet)"
+    checkpoints = (
+        sorted(p.name for p in (path / "checkpoints").glob("step_*"))
+        if (path / "checkpoints").is_dir()
+        else []
+    )
+    if checkpoints:
+        info["checkpoints"] = f"{len(checkpoints)}, latest {checkpoints[-1]}"
+    return info
+
+
 def describe(path: str | os.PathLike) -> dict:
     """Summary of `path` as a flat dict; raises VigfaceError for what it cannot read."""
     path = Path(path)
@@ -153,6 +202,10 @@ def describe(path: str | os.PathLike) -> dict:
         return info
     if path.is_dir() and (path / "generation.json").is_file():
         return describe_generated(path)
+    if path.is_dir() and any((path / name).is_file() for name in ("backbone.json", "denoiser.json")):
+        return describe_model(path)
+    if path.is_dir() and (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+        return describe_model(path)
     if path.is_dir() and (path / "train.rec").is_file() and not (path / MANIFEST).exists():
         info = describe_rec(path / "train.rec")  # a folder holding train.rec, as the trainers take it
         if (path / "merge.json").is_file():
