@@ -1,5 +1,6 @@
 """Warnings when a dataset's landmarks say its faces are not aligned (they ran silently before)."""
 
+import json
 import warnings
 
 import numpy as np
@@ -59,3 +60,27 @@ def test_train_fr_on_unaligned_photos_warns_in_one_line(unaligned_toy, tmp_path,
     assert (
         f"vigface-train-fr: warning: --data {unaligned_toy}: these landmarks do not look like aligned" in err
     )
+
+
+def test_train_fr_aligns_unaligned_photos_on_the_fly(unaligned_toy, tmp_path, capsys, monkeypatch):
+    """--no-aligned: the loader warps each photo with its landmarks (beside the .rec) to the template;
+    it was reachable only from Python (make_loader(aligned=False)). No alignment warning then."""
+    import vigface.fr.trainer as trainer
+
+    seen = {}
+    real_make_loader = trainer.make_loader
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real_make_loader(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "make_loader", spy)
+    args = ["--data", str(unaligned_toy), "--out", str(tmp_path / "fr"), "--arch", "iresnet18",
+            "--width", "8", "--input-size", "32", "--embedding-dim", "16", "--batch-size", "8",
+            "--max-steps", "2", "--workers", "0", "--no-progress", "--lr-steps", "0.5",
+            "--no-aligned"]  # fmt: skip
+    assert train_fr_cli.main(args) == 0
+    assert seen["aligned"] is False and seen["landmarks"] is None and seen["image_size"] == 32
+    assert "warning" not in capsys.readouterr().err
+    config = json.loads((tmp_path / "fr" / "config.json").read_text())
+    assert config["aligned"] is False

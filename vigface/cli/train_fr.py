@@ -38,6 +38,10 @@ HELP = {
     "would take over 1/8 of the GPU's memory",
     "loader": "data loader: torch (PIL in worker processes, the reference) or dali (NVIDIA DALI, "
     "extra `dali`; same images and order, pixels within 1 level); auto: dali when installed",
+    "aligned": "the images are aligned crops; --no-aligned warps each one to the ArcFace template with its "
+    "5 landmarks on the fly (unaligned photos, as `vigface data align` would, without writing them)",
+    "landmarks": "with --no-aligned: the (N, 5, 2) .npy or .jsonl table (default: <stem>_landmarks.npy "
+    "beside the .rec, or the folder manifest's landmarks)",
     "batch_size": "images per rank per step",
     "max_steps": "stop after this many steps (default: epochs x steps per epoch)",
     "lr_steps": "epochs at which the lr is multiplied by --lr-decay",

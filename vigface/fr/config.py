@@ -75,6 +75,8 @@ class FRTrainConfig:
     channels_last: bool | None = None  # None: on for CUDA
     compile: bool = False
     loader: str = "torch"  # torch (reference) | dali (extra `dali`) | auto (dali when installed)
+    aligned: bool = True  # False: warp each image to the ArcFace template with its landmarks, on the fly
+    landmarks: str | None = None  # aligned=False: the table (default: beside the .rec, or the manifest's)
     flip: bool = True
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda (under torchrun: cuda:<LOCAL_RANK>)

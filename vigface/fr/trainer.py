@@ -99,7 +99,7 @@ class _Run:
                 ),
                 stacklevel=2,
             )
-        if self.is_main:
+        if self.is_main and config.aligned:  # --no-aligned data is unaligned by design
             check_dataset_alignment(config.data, "--data")
         checkpoint = resume_point(self.out, resume)
         # Decoding, flips and normalisation: vigface.data.loaders (the "torch" loader computes
@@ -111,6 +111,7 @@ class _Run:
             config.data, config.batch_size, loader=config.loader, rank=self.rank, world_size=self.world_size,
             shuffle=True, seed=config.seed, drop_last=True, device=self.device, image_size=config.input_size,
             flip=config.flip, workers=config.workers, channels_last=self.channels_last,
+            aligned=config.aligned, landmarks=config.landmarks,
         )  # fmt: skip
         self.dataset = self.loader.source
         self.num_real = self.dataset.num_classes

@@ -22,8 +22,8 @@ from vigface.data.loaders.source import FaceSource
 
 # What to do about images of several sizes (unaligned photos), named in every loader's error.
 ALIGN_HINT = (
-    "align them to one size first (vigface data align), or set aligned=False in make_loader to align "
-    "on the fly"
+    "align them to one size first (vigface data align), or align them on the fly with their landmarks "
+    "(vigface-train-fr --no-aligned; make_loader(aligned=False))"
 )
 
 
