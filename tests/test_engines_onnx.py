@@ -115,3 +115,24 @@ def test_vigface_export_writes_a_checked_onnx_and_gen_refuses_other_weights(mode
         create_engine("onnx", tiny_denoiser(seed=9), SCHEDULE, "cpu", onnx_path=path)
     assert export_cli.main(["--model", str(model_dir), "--precision", "bf16"]) == 2
     assert "the onnx export is float32" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # one more dynamo export (~20-40 s on 2 cores)
+def test_the_export_prints_nothing_about_torchvision():
+    """The exporter logged "torchvision is not installed. Skipping torchvision::nms" (4 lines, even under
+    vigface-gen --quiet); the denoiser has no torchvision op. torch's log handler writes to the stderr
+    it found at import, so this runs in a fresh process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from test_engines import tiny_denoiser; "
+        "from vigface.engines.export import export_onnx; print(export_onnx(tiny_denoiser())[1])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "dynamo", done.stderr[-2000:]
+    assert "torchvision" not in done.stderr

@@ -110,12 +110,20 @@ def _export_dynamo(net, args, names, opset) -> bytes:
 
     batch = torch.export.Dim("batch", min=1, max=4096)
     shapes = {name: {0: batch} for name in names}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            net, args, input_names=names, output_names=["out"], opset_version=opset, dynamo=True,
-            dynamic_shapes=shapes, external_data=False, verbose=False,
-        )  # fmt: skip
+    # Without torchvision the exporter logs a warning per torchvision op it will not register (nms,
+    # roi_align, ...): none is in the denoiser, so they would only be noise, even under --quiet.
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                net, args, input_names=names, output_names=["out"], opset_version=opset, dynamo=True,
+                dynamic_shapes=shapes, external_data=False, verbose=False,
+            )  # fmt: skip
+    finally:
+        onnx_log.setLevel(level)
     return program.model_proto.SerializeToString()
 
 
