@@ -451,3 +451,25 @@ def test_lr_steps_past_the_run_are_warned_about_in_one_line(small_toy, tmp_path,
         train_cli.main([*tiny_args(small_toy, tmp_path / "p"), "--max-steps", "1"]) == 0
     )  # steps at 1.5 of 2
     assert "warning" not in capsys.readouterr().err
+
+
+def test_sigterm_to_the_process_group_stops_in_one_line(small_toy, tmp_path):
+    """`timeout` / a scheduler signals the whole group: the loader workers died first and the trainer
+    failed with "DataLoader worker ... is killed by signal: Terminated" (exit 1, a traceback)."""
+    out = tmp_path / "run"
+    args = tiny_args(small_toy, out)
+    args[args.index("--workers") + 1] = "2"
+    args[args.index("--epochs") + 1] = "200"
+    cmd = [sys.executable, "-m", "vigface.cli.train_fr", *args, "--lr-steps", "150"]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == "vigface-train-fr: terminated" and "Traceback" not in err

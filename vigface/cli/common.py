@@ -90,6 +90,9 @@ def run_command(prog: str, func, args) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # safetensors' SafetensorError is not an OSError
+        if _STOP["terminated"]:  # an error the stop itself caused (a loader worker it killed first)
+            print(f"{prog}: terminated", file=sys.stderr)
+            return 128 + signal.SIGTERM
         os_error = _safetensors_os_error(err)
         line = None if os_error is None else _os_error_line(os_error)
         if line is None:
@@ -114,7 +117,13 @@ def _one_line_warnings(prog: str, fallback):
     return show
 
 
+_STOP = {"terminated": False}
+
+
 def _terminate(signum, frame):
+    if _STOP["terminated"]:
+        return  # one Terminated is enough; a second would interrupt the cleanup of the first
+    _STOP["terminated"] = True
     raise Terminated()
 
 
@@ -123,6 +132,7 @@ def _raise_on_sigterm():
     replaced, or None where it could not install one."""
     if threading.current_thread() is not threading.main_thread():
         return None
+    _STOP["terminated"] = False
     return signal.signal(signal.SIGTERM, _terminate)
 
 

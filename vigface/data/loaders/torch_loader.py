@@ -16,6 +16,7 @@ faithfully): an image that fails comes back as its reason, and the batch goes on
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -80,6 +81,14 @@ def collate_payloads(items) -> tuple[np.ndarray, list, list, list]:
             failed)  # fmt: skip
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    # Ctrl-C and a scheduler's SIGTERM reach the whole process group: the main process stops and shuts
+    # the workers down. A worker killed by it first made the main process fail with "DataLoader
+    # worker ... is killed by signal: Terminated" (a traceback) instead of stopping cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class TorchLoader(FaceLoader):
     name = "torch"
 
@@ -97,6 +106,7 @@ class TorchLoader(FaceLoader):
             num_workers=o.workers,
             collate_fn=collate_payloads if gpu_decode else collate_kept,
             pin_memory=o.device.type == "cuda" and not gpu_decode,
+            worker_init_fn=_ignore_stop_signals if o.workers else None,
         )
         for job, collated in zip(jobs, loader, strict=True):
             if gpu_decode:
