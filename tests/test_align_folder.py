@@ -182,6 +182,18 @@ def test_a_rec_with_its_landmarks_aligns_like_the_folder_route(tmp_path, capsys)
         "1": "000001",
         "2": "000002",
     }
+    # the input itself is never the output (it replaced raw/train.rec with aligned faces, toy.json intact)
+    before = (raw / "train.rec").read_bytes()
+    for out in (raw / "train.rec", raw):
+        own = ["data", "align", "--images", str(raw), "--out", str(out), "--format", "rec", "--overwrite"]
+        assert main([*own, "--quiet"]) == 2
+        assert "writes over the input" in capsys.readouterr().err
+    assert (raw / "train.rec").read_bytes() == before
+    # a damaged identities table beside the input is one line
+    (raw / "train_identities.json").write_text("[1, 2]")
+    assert main(["data", "align", "--images", str(raw), "--out", str(tmp_path / "c.rec"), "--quiet"]) == 2
+    assert "train_identities.json: must be a JSON object" in capsys.readouterr().err
+    (raw / "train_identities.json").unlink()
     # an explicit table that is missing is named
     args = ["data", "align", "--images", str(raw / "train.rec"), "--landmarks", str(tmp_path / "no.npy"),
             "--out", str(tmp_path / "b.rec"), "--quiet"]  # fmt: skip

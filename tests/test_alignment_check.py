@@ -84,3 +84,11 @@ def test_train_fr_aligns_unaligned_photos_on_the_fly(unaligned_toy, tmp_path, ca
     assert "warning" not in capsys.readouterr().err
     config = json.loads((tmp_path / "fr" / "config.json").read_text())
     assert config["aligned"] is False
+
+
+def test_landmarks_without_no_aligned_are_refused(small_toy, tmp_path, capsys):
+    """--landmarks was ignored silently for aligned data (it is read only when aligning on the fly)."""
+    args = ["--data", str(small_toy), "--out", str(tmp_path / "fr"), "--landmarks", str(small_toy / "x.npy")]
+    assert train_fr_cli.main(args) == 2
+    assert "landmarks (--landmarks) is read only with --no-aligned" in capsys.readouterr().err
+    assert not (tmp_path / "fr").exists()

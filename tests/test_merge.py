@@ -141,8 +141,17 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path):
         assert not out.exists()
     with pytest.raises(VigfaceError, match="is also an input"):
         merge_datasets([a, b], a, progress=False)
+    with pytest.raises(VigfaceError, match="lies inside .*the input"):  # it would become an identity of a
+        merge_datasets([a, b], a / "merged", progress=False)
+    assert not (a / "merged").exists()
     with pytest.raises(VigfaceError, match="must be a folder"):
         merge_datasets([a, b], tmp_path / "x.rec", progress=False)
+
+    unfinished = tmp_path / "unfinished_gen"
+    (unfinished / "shards").mkdir(parents=True)
+    (unfinished / "generation.json").write_text("{}")
+    with pytest.raises(VigfaceError, match="not finished .*run the same vigface-gen command again"):
+        merge_datasets([a, unfinished], out, progress=False)
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -158,6 +167,19 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path):
     assert (out / "train.rec").read_bytes() == before
     merge_datasets([b, a], out, overwrite=True, progress=False)
     assert [seed for seed, _ in _read(out)] == [10, 11, 0, 1]
+
+
+def test_rows_an_input_lacks_stay_nan_and_are_counted(tmp_path):
+    folder = tmp_path / "folder"
+    with ImageFolderWriter(folder, fmt="png") as writer:
+        writer.add(_image(40), 0, landmarks=np.full((5, 2), 4000.0))
+        writer.add(_image(41), 0)  # no landmarks in its manifest line
+    rec = _rec(tmp_path / "rec", [0], first_seed=42)
+    summary = merge_datasets([folder, rec], tmp_path / "m", real_ids="join", progress=False)
+    table = np.load(tmp_path / "m" / "train_landmarks.npy")
+    assert np.isnan(table[1]).all() and table[0, 0, 0] == 4000.0 and table[2, 0, 0] == 4200.0
+    assert summary["landmarks"] is True and summary["landmark_rows_missing"] == 1
+    assert summary["real_ids"] is None  # no generated real ids: nothing was joined
 
 
 def test_an_input_without_landmarks_drops_the_table_and_says_which(tmp_path):

@@ -8,7 +8,7 @@ from vigface.data.image_folder import write_image_folder
 from vigface.data.images import encode_image
 from vigface.data.pairs import make_pairs_bin
 from vigface.data.verification_bin import read_bin
-from vigface.errors import VigfaceError
+from vigface.errors import VigfaceError, VigfaceWarning
 
 
 def _folder(path, ids: int, per_id: int):
@@ -26,9 +26,13 @@ def _folder(path, ids: int, per_id: int):
 
 def test_pairs_are_labelled_right_and_folds_share_no_identity(tmp_path):
     owner = _folder(tmp_path / "held_out", ids=25, per_id=3)
-    summary = make_pairs_bin(tmp_path / "held_out", tmp_path / "val.bin", pairs=200, seed=1)
-    assert summary == {"pairs": 200, "identities": 25, "images": summary["images"]}
+    # 2-3 identities x 3 images per fold hold fewer than its 10 genuine pairs: some repeat, and it says so
+    with pytest.warns(VigfaceWarning, match=r"of the 200 pairs repeat another"):
+        summary = make_pairs_bin(tmp_path / "held_out", tmp_path / "val.bin", pairs=200, seed=1)
+    assert (summary["pairs"], summary["identities"]) == (200, 25)
     images, issame = read_bin(tmp_path / "val.bin")
+    drawn = [tuple(sorted((bytes(images[2 * p]), bytes(images[2 * p + 1])))) for p in range(200)]
+    assert summary["repeated"] == 200 - len(set(drawn)) > 0
     assert len(issame) == 200 and issame.sum() == 100
     who = [owner[bytes(b)] for b in images]
     for p, same in enumerate(issame):  # each flag says whether the two images show one identity
@@ -37,7 +41,8 @@ def test_pairs_are_labelled_right_and_folds_share_no_identity(tmp_path):
     folds = [set(who[40 * f : 40 * (f + 1)]) for f in range(10)]  # 20 pairs = 40 images per fold
     assert all(not (folds[f] & folds[g]) for f in range(10) for g in range(f))
     assert [issame[20 * f : 20 * (f + 1)].sum() for f in range(10)] == [10] * 10
-    again = make_pairs_bin(tmp_path / "held_out", tmp_path / "again.bin", pairs=200, seed=1)
+    with pytest.warns(VigfaceWarning):
+        again = make_pairs_bin(tmp_path / "held_out", tmp_path / "again.bin", pairs=200, seed=1)
     assert again == summary and (tmp_path / "again.bin").read_bytes() == (tmp_path / "val.bin").read_bytes()
 
 
@@ -49,6 +54,11 @@ def test_bad_requests_are_one_line_errors(tmp_path, capsys):
         make_pairs_bin(tmp_path / "small", tmp_path / "x.bin", pairs=30)
     with pytest.raises(VigfaceError, match="must end in .bin"):
         make_pairs_bin(tmp_path / "small", tmp_path / "x.rec", pairs=200)
+    with pytest.raises(VigfaceError, match="--seed must be >= 0"):
+        make_pairs_bin(tmp_path / "small", tmp_path / "x.bin", pairs=200, seed=-3)
+    (tmp_path / "d.bin").mkdir()
+    with pytest.raises(VigfaceError, match="is a folder"):
+        make_pairs_bin(tmp_path / "small", tmp_path / "d.bin", pairs=200, overwrite=True)
     _folder(tmp_path / "ok", ids=20, per_id=2)
     assert (
         main(["data", "pairs", str(tmp_path / "ok"), "--out", str(tmp_path / "v.bin"), "--pairs", "40"]) == 0

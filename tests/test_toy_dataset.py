@@ -178,10 +178,18 @@ def test_a_killed_runs_temporaries_are_removed_by_the_next_run(tmp_path):
     )
     stale = out / f"train.rec.{int(dead.stdout)}.tmp"
     stale.write_bytes(b"half a file")
+    hidden = out / f".toy.json.{int(dead.stdout)}.tmp"  # write_atomically's temporary name
+    hidden.write_text("{")
     alive = out / f"train.idx.{os.getppid()}.tmp"  # a writer that still runs: left alone
     alive.write_bytes(b"")
     make_toy_dataset(out, ToyConfig(ids=4, per_id=2, pairs=0, val_ids=2), workers=1, progress=False)
-    assert not stale.exists() and alive.exists()
+    assert not stale.exists() and not hidden.exists() and alive.exists()
+
+
+def test_a_negative_seed_is_a_one_line_error(tmp_path, capsys):
+    assert main(["data", "toy", "--out", str(tmp_path / "t"), "--seed", "-1", "--quiet"]) == 2
+    assert "--seed must be >= 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
 
 
 def test_info_describes_model_and_run_folders(tiny_fr_model, tmp_path, capsys):
@@ -190,8 +198,12 @@ def test_info_describes_model_and_run_folders(tiny_fr_model, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "kind: fr-model" in out and "prototypes: 40 real + 10 virtual" in out and "32-d" in out
     run = tmp_path / "run"
-    (run / "checkpoints" / "step_00000003").mkdir(parents=True)
+    run.mkdir()
     (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("")
+    assert main(["data", "info", str(run)]) == 0  # stopped before its first checkpoint
+    assert "kind: training run (not exported yet)" in capsys.readouterr().out
+    (run / "checkpoints" / "step_00000003").mkdir(parents=True)
     assert main(["data", "info", str(run)]) == 0
     out = capsys.readouterr().out
     assert "kind: training run (not exported yet)" in out and "latest step_00000003" in out

@@ -10,6 +10,7 @@ when built (bit-identical to the NumPy reference).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -81,14 +82,38 @@ def _output_format(out: Path, out_format: str | None) -> str:
     return out_format
 
 
+def _check_not_the_input(images: Path, out: Path, out_format: str) -> None:
+    """Refuse an --out that writes over the input: its .rec, or into its folder."""
+    source = images / "train.rec" if images.is_dir() and (images / "train.rec").is_file() else images
+    is_rec = source.suffix == ".rec"
+    source_folder = (source.parent if is_rec else source).resolve()
+    if out_format == "rec":
+        rec = out if out.suffix == ".rec" else out / "train.rec"
+        clash = rec.resolve() == source.resolve() or (not is_rec and rec.parent.resolve() == source_folder)
+    else:
+        clash = out.resolve() == source_folder
+    if clash:
+        raise VigfaceError(f"--out {out}: writes over the input {images}; write the aligned set elsewhere")
+
+
 def _check_output(out: Path, out_format: str, overwrite: bool) -> None:
     if out_format == "rec":
         rec = out if out.suffix == ".rec" else out / "train.rec"
+        if rec.is_dir():
+            raise VigfaceError(f"--out {rec}: is a folder; a RecordIO file is written there")
         if rec.exists() and not overwrite:
             raise VigfaceError(f"{rec}: already exists; pass --overwrite to replace it")
         if rec.parent == out:  # --out is a folder: it receives train.rec and its companions only
             refuse_foreign_output(out, own=ALIGN_REC_FILES, what="align")
-        remove_stale_temporaries(rec.parent, own=(rec.name, rec.with_suffix(".idx").name))
+        remove_stale_temporaries(
+            rec.parent,
+            own=[
+                rec.name,
+                rec.with_suffix(".idx").name,
+                f"{rec.stem}_landmarks.npy",
+                f"{rec.stem}_identities.json",
+            ],
+        )
     elif out_format == "folder":
         if (out / MANIFEST).exists():
             if not overwrite:
@@ -98,6 +123,17 @@ def _check_output(out: Path, out_format: str, overwrite: bool) -> None:
                 f"{out}: not empty and holds no {MANIFEST} (not an aligned folder); choose an empty or new "
                 "folder, or pass --overwrite to write into it"
             )
+
+
+def _identity_names(path: Path) -> dict:
+    """{label (str): identity name} from a `<stem>_identities.json`."""
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataFormatError(path, f"not readable JSON ({exc})") from None
+    if not isinstance(names, dict):
+        raise DataFormatError(path, "must be a JSON object {label: identity name}")
+    return names
 
 
 class _AlignInput:
@@ -116,7 +152,7 @@ class _AlignInput:
             self.dataset, self.where = source.dataset, source.describe
             self.points = source.landmarks
             names_path = source.path.with_name(f"{source.path.stem}_identities.json")
-            names = json.loads(names_path.read_text()) if names_path.is_file() else {}
+            names = _identity_names(names_path) if names_path.is_file() else {}
             self.identities = [str(names.get(str(label), f"{label:06d}")) for label in source.labels]
         else:
             ds = ImageFolderDataset(path)
@@ -154,6 +190,7 @@ def align_image_folder(
     holding anything else is refused either way (checked before any image is read). `out_format`
     None: "rec" for an --out ending in .rec, else "folder"."""
     out_format = _output_format(Path(out), out_format)
+    _check_not_the_input(Path(images), Path(out), out_format)
     _check_output(Path(out), out_format, overwrite)
     ds = _AlignInput(images, landmarks)
     points = ds.points
@@ -182,11 +219,9 @@ def align_image_folder(
                 writer.add(aligned, label, identity=ds.identities[i], landmarks=moved)
     if out_format == "rec":
         rec = out / "train.rec" if out.is_dir() else out
-        target = rec.with_name(rec.stem + "_landmarks.npy")
-        tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, aligned_points)
-        os.replace(tmp, target)
+        buffer = io.BytesIO()
+        np.save(buffer, aligned_points)
+        write_atomically(rec.with_name(rec.stem + "_landmarks.npy"), buffer.getvalue())
         # A .rec keeps labels only: the identity (folder) name of each label goes beside it.
         names = dict(zip(ds.labels.tolist(), ds.identities, strict=True))
         write_atomically(rec.with_name(rec.stem + "_identities.json"), json.dumps(names, indent=0) + "\n")

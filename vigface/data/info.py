@@ -204,8 +204,8 @@ def describe(path: str | os.PathLike) -> dict:
         return describe_generated(path)
     if path.is_dir() and any((path / name).is_file() for name in ("backbone.json", "denoiser.json")):
         return describe_model(path)
-    if path.is_dir() and (path / "config.json").is_file() and (path / "checkpoints").is_dir():
-        return describe_model(path)
+    if path.is_dir() and (path / "config.json").is_file() and (path / "metrics.jsonl").is_file():
+        return describe_model(path)  # a training run, perhaps before its first checkpoint
     if path.is_dir() and (path / "train.rec").is_file() and not (path / MANIFEST).exists():
         info = describe_rec(path / "train.rec")  # a folder holding train.rec, as the trainers take it
         if (path / "merge.json").is_file():

@@ -90,9 +90,14 @@ def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
         raise VigfaceError(f"--out {out}: must be a folder (it receives train.rec, train.idx, merge.json)")
     resolved = out.resolve()
     for path in inputs:
-        folder = path if path.is_dir() else path.parent
-        if folder.resolve() == resolved:
+        folder = (path if path.is_dir() else path.parent).resolve()
+        if folder == resolved:
             raise VigfaceError(f"--out {out}: is also an input; write the merged set to another folder")
+        if folder in resolved.parents or resolved in folder.parents:
+            # inside an image folder it would become an identity folder of that input
+            raise VigfaceError(
+                f"--out {out}: lies inside (or around) the input {path}; choose a folder apart"
+            )
     refuse_foreign_output(out, own=MERGE_FILES, what="vigface data merge")
     if (out / "train.rec").exists() and not overwrite:
         raise VigfaceError(f"{out / 'train.rec'}: already exists; pass --overwrite to replace it")
@@ -159,9 +164,11 @@ def merge_datasets(
 ) -> dict:
     """Write the inputs as one train.rec in `out`; returns what merge.json records.
 
-    Everything is checked before the first image is written (paths, image sizes, landmark tables,
-    the label mapping); the .rec appears by atomic rename, and merge.json last, so a folder holding
-    merge.json holds a finished merge."""
+    Checked before the first image is written: the paths, each input's image size (from its first
+    image: a dataset mixing sizes inside is not read whole here), its landmark table and the label
+    mapping. The .rec appears by atomic rename, and merge.json last, so a folder holding merge.json
+    holds a finished merge. Landmark rows an input lacks (NaN in a manifest) stay NaN, as the loaders
+    expect (they skip such images when aligning on the fly); merge.json counts them."""
     paths = [Path(p) for p in inputs]
     out = Path(out)
     if len(paths) < 2:
@@ -208,9 +215,11 @@ def merge_datasets(
         "images": int(len(labels)),
         "identities": int(len(np.unique(labels))),
         "num_classes": int(labels.max()) + 1,
-        "real_ids": real_ids,
+        "real_ids": real_ids if any(len(x.real_labels()) for x in sources) else None,
         "landmarks": keep_landmarks,
     }
+    if keep_landmarks:
+        summary["landmark_rows_missing"] = int((~np.isfinite(table).all(axis=(1, 2))).sum())
     if not keep_landmarks:
         missing = [str(x.path) for x, t in zip(sources, tables, strict=True) if t is None]
         summary["landmarks_missing_in"] = missing

@@ -45,12 +45,12 @@ def _running(pid: int) -> bool:
 
 
 def remove_stale_temporaries(out: Path, *, own: Collection[str]) -> list[str]:
-    """Delete `<name>.<pid>.tmp` files of `own` outputs whose writer no longer runs (a `kill -9`
-    leaves them: every other way out removes its own); returns the names removed."""
+    """Delete `<name>.<pid>.tmp` (and `.<name>.<pid>.tmp`) files of `own` outputs whose writer no longer
+    runs (a `kill -9` leaves them: every other way out removes its own); returns the names removed."""
     removed = []
     if out.is_dir():
         for path in out.glob("*.tmp"):
-            match = re.fullmatch(r"(.+)\.(\d+)\.tmp", path.name)
+            match = re.fullmatch(r"\.?(.+)\.(\d+)\.tmp", path.name)  # write_atomically's: .<name>.<pid>.tmp
             if match and match.group(1) in own and not _running(int(match.group(2))):
                 path.unlink(missing_ok=True)
                 removed.append(path.name)

@@ -8,12 +8,13 @@ one from any aligned dataset (a held-out part of your own data), so training can
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from vigface.data.verification_bin import write_bin
-from vigface.errors import VigfaceError
+from vigface.errors import VigfaceError, VigfaceWarning
 
 N_FOLDS = 10
 
@@ -55,7 +56,8 @@ def make_pairs_bin(
 
     Identities are shuffled and split into 10 folds; each fold's pairs use its own identities only,
     so the 10-fold protocol never tunes its threshold on a test identity. Images are copied as
-    encoded. Returns {"pairs", "identities", "images"}."""
+    encoded. Pairs are drawn at random, so a small set may repeat some: that is warned about.
+    Returns {"pairs", "identities", "images", "repeated"}."""
     from vigface.data.alignment_check import check_dataset_alignment
     from vigface.data.loaders.source import FaceSource
 
@@ -64,8 +66,12 @@ def make_pairs_bin(
         raise VigfaceError(
             f"--pairs {pairs}: must be a positive multiple of {2 * N_FOLDS} (10 folds, half genuine)"
         )
+    if seed < 0:
+        raise VigfaceError(f"--seed must be >= 0, got {seed}")
     if out.suffix != ".bin":
         raise VigfaceError(f"--out {out}: must end in .bin")
+    if out.is_dir():
+        raise VigfaceError(f"--out {out}: is a folder; the .bin file is written there")
     if out.exists() and not overwrite:
         raise VigfaceError(f"{out}: already exists; pass --overwrite to replace it")
     source = FaceSource(data)
@@ -83,7 +89,17 @@ def make_pairs_bin(
     slots = {int(a): np.flatnonzero(labels == a).tolist() for a in ids}
     n_half = pairs // (2 * N_FOLDS)
     folds = [fold_pairs(rng, [int(a) for a in g], slots, slots, n_half, n_half, True) for g in groups]
+    drawn = [tuple(sorted(pair)) for fold, _ in folds for pair in fold]
+    repeats = len(drawn) - len(set(drawn))
+    if repeats:  # too few images per identity (or identities) for this many distinct pairs
+        warnings.warn(
+            VigfaceWarning(
+                f"{data}: {repeats} of the {pairs} pairs repeat another; ask for fewer --pairs, or hold out "
+                "more identities or images"
+            ),
+            stacklevel=2,
+        )
     used = sorted({i for fold, _ in folds for pair in fold for i in pair})
     encoded = {i: source.encoded(i) for i in used}
     write_pairs_bin(out, encoded, folds)
-    return {"pairs": pairs, "identities": len(ids), "images": len(used)}
+    return {"pairs": pairs, "identities": len(ids), "images": len(used), "repeated": repeats}

@@ -60,6 +60,7 @@ class ToyConfig:
 
     def validate(self) -> None:
         checks = [
+            (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
             (self.ids >= 2, "--ids must be at least 2"),
             (self.per_id >= 1, "--per-id must be at least 1"),
             (

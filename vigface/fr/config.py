@@ -128,6 +128,11 @@ class FRTrainConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 bad(name, f"must be a finite number >= 0, got {value}")
+        if self.landmarks and self.aligned:
+            bad(
+                "landmarks (--landmarks)",
+                "is read only with --no-aligned (aligning on the fly); aligned data needs none",
+            )
         if not 0 < self.sigma_alpha <= 1:
             bad("sigma_alpha", f"must be in (0, 1], got {self.sigma_alpha}")
         self.lr_steps = sorted(float(s) for s in self.lr_steps)

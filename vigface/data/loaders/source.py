@@ -22,6 +22,12 @@ def open_face_dataset(path: str | os.PathLike) -> FaceRecordDataset | ImageFolde
     path = Path(path)
     if path.is_dir() and (path / "train.rec").is_file():
         path = path / "train.rec"
+    elif path.is_dir() and (path / "generation.json").is_file() and not (path / "manifest.jsonl").is_file():
+        raise DataFormatError(
+            path,
+            "a vigface-gen output that is not finished (no train.rec yet); run the same vigface-gen "
+            "command again to finish it",
+        )
     if path.suffix == ".rec":
         if not path.is_file():
             raise DataFormatError(path, "no such RecordIO file")
@@ -70,13 +76,13 @@ class FaceSource:
             if path is None:
                 raise VigfaceError(
                     f"source {self.path}: no landmarks table ({self.path.stem}_landmarks.npy or .jsonl "
-                    "beside it); pass landmarks=PATH"
+                    "beside it); pass --landmarks FILE"
                 )
             return read_landmarks_table(path, keys=keys, n=n)
         if explicit is not None:
             return read_landmarks_table(explicit, paths=self.dataset.paths, n=n)
         if self.dataset.landmarks is None:
-            raise VigfaceError(f"source {self.path}: its manifest has no landmarks; pass landmarks=PATH")
+            raise VigfaceError(f"source {self.path}: its manifest has no landmarks; pass --landmarks FILE")
         return np.asarray(self.dataset.landmarks, dtype=np.float32)
 
     def encoded(self, i: int) -> bytes:
