@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from vigface.data.align import ARCFACE_TEMPLATE_112
-from vigface.errors import VigfaceWarning
+from vigface.errors import VigfaceError, VigfaceWarning
 
 ALIGNED_RMS_LIMIT = 0.08  # median RMS distance from the template, as a fraction of the image side
 
@@ -59,7 +59,6 @@ def check_dataset_alignment(path: str | os.PathLike, what: str) -> bool:
     its images are not aligned. A dataset without landmarks, or one that cannot be opened, is not
     checked here (its reader reports what is wrong). Returns whether it warned."""
     from vigface.data.loaders.source import FaceSource  # the readers, only when a check runs
-    from vigface.errors import VigfaceError
 
     try:
         source = FaceSource(path)

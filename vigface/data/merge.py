@@ -96,7 +96,7 @@ def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
         if folder in resolved.parents or resolved in folder.parents:
             # inside an image folder it would become an identity folder of that input
             raise VigfaceError(
-                f"--out {out}: lies inside (or around) the input {path}; choose a folder apart"
+                f"--out {out}: lies inside (or around) the input {path}; choose another folder"
             )
     refuse_foreign_output(out, own=MERGE_FILES, what="vigface data merge")
     if (out / "train.rec").exists() and not overwrite:
