@@ -311,9 +311,7 @@ def test_without_virtual_embeddings_virtual_prototypes_collapse(small_toy, tmp_p
     How near depends on the trajectory, which floating-point layout alone changes: V-V mean 0.887
     with the loader's former NHWC-strided batches, 0.796 with the NCHW batches of 8c05d63 (same
     host, same seed; bisected). 0.7 keeps the claim (collapsed, not spread) with margin for that."""
-    common = dict(
-        TINY, num_virtual=20, epochs=250, margin="cosface", lr=0.1, lr_steps=[], save_every=1000
-    )
+    common = dict(TINY, num_virtual=20, epochs=250, margin="cosface", lr=0.1, lr_steps=[], save_every=1000)
     final = {}
     for virtual in (False, True):
         out = tmp_path / f"virtual_{virtual}"
