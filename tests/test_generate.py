@@ -280,7 +280,8 @@ def test_a_rerun_matches_the_plan_by_content_not_path_spelling(denoiser_dir, tmp
 
     args = gen_args(moved, tmp_path / "gen")
     assert gen_cli.main([*args, "--w-real", "1.0"]) == 2
-    assert "other settings (w_real 0.5 there, 1.0 now); it is finished, or choose" in capsys.readouterr().err
+    refused = capsys.readouterr().err
+    assert "other settings (w_real 0.5 there, 1.0 now); it is finished: choose another --out" in refused
     weights = moved / "denoiser.safetensors"
     tensors = load_file(weights)
     name = sorted(tensors)[0]

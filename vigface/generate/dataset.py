@@ -312,10 +312,13 @@ class _Generator:
             changes = _plan_changes(saved.get("plan"), plan)
             if changes:
                 finished = (self.out / "train.rec").is_file() or (self.out / "manifest.jsonl").is_file()
-                advice = "it is finished" if finished else "rerun with its settings to finish it"
+                advice = (
+                    "it is finished: choose another --out"
+                    if finished
+                    else "rerun with its settings to finish it, or choose another --out"
+                )
                 raise VigfaceError(
-                    f"{self.out} holds a generation with other settings ({'; '.join(changes)}); {advice}, "
-                    "or choose another --out"
+                    f"{self.out} holds a generation with other settings ({'; '.join(changes)}); {advice}"
                 )
         else:
             # No plan yet: the folder must be new or empty (its plan is the first thing written).
