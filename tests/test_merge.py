@@ -12,6 +12,7 @@ from vigface.data.images import encode_image
 from vigface.data.merge import merge_datasets
 from vigface.data.recordio import FaceRecordDataset, FaceRecordWriter
 from vigface.errors import VigfaceError
+from vigface.run_lock import FolderLock
 
 
 def _image(seed: int, size: int = 16) -> bytes:
@@ -160,6 +161,14 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path):
         merge_datasets([a, b], foreign, progress=False)
     assert sorted(p.name for p in foreign.iterdir()) == ["toy.json"]
 
+    busy = tmp_path / "busy"  # another merge writing there (its lock held)
+    busy.mkdir()
+    with FolderLock(busy) as held:
+        held.acquire()
+        with pytest.raises(VigfaceError, match=r"another process \(pid \d+\) is writing into"):
+            merge_datasets([a, b], busy, progress=False)
+    assert not (busy / "train.rec").exists()
+
     merge_datasets([a, b], out, progress=False)
     before = (out / "train.rec").read_bytes()
     with pytest.raises(VigfaceError, match="already exists; pass --overwrite"):
@@ -208,7 +217,7 @@ def test_an_interrupted_merge_leaves_no_output(tmp_path, monkeypatch):
     monkeypatch.setattr(FaceRecordDataset, "encoded", interrupted)
     with pytest.raises(KeyboardInterrupt):
         merge_datasets([a, b], tmp_path / "m", progress=False)
-    assert list((tmp_path / "m").iterdir()) == []
+    assert not (tmp_path / "m").exists()  # not even an empty folder (nor its lock file)
 
 
 def test_cli_merges_and_reports_errors_in_one_line(tmp_path, capsys):

@@ -33,6 +33,7 @@ from vigface.data.output_folder import refuse_foreign_output, remove_stale_tempo
 from vigface.data.recordio import FaceRecordDataset, FaceRecordWriter
 from vigface.errors import VigfaceError
 from vigface.eval.labelled_set import generation_kinds
+from vigface.run_lock import FolderLock
 
 MERGE_FILES = ("train.rec", "train.idx", "train_landmarks.npy", "merge.json")
 REAL_ID_CHOICES = ("join", "separate")
@@ -154,6 +155,21 @@ def _new_labels(inputs: list[_Input], real_ids: str | None) -> tuple[list[np.nda
     return mapped, described
 
 
+def _write(out: Path, sources, labels, which, rows, order, tables, progress: bool) -> None:
+    """train.rec (+ train_landmarks.npy when `tables`) in `order`; merge.json is the caller's."""
+    (out / "merge.json").unlink(missing_ok=True)  # a replaced merge is unfinished until the new one lands
+    remove_stale_temporaries(out, own=MERGE_FILES)
+    with FaceRecordWriter(out) as writer:
+        for n in tqdm(order, desc="merge", unit="img", disable=not progress):
+            writer.add(sources[which[n]].encoded(int(rows[n])), int(labels[n]))
+    if tables is not None:
+        buffer = io.BytesIO()
+        np.save(buffer, np.concatenate(tables)[order].astype(np.float32))
+        write_atomically(out / "train_landmarks.npy", buffer.getvalue())
+    else:
+        (out / "train_landmarks.npy").unlink(missing_ok=True)
+
+
 def merge_datasets(
     inputs: list[str | os.PathLike],
     out: str | os.PathLike,
@@ -198,18 +214,6 @@ def merge_datasets(
     which = np.concatenate([np.full(len(m), k) for k, m in enumerate(mapped)])
     rows = np.concatenate([np.arange(len(m)) for m in mapped])
     order = np.argsort(labels, kind="stable")
-    (out / "merge.json").unlink(missing_ok=True)  # a replaced merge is unfinished until the new one lands
-    remove_stale_temporaries(out, own=MERGE_FILES)
-    with FaceRecordWriter(out) as writer:
-        for n in tqdm(order, desc="merge", unit="img", disable=not progress):
-            writer.add(sources[which[n]].encoded(int(rows[n])), int(labels[n]))
-    if keep_landmarks:
-        table = np.concatenate(tables)[order].astype(np.float32)
-        buffer = io.BytesIO()
-        np.save(buffer, table)
-        write_atomically(out / "train_landmarks.npy", buffer.getvalue())
-    else:
-        (out / "train_landmarks.npy").unlink(missing_ok=True)
     summary = {
         "inputs": described,
         "images": int(len(labels)),
@@ -219,11 +223,26 @@ def merge_datasets(
         "landmarks": keep_landmarks,
     }
     if keep_landmarks:
-        summary["landmark_rows_missing"] = int((~np.isfinite(table).all(axis=(1, 2))).sum())
-    if not keep_landmarks:
-        missing = [str(x.path) for x, t in zip(sources, tables, strict=True) if t is None]
-        summary["landmarks_missing_in"] = missing
-    write_atomically(out / "merge.json", json.dumps(summary, indent=2) + "\n")
+        rows_ok = np.isfinite(np.concatenate(tables)).all(axis=(1, 2))
+        summary["landmark_rows_missing"] = int((~rows_ok).sum())
+    else:
+        summary["landmarks_missing_in"] = [
+            str(x.path) for x, t in zip(sources, tables, strict=True) if t is None
+        ]
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with FolderLock(out) as lock:  # a second merge into this folder is refused, naming this pid
+            lock.acquire()
+            _write(out, sources, labels, which, rows, order, tables if keep_landmarks else None, progress)
+            write_atomically(out / "merge.json", json.dumps(summary, indent=2) + "\n")  # last: finished
+    except BaseException:
+        if created:  # an interrupted or failed merge leaves no empty folder behind
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        raise
     for x in sources:
         if isinstance(x.dataset, FaceRecordDataset):
             x.dataset.close()
