@@ -54,18 +54,22 @@ def warn_if_not_aligned(landmarks: np.ndarray, image_size: int, what: str) -> bo
     return True
 
 
-def check_dataset_alignment(path: str | os.PathLike, what: str) -> bool:
+def check_dataset_alignment(path_or_source, what: str, name: str | os.PathLike | None = None) -> bool:
     """Warn when the landmarks stored with a dataset (beside a .rec, or in a folder's manifest) say
-    its images are not aligned. A dataset without landmarks, or one that cannot be opened, is not
-    checked here (its reader reports what is wrong). Returns whether it warned."""
+    its images are not aligned. `path_or_source`: a dataset path, or the FaceSource a loader already
+    opened (so its folder is not scanned twice); `name`: how the warning names it (default: its path).
+    A dataset without landmarks, or one that cannot be opened, is not checked here (its reader
+    reports what is wrong). Returns whether it warned."""
     from vigface.data.loaders.source import FaceSource  # the readers, only when a check runs
 
     try:
-        source = FaceSource(path)
+        source = path_or_source if isinstance(path_or_source, FaceSource) else FaceSource(path_or_source)
         table = source.landmarks_if_any()
         if table is None:
             return False
         image, _ = source.dataset[0]
     except (VigfaceError, OSError):
         return False
-    return warn_if_not_aligned(table, image.shape[0], f"{what} {Path(path)}")
+    if name is None:
+        name = source.path if isinstance(path_or_source, FaceSource) else path_or_source
+    return warn_if_not_aligned(table, image.shape[0], f"{what} {Path(name)}")

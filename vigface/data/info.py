@@ -202,10 +202,10 @@ def describe(path: str | os.PathLike) -> dict:
         return info
     if path.is_dir() and (path / "generation.json").is_file():
         return describe_generated(path)
-    if path.is_dir() and any((path / name).is_file() for name in ("backbone.json", "denoiser.json")):
+    exported = any((path / name).is_file() for name in ("backbone.json", "denoiser.json"))
+    a_run = (path / "config.json").is_file() and (path / "metrics.jsonl").is_file()  # maybe no checkpoint yet
+    if path.is_dir() and (exported or a_run):
         return describe_model(path)
-    if path.is_dir() and (path / "config.json").is_file() and (path / "metrics.jsonl").is_file():
-        return describe_model(path)  # a training run, perhaps before its first checkpoint
     if path.is_dir() and (path / "train.rec").is_file() and not (path / MANIFEST).exists():
         info = describe_rec(path / "train.rec")  # a folder holding train.rec, as the trainers take it
         if (path / "merge.json").is_file():

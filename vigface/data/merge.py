@@ -25,10 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from vigface.data.files import write_atomically
-from vigface.data.image_folder import ImageFolderDataset
 from vigface.data.images import decode_image
-from vigface.data.loaders.landmarks import default_landmarks_path, read_landmarks_table
-from vigface.data.loaders.source import open_face_dataset
+from vigface.data.loaders.source import FaceSource
 from vigface.data.output_folder import refuse_foreign_output, remove_stale_temporaries
 from vigface.data.recordio import FaceRecordDataset, FaceRecordWriter
 from vigface.errors import VigfaceError
@@ -42,27 +40,15 @@ REAL_ID_CHOICES = ("join", "separate")
 @dataclass
 class _Input:
     path: Path
-    dataset: FaceRecordDataset | ImageFolderDataset
-    labels: np.ndarray
+    source: FaceSource  # the loaders' reader: labels, encoded bytes, the landmarks table if any
     kinds: dict[int, tuple[str, int]] | None  # vigface-gen's label -> (kind, prototype index)
 
-    def encoded(self, i: int) -> bytes:
-        if isinstance(self.dataset, FaceRecordDataset):
-            return self.dataset.encoded(i)[0]
-        return self.dataset.encoded(i)
+    @property
+    def labels(self) -> np.ndarray:
+        return self.source.labels
 
     def image_shape(self) -> tuple[int, ...]:
-        return decode_image(self.encoded(0), self.path).shape
-
-    def landmarks(self) -> np.ndarray | None:
-        """(N, 5, 2) in dataset order, or None when the input has no table (a bad table raises)."""
-        if isinstance(self.dataset, FaceRecordDataset):
-            table = default_landmarks_path(Path(self.dataset.rec_path))
-            if table is None:
-                return None
-            keys = self.dataset.image_keys.tolist()
-            return read_landmarks_table(table, keys=keys, n=len(self.labels))
-        return self.dataset.landmarks
+        return decode_image(self.source.encoded(0), self.path).shape
 
     def real_labels(self) -> np.ndarray:
         """The labels vigface-gen gave to real identities (empty for other inputs)."""
@@ -72,18 +58,15 @@ class _Input:
 
 
 def _open(path: Path) -> _Input:
-    dataset = open_face_dataset(path)
-    labels = np.asarray(dataset.labels, dtype=np.int64)
-    if len(labels) == 0:
-        raise VigfaceError(f"{path}: holds no images")
+    source = FaceSource(path)  # refuses a dataset without images
     kinds = generation_kinds(path)
     if kinds is not None:
-        unknown = sorted(set(np.unique(labels).tolist()) - set(kinds))
+        unknown = sorted(set(np.unique(source.labels).tolist()) - set(kinds))
         if unknown:
             raise VigfaceError(
                 f"{path}: label {unknown[0]} is not in its generation.json ({len(unknown)} such labels)"
             )
-    return _Input(path, dataset, labels, kinds)
+    return _Input(path, source, kinds)
 
 
 def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
@@ -161,7 +144,7 @@ def _write(out: Path, sources, labels, which, rows, order, tables, progress: boo
     remove_stale_temporaries(out, own=MERGE_FILES)
     with FaceRecordWriter(out) as writer:
         for n in tqdm(order, desc="merge", unit="img", disable=not progress):
-            writer.add(sources[which[n]].encoded(int(rows[n])), int(labels[n]))
+            writer.add(sources[which[n]].source.encoded(int(rows[n])), int(labels[n]))
     if tables is not None:
         buffer = io.BytesIO()
         np.save(buffer, np.concatenate(tables)[order].astype(np.float32))
@@ -204,7 +187,7 @@ def merge_datasets(
                 f"{x.path}: images are {shape[1]}x{shape[0]}, but {sources[0].path}'s are "
                 f"{shapes[0][1]}x{shapes[0][0]}; align or generate them at one size first"
             )
-    tables = [x.landmarks() for x in sources]
+    tables = [x.source.landmarks_if_any() for x in sources]
     keep_landmarks = all(t is not None for t in tables)
     mapped, described = _new_labels(sources, real_ids)
 
@@ -244,6 +227,6 @@ def merge_datasets(
                 pass
         raise
     for x in sources:
-        if isinstance(x.dataset, FaceRecordDataset):
-            x.dataset.close()
+        if isinstance(x.source.dataset, FaceRecordDataset):
+            x.source.dataset.close()
     return summary

@@ -75,7 +75,7 @@ def make_pairs_bin(
     if out.exists() and not overwrite:
         raise VigfaceError(f"{out}: already exists; pass --overwrite to replace it")
     source = FaceSource(data)
-    check_dataset_alignment(data, "DATASET")
+    check_dataset_alignment(source, "DATASET", name=data)
     labels = source.labels
     counts = np.bincount(labels)
     ids = np.flatnonzero(counts >= 2)  # a genuine pair needs two images

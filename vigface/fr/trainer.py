@@ -99,8 +99,6 @@ class _Run:
                 ),
                 stacklevel=2,
             )
-        if self.is_main and config.aligned:  # --no-aligned data is unaligned by design
-            check_dataset_alignment(config.data, "--data")
         checkpoint = resume_point(self.out, resume)
         # Decoding, flips and normalisation: vigface.data.loaders (the "torch" loader computes
         # exactly what the former DataLoader + prepare_batch did; --loader dali decodes in DALI).
@@ -114,6 +112,8 @@ class _Run:
             aligned=config.aligned, landmarks=config.landmarks,
         )  # fmt: skip
         self.dataset = self.loader.source
+        if self.is_main and config.aligned:  # --no-aligned data is unaligned by design
+            check_dataset_alignment(self.dataset, "--data", name=config.data)
         self.num_real = self.dataset.num_classes
         self.global_batch = config.batch_size * self.world_size
         if len(self.dataset) < self.global_batch:
