@@ -10,14 +10,18 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from vigface.cli import train_diffusion as cli
+from vigface.data.recordio import FaceRecordDataset, FaceRecordWriter
 from vigface.diffusion.config import DiffusionTrainConfig
 from vigface.diffusion.denoiser import Denoiser, DenoiserConfig
+from vigface.diffusion.pose import landmark_image
 from vigface.diffusion.trainer import ema_decay_at, train_diffusion
 from vigface.errors import VigfaceError
 from vigface.fr.checkpoint import latest_checkpoint
+from vigface.generate.dataset import GenerationConfig, _load_pose_table
 from vigface.run_lock import FolderLock
 
 
@@ -191,6 +195,34 @@ def test_outputs_generate_on_their_own(uninterrupted, fr_model):
     assert torch.equal(protos["virtual"], load_file(fr_model / "prototypes.safetensors")["virtual"])
     table = np.load(uninterrupted / "pose_landmarks.npy")
     assert table.dtype == np.float32 and table.shape == (320, 5, 2)  # all 320 training images
+
+
+def test_images_stored_at_another_size_export_poses_in_the_112_frame(small_toy, fr_model, tmp_path):
+    """A set stored at 64 px has its landmarks in the 64 frame; the pose table generation draws
+    from must hold the same faces in the 112 frame, and the training pose maps must be the ones
+    generation draws from that table (the blob width follows the image, not the stored size)."""
+    source = FaceRecordDataset(small_toy / "train.rec")
+    lm112 = np.load(small_toy / "train_landmarks.npy")
+    data = tmp_path / "at64"
+    data.mkdir()
+    with FaceRecordWriter(data / "train.rec", fmt="png") as writer:
+        for i in range(len(source)):
+            image, label = source[i]
+            writer.add(np.asarray(Image.fromarray(image).resize((64, 64), Image.BILINEAR)), label)
+    lm64 = (lm112.astype(np.float64) + 0.5) * 64 / 112 - 0.5  # pixel centres at integers in both frames
+    np.save(data / "train_landmarks.npy", lm64.astype(np.float32))
+    out = tmp_path / "run"
+    train_diffusion(tiny(data, fr_model, out, steps=2, save_every=2, log_every=1))
+    exported = np.load(out / "pose_landmarks.npy")
+    np.testing.assert_allclose(exported, lm112, atol=1e-4)
+    trained = landmark_image(torch.from_numpy(lm64[:4]).float(), 32, source_size=64)
+    drawn = landmark_image(torch.from_numpy(exported[:4]), 32)
+    torch.testing.assert_close(trained, drawn, atol=1e-5, rtol=0)
+    # A folder from before pose tables were exported: generation reads the training set's own table
+    (out / "pose_landmarks.npy").unlink()
+    train_config = json.loads((out / "config.json").read_text())
+    legacy = _load_pose_table(GenerationConfig(model=str(out), out=str(tmp_path / "gen")), train_config)
+    np.testing.assert_allclose(legacy, lm112, atol=1e-4)
 
 
 def test_torchrun_two_gloo_processes(small_toy, fr_model, tmp_path):

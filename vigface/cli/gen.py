@@ -42,9 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-ids", type=positive_int, help="identities per kind (default: preset, else all)")
     p.add_argument("--per-id", type=positive_int, help="images per identity (default: preset, else 20)")
     p.add_argument("--prototypes", help="prototypes.safetensors (default: the FR model's the denoiser used)")
-    p.add_argument("--pose", default="dataset", help="dataset | frontal | FILE.npy of (M, 5, 2) landmarks")
     p.add_argument(
-        "--landmarks", help="the landmarks table --pose dataset draws from (default: training set's)"
+        "--pose",
+        default="dataset",
+        help="dataset | frontal | FILE.npy of (M, 5, 2) landmarks in the 112x112 aligned frame",
+    )
+    p.add_argument(
+        "--landmarks",
+        help="the table --pose dataset draws from, in the 112x112 aligned frame (default: the "
+        "denoiser folder's pose_landmarks.npy, a sample of its training set's)",
     )
     p.add_argument(
         "--w-real",

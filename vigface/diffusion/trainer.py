@@ -46,7 +46,7 @@ from vigface.diffusion.model_folder import (
     PROTOTYPES,
     load_prototypes,
 )
-from vigface.diffusion.pose import landmark_image
+from vigface.diffusion.pose import landmark_image, rescale_landmarks
 from vigface.errors import DataFormatError, VigfaceError
 from vigface.fr.checkpoint import (
     append_metrics,
@@ -101,9 +101,11 @@ class _Run:
         if len(self.dataset) < c.batch_size * self.world_size:
             raise VigfaceError(f"{c.data} has {len(self.dataset)} images, fewer than one global batch")
         self.landmarks = torch.from_numpy(load_landmarks(c, self.dataset)) if c.pose else None
+        # The landmarks are in the frame of the stored images, which need not be 112 px.
+        self.stored_size = self.dataset[0][0].shape[0] if self.landmarks is not None else None
         if self.landmarks is not None and self.is_main:  # the pose maps assume the aligned frame
             what = f"--landmarks {c.landmarks}" if c.landmarks else f"--data {c.data}"
-            warn_if_not_aligned(self.landmarks.numpy(), self.dataset[0][0].shape[0], what)
+            warn_if_not_aligned(self.landmarks.numpy(), self.stored_size, what)
         self.fr, self.fr_meta = load_backbone(c.fr_model, self.device)
         self.fr.requires_grad_(False)
         self.schedule = c.noise_schedule()
@@ -188,7 +190,6 @@ class _Run:
     def batch_inputs(self, x0: torch.Tensor, index: torch.Tensor):
         """x0: (b, 3, H, W) in [-1, 1] on the device, as the loader delivers it."""
         size = self.den_config.image_size
-        stored_size = x0.shape[-1]
         with torch.no_grad():  # f(x0) from the full-resolution image
             if self.conditions is None:
                 cond = identity_features(self.fr, x0)
@@ -198,7 +199,7 @@ class _Run:
             x0 = F.interpolate(x0, size=(size, size), mode="area")
         pose = None
         if self.landmarks is not None:
-            pose = landmark_image(self.landmarks[index].to(self.device), size, source_size=stored_size)
+            pose = landmark_image(self.landmarks[index].to(self.device), size, source_size=self.stored_size)
         g = step_generator(self.config.seed, self.step, "diffusion", self.rank)
         n = x0.shape[0]
         t = torch.randint(0, self.schedule.num_steps, (n,), generator=g).to(self.device)
@@ -334,7 +335,8 @@ class _Run:
             shutil.copyfile(protos, self.out / f".{PROTOTYPES}.tmp")
             os.replace(self.out / f".{PROTOTYPES}.tmp", self.out / PROTOTYPES)
         if self.landmarks is not None:
-            table = self.landmarks.numpy()
+            # in the 112 frame generation draws poses in, whatever size the images were stored at
+            table = rescale_landmarks(self.landmarks.numpy(), self.stored_size, 112)
             if len(table) > MAX_POSE_ROWS:  # the distribution, not the whole table (MS1M: 5.8M rows)
                 rng = np.random.default_rng(self.config.seed)
                 rows = rng.choice(len(table), MAX_POSE_ROWS, replace=False)

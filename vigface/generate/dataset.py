@@ -47,7 +47,7 @@ from vigface.diffusion.model_folder import (
     load_prototypes,
     prototypes_backbone_sha256,
 )
-from vigface.diffusion.pose import landmark_image
+from vigface.diffusion.pose import landmark_image, rescale_landmarks
 from vigface.diffusion.sampling import ENGINES, KERNELS, SAMPLERS, FaceSampler
 from vigface.engines.base import PRECISIONS
 from vigface.engines.fused_update import plan_steps
@@ -169,6 +169,7 @@ def _pose_landmarks(config: GenerationConfig, table: np.ndarray | None, jobs: li
 def _load_pose_table(config: GenerationConfig, train_config: dict) -> np.ndarray | None:
     if config.pose == "frontal":
         return None
+    stored_size = 112  # the frame of the table's landmarks
     if config.pose != "dataset":
         path = Path(config.pose)
     elif config.landmarks:
@@ -183,11 +184,23 @@ def _load_pose_table(config: GenerationConfig, train_config: dict) -> np.ndarray
             if train_config.get("landmarks")
             else rec.with_name(f"{rec.stem}_landmarks.npy")
         )
+        stored_size = _stored_image_size(data)  # that table is in the frame of the stored images
     if not path.is_file():
         raise DataFormatError(path, "pose landmarks not found (pass --landmarks FILE or --pose frontal)")
-    table = read_landmarks_npy(path)
+    table = rescale_landmarks(read_landmarks_npy(path), stored_size, 112)
     warn_if_not_aligned(table, 112, f"poses {path}")  # drawn in the aligned 112 frame
     return table
+
+
+def _stored_image_size(data: Path) -> int:
+    """Side of the images a denoiser was trained on (its landmarks' frame); 112 when the training
+    set cannot be opened, the size of aligned FR sets."""
+    from vigface.data.loaders.source import open_face_dataset
+
+    try:
+        return int(open_face_dataset(data)[0][0].shape[0])
+    except (OSError, VigfaceError, IndexError):
+        return 112
 
 
 # Plan fields naming input files. A plan records what they held (inputs_sha256), so a rerun of an
