@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from vigface.errors import VigfaceError
 from vigface.fr.distributed import shard_bounds, sharded_cross_entropy
-from vigface.fr.margins import MarginConfig, MarginHead
+from vigface.fr.margins import MARGINS, MarginConfig, MarginHead
 from vigface.fr.prototypes import VirtualPrototypeHead
 
 
@@ -111,6 +111,27 @@ def test_adaface_matches_reference_and_updates_norm_stats():
     loss = F.cross_entropy(head.logits(cos, labels, scaler), labels)
     ref = reference_margin_loss(emb, labels, weight, "adaface", 64.0, 0.4, mean, std)
     assert loss.item() == pytest.approx(ref, rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", MARGINS)
+def test_margin_gradient_is_finite_at_cosine_one_and_minus_one(kind):
+    """An embedding exactly on (or opposite) its prototype: finite logits and gradients."""
+    head = MarginHead(MarginConfig(kind=kind, scale=16.0))
+    cos = torch.tensor([[1.0, 0.3], [-1.0, 0.2], [0.5, 1.0]], requires_grad=True)
+    labels = torch.tensor([0, 0, 0])
+    scaler = head.adaface_scaler(torch.tensor([5.0, 20.0, 40.0]), update=True) if kind == "adaface" else None
+    F.cross_entropy(head.logits(cos, labels, scaler), labels).backward()
+    assert torch.isfinite(cos.grad).all(), cos.grad
+
+
+def test_adaface_batch_of_one_keeps_its_norm_statistics():
+    """One row has no std: the EMA is left as it was rather than turned NaN for the rest of the run."""
+    head = MarginHead(MarginConfig(kind="adaface"))
+    g = head.adaface_scaler(torch.tensor([12.0]), update=True)
+    assert head.norm_mean.item() == 20.0 and head.norm_std.item() == 100.0
+    assert g.item() == pytest.approx((12.0 - 20.0) / (100.0 + 1e-3) * 0.333)
+    head.adaface_scaler(torch.tensor([12.0, 30.0]), update=True)
+    assert math.isfinite(head.norm_std.item()) and head.norm_std.item() < 100.0
 
 
 def test_margin_config_errors():

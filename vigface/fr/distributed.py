@@ -75,7 +75,10 @@ class _GatherRows(torch.autograd.Function):
     Every rank's loss depends on all B rows through its own shard of the logits, so the gradient of
     the (identical) global loss with respect to rank r's rows is the SUM over ranks of the partial
     gradients. DDP then AVERAGES the backbone gradients over ranks, so the sum is multiplied by W
-    here: the backbone then sees exactly the gradient of a one-process run on the global batch.
+    here: the backbone then gets the gradient of a one-process run on the global batch, exactly so
+    when its rows do not interact. An IResNet's BatchNorm normalises each rank's b rows (no
+    SyncBatchNorm, as in insightface's Partial FC), and flips and dropout are drawn per rank, so
+    its W-rank run is not the one-process run: the head and loss are.
     """
 
     @staticmethod

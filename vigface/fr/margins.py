@@ -76,7 +76,7 @@ class MarginHead(nn.Module):
         """g in [-1, 1] per row from feature norms (N,); updates the EMA first, as AdaFace does."""
         c = self.config
         safe = norms.detach().clamp(0.001, 100.0)
-        if update:
+        if update and safe.numel() > 1:  # one row has no std (NaN would stay in the EMA for good)
             alpha = c.adaface_t_alpha
             self.norm_mean.copy_(safe.mean() * alpha + (1 - alpha) * self.norm_mean)
             self.norm_std.copy_(safe.std() * alpha + (1 - alpha) * self.norm_std)
@@ -95,7 +95,9 @@ class MarginHead(nn.Module):
             return torch.where(cos_t > math.cos(math.pi - m), phi, cos_t - math.sin(math.pi - m) * m)
         if c.kind == "combined":
             m1, m3 = c.combined_m1, c.combined_m3
-            theta = cos_t.clamp(-1.0, 1.0).acos()
+            # not clamp(-1, 1): acos' is -inf at +-1 (an embedding on its prototype), which made the
+            # gradients NaN; 1e-6 moves theta there by at most 1.4e-3 rad
+            theta = cos_t.clamp(-1.0 + 1e-6, 1.0 - 1e-6).acos()
             theta_0 = (math.pi - m) / m1
             inside = m1 * theta + m <= math.pi
             return torch.where(
