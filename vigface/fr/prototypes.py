@@ -13,7 +13,11 @@ virtual; they are sharded over ranks as in Partial FC (`distributed.py`). One tr
 Design choices the paper leaves open, made here:
 - f and w enter eqs. 5-6 L2-normalised: the margin softmax only sees directions, and the raw
   prototype norm is arbitrary (it shrinks under weight decay), so sigma is measured and applied on
-  the unit sphere where the cosines live.
+  the unit sphere where the cosines live. A side effect: the cosine renormalises f'_j, so noise of
+  squared norm r^2 = mean |f - w|^2 = 2 - 2 cos puts f'_j at cos 1 / sqrt(1 + r^2) from its
+  prototype, closer than the real features it copies (0.71 where they sit at 0.5, 0.79 at 0.7): the
+  virtual rows are easier, with a smaller loss and gradient for W_V, than "the real embeddings'
+  spread" suggests. Matching the angle instead would be another reading of eq. 5; not measured.
 - The virtual embeddings are constants (built without gradient) and the real prototypes enter the
   virtual logits detached, so the virtual part's gradient reaches W_V only, never the backbone
   and never W_R (Fig. 2). W_V still gets gradient from the real rows, where it sits in the
