@@ -316,15 +316,47 @@ def test_cudagraph_loop_buffers_outlive_the_capture(model):
     assert all(ref() is not None for ref in seen["refs"])
 
 
+def test_cudagraph_denoise_results_survive_the_next_replay(model):
+    """A replay writes into the captured output buffer: `denoise` must hand out a copy, or a kept
+    result (fp32, where .float() returned the buffer itself) turns into the next call's. Checked on
+    the CPU with the capture replaced by a call and the replay by a call copied into the buffer."""
+    from vigface.engines.cudagraph import CudaGraphEngine
+
+    engine = object.__new__(CudaGraphEngine)  # the CPU cannot build one: set what denoise uses
+    engine.model, engine.dtype, engine.device, engine._forwards = model.eval(), torch.float32, "cpu", {}
+
+    def capture_as_a_call(fn):
+        fn()
+        holder = next(c.cell_contents for c in fn.__closure__ if isinstance(c.cell_contents, dict))
+        captured_out = holder["out"]
+
+        class Replay:
+            def replay(self):
+                fn()
+                captured_out.copy_(holder["out"])
+
+        return Replay()
+
+    engine._capture = capture_as_a_call
+    first, second = inputs(model, 3, seed=1), inputs(model, 3, seed=2)
+    kept = engine.denoise(*first)
+    engine.denoise(*second)  # replays the graph captured for the first call's batch size
+    with torch.no_grad():
+        torch.testing.assert_close(kept, model(*first))
+
+
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cudagraph_denoise_matches_eager(model, precision):
     engine = create_engine("cudagraph", model, SCHEDULE, "cuda", precision)
     eager = create_engine("eager", model, SCHEDULE, "cuda")
+    results = []
     for n in (1, 6, 6):  # the third call replays the graph captured by the second
         x, t, cond, pose = inputs(model, n, seed=n, device="cuda")
-        err = (engine.denoise(x, t, cond, pose) - eager.denoise(x, t, cond, pose)).abs().max().item()
+        results.append((engine.denoise(x, t, cond, pose), eager.denoise(x, t, cond, pose)))
+    for got, expected in results:  # compared after all calls: a replay must not change a kept result
+        err = (got - expected).abs().max().item()
         assert err <= TOLERANCE[precision], err
 
 

@@ -141,7 +141,8 @@ class CompileEngine(Engine):
             return self._calibrating(lambda: self.denoise(x_t, t, cond, pose))
         model = self.model if self._uncompiled else self.compiled
         p = None if pose is None else pose.to(self.dtype)
-        return model(x_t.to(self.dtype), t, cond.to(self.dtype), p).float()
+        # a copy: under max-autotune's CUDA graphs the output lives in memory the next replay reuses
+        return model(x_t.to(self.dtype), t, cond.to(self.dtype), p).to(torch.float32, copy=True)
 
     def sample(self, *args, **kwargs):
         if self.needs_calibration and not self._uncompiled:

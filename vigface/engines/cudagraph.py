@@ -115,7 +115,8 @@ class CudaGraphEngine(Engine):
             if buffer is not None:
                 buffer.copy_(value)
         fwd.graph.replay()
-        return fwd.out.float()
+        # a copy: the next replay writes into fwd.out (.float() alone returns it itself in fp32)
+        return fwd.out.to(torch.float32, copy=True)
 
     @torch.no_grad()
     def sample(self, cond, pose, w, *, sampler="ddim", steps=100, x_T=None, generator=None):
