@@ -125,6 +125,134 @@ def test_typing_follows_what_the_installed_tensorrt_offers():
         resolve_typing(with_flags, "fp8", "weak")
 
 
+def fake_tensorrt(inputs=("x_t", "t", "cond", "pose"), outputs=("out",), accepted_cache=b"this gpu"):
+    """Stands in for the TensorRT 10 Python API calls build_trt_engine makes (no TensorRT can be
+    installed here): the network holds the given I/O names, and set_timing_cache accepts an empty
+    cache or `accepted_cache`, rejecting others as TensorRT does a cache from another GPU/version."""
+    calls = {"profiles": [], "caches_set": []}
+
+    class Network:
+        num_inputs, num_outputs = len(inputs), len(outputs)
+
+        def get_input(self, i):
+            return SimpleNamespace(name=inputs[i])
+
+        def get_output(self, i):
+            return SimpleNamespace(name=outputs[i])
+
+    class Cache:
+        def __init__(self, data):
+            self.data = data
+
+        def serialize(self):
+            return self.data
+
+    class Config:
+        def set_memory_pool_limit(self, pool, size):
+            calls["workspace"] = size
+
+        def set_flag(self, flag):
+            calls["flag"] = flag
+
+        def clear_flag(self, flag):
+            pass
+
+        def create_timing_cache(self, data):
+            return Cache(bytes(data))
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            calls["caches_set"].append(cache.data)
+            return cache.data in (b"", accepted_cache)
+
+        def get_timing_cache(self):
+            return Cache(accepted_cache)
+
+        def add_optimization_profile(self, profile):
+            calls["profiles"].append(profile.shapes)
+
+    class Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes[name] = (lo, opt, hi)
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return Network()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            return b"plan bytes"
+
+    class Parser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse(self, data):
+            return True
+
+    trt = SimpleNamespace(
+        __version__="10.9.0", Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None}),
+        Builder=Builder, OnnxParser=Parser, NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=0),
+        MemoryPoolType=SimpleNamespace(WORKSPACE=0), BuilderFlag=SimpleNamespace(BF16=1, FP16=2, TF32=3),
+    )  # fmt: skip
+    return trt, calls
+
+
+def build_with(monkeypatch, tmp_path, trt, **kw):
+    import vigface.engines.trt as trt_module
+
+    monkeypatch.setattr(trt_module, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(
+        trt_module, "gpu_identity", lambda device: {"gpu": "test", "compute_capability": "9.0"}
+    )
+    config = tiny_denoiser().config
+    args = dict(config=config, precision="bf16", model_sha256="a" * 64, exporter="legacy")
+    return trt_module.build_trt_engine(b"onnx", tmp_path / "denoiser.plan", **{**args, **kw})
+
+
+def test_trt_build_writes_plan_sidecar_and_timing_cache_in_a_safe_order(monkeypatch, tmp_path):
+    """With TensorRT's API faked: profiles in rows (2x images) for each input, the plan beside a
+    sidecar describing it, an old sidecar removed before the new plan lands, a timing cache from
+    another GPU rejected (so the build starts an empty one) and rewritten with this build's."""
+    trt, calls = fake_tensorrt()
+    (tmp_path / "denoiser.plan.json").write_text('{"format": 1, "precision": "fp32"}')  # an older build's
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"another gpu")
+    plan = build_with(monkeypatch, tmp_path, trt, profiles=((1, 8, 16),), timing_cache=cache)
+    assert plan.read_bytes() == b"plan bytes" and read_sidecar(plan)["precision"] == "bf16"
+    assert calls["caches_set"] == [b"another gpu", b""] and cache.read_bytes() == b"this gpu"
+    s = tiny_denoiser().config.image_size
+    assert calls["profiles"] == [{"x_t": ((2, 3, s, s), (16, 3, s, s), (32, 3, s, s)),
+                                  "t": ((2,), (16,), (32,)), "cond": ((2, 32), (16, 32), (32, 32)),
+                                  "pose": ((2, 5, s, s), (16, 5, s, s), (32, 5, s, s))}]  # fmt: skip
+    assert calls["flag"] == trt.BuilderFlag.BF16
+
+
+def test_trt_build_refuses_a_foreign_graph_and_a_dropped_weak_flag(monkeypatch, tmp_path):
+    trt, _ = fake_tensorrt(inputs=("input_ids", "t"))
+    with pytest.raises(
+        VigfaceError, match=r"has inputs \['input_ids', 't'\].*vigface-export writes such a graph"
+    ):
+        build_with(monkeypatch, tmp_path, trt)
+    assert not (tmp_path / "denoiser.plan").exists()
+    trt, _ = fake_tensorrt()
+    trt.BuilderFlag = SimpleNamespace()  # TensorRT 11 dropped BuilderFlag.BF16 / FP16
+    with pytest.raises(VigfaceError, match="has no BuilderFlag.BF16 .* typing 'strong' or 'auto'"):
+        build_with(monkeypatch, tmp_path, trt, typing="weak")
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not (HAS_TRT and torch.cuda.is_available()), reason="needs TensorRT and a GPU")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

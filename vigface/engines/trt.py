@@ -20,7 +20,8 @@ Load (`TrtEngine`): a TensorRT engine only runs on the TensorRT version and GPU 
 it, and is only right for the weights it was built from, so the sidecar is compared with the
 installed TensorRT, this GPU, the requested precision and the loaded weights' sha256 first; any
 mismatch is refused naming what differs. Inference: set_input_shape / set_tensor_address on torch
-tensors and execute_async_v3 on torch's current stream (no copies, no host sync).
+tensors and execute_async_v3 on a stream of the engine's own, ordered after torch's current stream
+and before it again (no copies, no host sync).
 
 Profiles are given in images per sampling batch; the network sees twice as many rows ([cond; uncond]).
 """
@@ -37,7 +38,7 @@ from vigface.diffusion.denoiser import Denoiser
 from vigface.diffusion.schedule import NoiseSchedule
 from vigface.engines.base import Engine, check_precision
 from vigface.engines.export import state_sha256
-from vigface.engines.sidecar import check_sidecar, read_sidecar, write_sidecar
+from vigface.engines.sidecar import check_sidecar, read_sidecar, sidecar_path, write_sidecar
 from vigface.errors import BackendUnavailableError, VigfaceError
 
 log = logging.getLogger("vigface.engines")
@@ -45,6 +46,13 @@ PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 TYPINGS = ("auto", "weak", "strong")
 _WEAK_FLAGS = {"bf16": "BF16", "fp16": "FP16"}
 _ONNX_FLOAT8E4M3FN = 17  # onnx.TensorProto.FLOAT8E4M3FN
+# The exported graph's inputs (vigface.engines.export) and their shape past the batch axis
+_ROW_SHAPES = {
+    "x_t": lambda c: (3, c.image_size, c.image_size),
+    "t": lambda c: (),
+    "cond": lambda c: (c.cond_dim,),
+    "pose": lambda c: (5, c.image_size, c.image_size),
+}
 
 
 def import_tensorrt():
@@ -103,6 +111,12 @@ def resolve_typing(trt, precision: str, typing: str) -> str:
                 "fp8 TensorRT engines are strongly typed (Q/DQ nodes); use typing 'strong' or 'auto'"
             )
         return "strong"
+    if typing == "weak" and precision in _WEAK_FLAGS and not hasattr(trt.BuilderFlag, _WEAK_FLAGS[precision]):
+        flag = _WEAK_FLAGS[precision]
+        raise VigfaceError(
+            f"TensorRT {getattr(trt, '__version__', '')} has no BuilderFlag.{flag} (weak typing was "
+            f"dropped after TensorRT 10): build {precision} with typing 'strong' or 'auto'"
+        )
     if typing != "auto":
         return typing
     if precision == "fp32" or hasattr(trt.BuilderFlag, _WEAK_FLAGS[precision]):
@@ -153,6 +167,13 @@ def build_trt_engine(
     if not parser.parse(onnx_bytes):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise VigfaceError(f"TensorRT could not parse the ONNX graph: {errors}")
+    names = [network.get_input(i).name for i in range(network.num_inputs)]
+    outputs = [network.get_output(i).name for i in range(network.num_outputs)]
+    if not set(names) <= set(_ROW_SHAPES) or "x_t" not in names or outputs != ["out"]:
+        raise VigfaceError(
+            f"the ONNX graph has inputs {names} and outputs {outputs}; a vigface denoiser graph has inputs "
+            f"{list(_ROW_SHAPES)} (pose optional) and one output 'out' (vigface-export writes such a graph)"
+        )
     builder_config = builder.create_builder_config()
     builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
     if typing == "weak":
@@ -162,13 +183,14 @@ def build_trt_engine(
             builder_config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32, not TF32 tensor cores
     cache_bytes = Path(timing_cache).read_bytes() if timing_cache and Path(timing_cache).is_file() else b""
     cache = builder_config.create_timing_cache(cache_bytes)
-    builder_config.set_timing_cache(cache, ignore_mismatch=False)
-    s = config.image_size
-    per_row = {"x_t": (3, s, s), "t": (), "cond": (config.cond_dim,), "pose": (5, s, s)}
+    if not builder_config.set_timing_cache(cache, ignore_mismatch=False):
+        # a cache from another GPU or TensorRT version: rejected, so start an empty one (rewritten below)
+        log.warning("timing cache %s does not match this GPU / TensorRT; building without it", timing_cache)
+        builder_config.set_timing_cache(builder_config.create_timing_cache(b""), ignore_mismatch=False)
+    per_row = {name: shape(config) for name, shape in _ROW_SHAPES.items()}
     for lo, opt, hi in profiles:
         profile = builder.create_optimization_profile()
-        for i in range(network.num_inputs):
-            name = network.get_input(i).name
+        for name in names:
             rest = per_row[name]
             profile.set_shape(name, (2 * lo, *rest), (2 * opt, *rest), (2 * hi, *rest))
         builder_config.add_optimization_profile(profile)
@@ -178,11 +200,12 @@ def build_trt_engine(
         raise VigfaceError("TensorRT failed to build the engine (see its log above)")
     plan = Path(plan)
     plan.parent.mkdir(parents=True, exist_ok=True)
+    # The old sidecar goes first: a build that stops between the plan and its sidecar leaves a plan
+    # without one (refused on load), never a new plan beside an old sidecar that would vouch for it.
+    sidecar_path(plan).unlink(missing_ok=True)
     tmp = plan.with_name(plan.name + ".tmp")
     tmp.write_bytes(bytes(serialized))
     tmp.replace(plan)
-    if timing_cache:
-        Path(timing_cache).write_bytes(bytes(builder_config.get_timing_cache().serialize()))
     write_sidecar(
         plan,
         {
@@ -197,6 +220,10 @@ def build_trt_engine(
             "workspace_gib": workspace_gib,
         },
     )
+    if timing_cache:
+        tmp = Path(timing_cache).with_name(Path(timing_cache).name + ".tmp")
+        tmp.write_bytes(bytes(builder_config.get_timing_cache().serialize()))
+        tmp.replace(timing_cache)
     return plan
 
 
@@ -235,10 +262,14 @@ class TrtEngine(Engine):
         self.profiles = [tuple(p) for p in facts["profiles"]]
         self._trt = trt
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine(self.plan.read_bytes())
-        if self.engine is None:
-            raise VigfaceError(f"TensorRT could not deserialize {plan}")
-        self.context = self.engine.create_execution_context()
+        with torch.cuda.device(self.device):  # TensorRT puts the engine on the current device
+            self.engine = self.runtime.deserialize_cuda_engine(self.plan.read_bytes())
+            if self.engine is None:
+                raise VigfaceError(f"TensorRT could not deserialize {plan}")
+            self.context = self.engine.create_execution_context()
+            # enqueueV3 on the legacy default stream adds stream syncs (TensorRT warns): a stream of
+            # its own, ordered after and before torch's current stream in denoise
+            self._stream = torch.cuda.Stream(self.device)
         self._profile = 0
         self.inputs = [
             self.engine.get_tensor_name(i)
@@ -272,7 +303,7 @@ class TrtEngine(Engine):
                 f"engine 'trt': {rows} rows fit none of the engine's profiles {self.profiles} "
                 "(images per batch, x2 rows); rebuild with a wider --max-batch"
             )
-        stream = torch.cuda.current_stream(self.device)
+        current, stream = torch.cuda.current_stream(self.device), self._stream
         if profile != self._profile:
             self.context.set_optimization_profile_async(profile, stream.cuda_stream)
             self._profile = profile
@@ -286,6 +317,10 @@ class TrtEngine(Engine):
         out = torch.empty((rows, 3, self.config.image_size, self.config.image_size), device=self.device,
                           dtype=self._torch_dtype("out"))  # fmt: skip
         self.context.set_tensor_address("out", out.data_ptr())
+        stream.wait_stream(current)  # after the inputs above were converted on torch's stream
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise VigfaceError("TensorRT execute_async_v3 failed (see its log)")
+        # torch's stream waits for the engine: `out` is read, and `keep` / `out` freed (their blocks
+        # reused by later work on torch's stream), only after the engine is done with them
+        current.wait_stream(stream)
         return out.float()
