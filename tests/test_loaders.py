@@ -4,12 +4,14 @@ References: `vigface.fr.data` (the trainers' GlobalBatchSampler + prepare_batch 
 FaceRecordDataset), `align_faces` through the `vigface data align` command, and plain sets of indices.
 """
 
+import io
 import json
 import sys
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vigface.cli.main import main
 from vigface.data.image_folder import ImageFolderDataset, write_image_folder
@@ -395,6 +397,82 @@ def test_decoder_arguments_are_checked(aligned_rec, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision now raises ImportError
     with pytest.raises(BackendUnavailableError, match="decoder='torchvision' needs torchvision"):
         make_loader(aligned_rec, 4, loader="torch", decoder="torchvision")
+
+
+def _with_exif_orientation(image: np.ndarray, orientation: int, fmt: str) -> bytes:
+    """`image` stored as is, tagged with an EXIF Orientation (how a camera saves a turned photo)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = io.BytesIO()
+    Image.fromarray(image).save(
+        out, format=fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {})
+    )
+    return out.getvalue()
+
+
+# What a viewer shows for each EXIF Orientation of stored pixels a (the EXIF 2.3 table), by hand
+UPRIGHT = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: a[::-1, ::-1],  # turned 180
+    4: lambda a: a[::-1, :],  # mirrored top-bottom
+    5: lambda a: a.transpose(1, 0, 2),  # mirrored along the main diagonal
+    6: lambda a: np.rot90(a, -1),  # stored turned left: turn 90 clockwise
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # mirrored along the other diagonal
+    8: lambda a: np.rot90(a, 1),  # stored turned right: turn 90 counter-clockwise
+}
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_like_opencv_and_dali(orientation, fmt):
+    """A photo stored sideways with an EXIF Orientation tag decodes upright (OpenCV's imread and
+    DALI's decoder do; PIL alone does not), so landmarks found on the upright image fit it."""
+    from vigface.data.images import decode_image, exif_orientation
+
+    stored = np.random.default_rng(orientation).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    data = _with_exif_orientation(stored, orientation, fmt)
+    with Image.open(io.BytesIO(data)) as pil:  # the stored pixels as decoded, not turned
+        raw = np.array(pil.convert("RGB"))
+    assert exif_orientation(data) == orientation
+    np.testing.assert_array_equal(decode_image(data), UPRIGHT[orientation](raw))
+    assert (
+        exif_orientation(encode_image(stored, "jpeg")) == exif_orientation(encode_image(stored, "png")) == 1
+    )
+
+
+@pytest.fixture(scope="module")
+def exif_rec(tmp_path_factory, aligned_rec):
+    """Aligned toy faces stored turned, each JPEG tagged with the Orientation that turns it back."""
+    ds = FaceRecordDataset(aligned_rec)
+    path = tmp_path_factory.mktemp("exif") / "train.rec"
+    stored_as = {6: lambda a: np.rot90(a, 1), 8: lambda a: np.rot90(a, -1), 3: lambda a: a[::-1, ::-1]}
+    with FaceRecordWriter(path) as w:
+        for i in range(10):
+            image, label = ds[i]
+            orientation = (6, 8, 3, 1)[i % 4]
+            stored = stored_as[orientation](image) if orientation != 1 else image
+            w.add(_with_exif_orientation(np.ascontiguousarray(stored), orientation, "JPEG"), label)
+    return path, ds
+
+
+@pytest.mark.parametrize("decoder", ["pil", "torchvision", "nvjpeg", "dali"])
+def test_every_decoder_turns_exif_tagged_faces_upright(exif_rec, decoder):
+    path, ds = exif_rec
+    kw = dict(aligned=True, flip=False, shuffle=False, drop_last=False, workers=0)
+    if decoder == "dali":
+        pytest.importorskip("nvidia.dali")
+        loader = make_loader(path, 10, loader="dali", **kw)
+    else:
+        if decoder == "torchvision":
+            _torchvision_io()
+        device = _nvjpeg_device() if decoder == "nvjpeg" else torch.device("cpu")
+        loader = make_loader(path, 10, loader="torch", decoder=decoder, device=device, **kw)
+    (batch,) = _epoch(loader)
+    got = _to_uint8(batch.images.cpu()).numpy().astype(int)
+    upright = np.stack([ds[i][0] for i in range(10)]).astype(int)
+    error = np.abs(got - upright).mean(axis=(1, 2, 3))
+    assert error.max() < 3, error  # the same face through JPEG q95 (a turned one is off by ~40 levels)
 
 
 def test_decoder_is_the_torch_loaders_option(aligned_rec):

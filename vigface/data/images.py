@@ -2,6 +2,10 @@
 
 Images are numpy uint8 arrays, HWC, RGB. Decoding failures become `DataFormatError` naming the
 file (and byte offset) the payload came from, so a bad record reads as one line, not a PIL trace.
+
+EXIF orientation is applied: a camera photo stored sideways with an Orientation tag decodes
+upright, as OpenCV's imread/imdecode (InsightFace's tools, and the landmark detectors run on them)
+and DALI's decoder give it. Every decoder here (PIL, torchvision, nvJPEG, DALI) follows that.
 """
 
 from __future__ import annotations
@@ -10,13 +14,30 @@ import io
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from vigface.errors import DataFormatError, VigfaceError
 
 # Formats PIL may try when decoding. Restricting the list keeps a random payload from being
 # "recognised" by an obscure PIL plugin instead of being reported as not an image.
 _DECODE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF")
+_EXIF_ORIENTATION = 0x0112
+
+
+def exif_orientation(data: bytes | bytearray | memoryview) -> int:
+    """The payload's EXIF Orientation (1 = upright, 2-8 = mirrored / rotated), 1 when it has none
+    or cannot be read. Payloads without an EXIF block (every image vigface writes) are answered
+    from their bytes alone, without opening them."""
+    raw = bytes(data)
+    if b"Exif\x00\x00" not in raw[:65536] and b"eXIf" not in raw[:65536]:  # JPEG APP1 / PNG chunk
+        return 1
+    try:
+        with Image.open(io.BytesIO(raw), formats=_DECODE_FORMATS) as pil:
+            value = pil.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # an unreadable header is the decoder's to report
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
 
 # Leading bytes of the formats we write or accept as already-encoded payloads.
 _SIGNATURES = (
@@ -78,6 +99,8 @@ def decode_image(
     try:
         with Image.open(io.BytesIO(data), formats=_DECODE_FORMATS) as pil:
             pil.load()
+            if pil.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                pil = ImageOps.exif_transpose(pil)  # upright, as OpenCV and DALI decode it
             if pil.mode != "RGB":
                 pil = pil.convert("RGB")
             return np.array(pil, dtype=np.uint8)  # a writable copy

@@ -92,7 +92,9 @@ class DaliLoader(FaceLoader):
         with pipe:
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
-            images = fn.decoders.image(encoded, device="mixed" if self.gpu else "cpu", output_type=types.RGB)
+            images = fn.decoders.image(  # EXIF orientation applied, as every vigface decoder does
+                encoded, device="mixed" if self.gpu else "cpu", output_type=types.RGB, adjust_orientation=True
+            )
             if not o.aligned:
                 matrix = fn.external_source(name="matrix", dtype=types.FLOAT, ndim=2)
                 images = fn.warp_affine(

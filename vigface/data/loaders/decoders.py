@@ -25,7 +25,7 @@ import warnings
 import numpy as np
 import torch
 
-from vigface.data.images import decode_image, sniff_image_format
+from vigface.data.images import decode_image, exif_orientation, sniff_image_format
 from vigface.errors import BackendUnavailableError, DataFormatError, VigfaceError
 
 DECODERS = ("auto", "pil", "torchvision", "nvjpeg")
@@ -91,7 +91,9 @@ def decode_torchvision(data, where: str) -> np.ndarray:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            image = tio.decode_image(_as_uint8_tensor(data), mode=tio.ImageReadMode.RGB)
+            image = tio.decode_image(
+                _as_uint8_tensor(data), mode=tio.ImageReadMode.RGB, apply_exif_orientation=True
+            )
         except RuntimeError as exc:
             reason = str(exc).splitlines()[0]
             raise DataFormatError(where, f"torchvision cannot decode it: {reason}") from None
@@ -108,7 +110,8 @@ def read_for_nvjpeg(data, where: str) -> tuple[np.ndarray, bool]:
     marker (FF D9) is refused here, so all decoders skip the same truncated files. Entropy-coded
     data cannot hold FF D9 (an FF byte there is followed by 00 or a restart marker).
     """
-    if sniff_image_format(data) == "jpeg":
+    # torchvision's nvJPEG path ignores EXIF orientation: the rare rotated JPEG goes through PIL
+    if sniff_image_format(data) == "jpeg" and exif_orientation(data) == 1:
         raw = bytes(data)
         if raw.rfind(b"\xff\xd9") < raw.rfind(b"\xff\xda"):
             raise DataFormatError(
