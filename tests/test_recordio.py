@@ -21,7 +21,7 @@ from vigface.data.recordio import (
     scan_records,
     unpack_record,
 )
-from vigface.errors import DataFormatError, VigfaceError
+from vigface.errors import DataFormatError, VigfaceError, VigfaceWarning
 
 MAGIC_LE = bytes.fromhex("0a23d7ce")  # 0xced7230a little-endian
 
@@ -235,6 +235,31 @@ def test_dataset_without_identity_header_uses_all_keys(tmp_path):
     assert len(ds) == 5 and ds.identity_ranges is None
     assert ds.labels.tolist() == [0, 1, 0, 1, 0] and ds.num_classes == 2
     assert ds[4][1] == 0
+
+
+def test_labels_disagreeing_with_the_identity_ranges_are_read_per_record(tmp_path):
+    """InsightFace layout by hand: header record 0 -> identity records at keys 4, 5 with ranges
+    [1, 3) and [3, 4). An edited set whose key 2 says label 7 gets each record's own label (as
+    arcface_torch reads them), with a warning, not label 0 copied from key 1."""
+    jpeg = encode_image(image(2), "jpeg")
+
+    def entry(key, label):
+        return key, pack_record(IRHeader(0, float(label), key, 0), jpeg)
+
+    def ranges_entry(key, lo, hi):
+        return key, pack_record(IRHeader(2, np.array([lo, hi], dtype=np.float32), 0, 0), b"")
+
+    images = [entry(1, 0), entry(2, 7), entry(3, 1)]
+    rec, _ = write_pair(
+        tmp_path, [ranges_entry(0, 4, 6), *images, ranges_entry(4, 1, 3), ranges_entry(5, 3, 4)]
+    )
+    with pytest.warns(VigfaceWarning, match=r"identity record 0 spans image keys 1..2, .* labels 0 and 7"):
+        assert FaceRecordDataset(rec).labels.tolist() == [0, 7, 1]
+    consistent = tmp_path / "ok"
+    consistent.mkdir()
+    rec, _ = write_pair(consistent, [ranges_entry(0, 4, 6), entry(1, 0), entry(2, 0), entry(3, 1),
+                                     ranges_entry(4, 1, 3), ranges_entry(5, 3, 4)])  # fmt: skip
+    assert FaceRecordDataset(rec).labels.tolist() == [0, 0, 1]
 
 
 def test_dataset_pickles_for_dataloader_workers(tmp_path):

@@ -30,6 +30,7 @@ import operator
 import os
 import stat
 import struct
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -38,7 +39,7 @@ import numpy as np
 
 from vigface.data.files import fsync_dir
 from vigface.data.images import decode_image, encode_image, sniff_image_format
-from vigface.errors import DataFormatError, VigfaceError
+from vigface.errors import DataFormatError, VigfaceError, VigfaceWarning
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -732,12 +733,29 @@ class FaceRecordDataset:
             )
             if tiles:
                 # InsightFace convention: all images of an identity record share the label of its
-                # first image, so one read per identity gives every label.
-                per_identity = [self._label_of(self._unpack(int(s))[0], int(s)) for s in ranges[:, 0]]
-                self._labels = np.repeat(
-                    np.asarray(per_identity, dtype=np.int64), ranges[:, 1] - ranges[:, 0]
-                )
-            else:
+                # first image, so reads per identity give every label. Its last image is read too:
+                # a set edited or merged by hand whose records disagree with its ranges is then
+                # read record by record, as arcface_torch reads labels (each record's own).
+                first_labels = [self._label_of(self._unpack(int(k))[0], int(k)) for k in ranges[:, 0]]
+                last_labels = [self._label_of(self._unpack(int(k) - 1)[0], int(k) - 1) for k in ranges[:, 1]]
+                tiles = first_labels == last_labels
+                if not tiles:
+                    row = next(
+                        i for i, (a, b) in enumerate(zip(first_labels, last_labels, strict=True)) if a != b
+                    )
+                    warnings.warn(
+                        VigfaceWarning(
+                            f"{self.rec_path}: identity record {row} spans image keys {ranges[row, 0]}.."
+                            f"{ranges[row, 1] - 1}, whose first and last images have labels "
+                            f"{first_labels[row]} and {last_labels[row]}; reading every image's own label"
+                        ),
+                        stacklevel=2,
+                    )
+                else:
+                    self._labels = np.repeat(
+                        np.asarray(first_labels, dtype=np.int64), ranges[:, 1] - ranges[:, 0]
+                    )
+            if not tiles:
                 self._labels = np.fromiter(
                     (self._label_of(self._unpack(int(k))[0], int(k)) for k in self.image_keys),
                     dtype=np.int64,
