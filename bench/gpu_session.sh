@@ -90,7 +90,9 @@ step margin_softmax_tune 260 python3 bench/margin_softmax_tune.py --deadline 200
   --out "$OUT/margin_softmax_tune_cuda.json"
 
 # natively the margin-softmax tests compile many tiles: the first 5 took 57-80 s on an H200
-step kernel_tests 300 env VIGFACE_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 \
+# -v: a run cut off by the deadline prints no summary (nor a junit XML); session.log then names
+# each test that finished, with its outcome
+step kernel_tests 300 env VIGFACE_AUTOTUNE=0 python3 -m pytest -v -p no:cacheprovider -rs --durations=5 \
   ${KERNEL_TESTS:-tests/test_kernels_attention.py tests/test_kernels_adaln.py tests/test_kernels_margin_softmax.py}
 step kernels_bench 60 python3 bench/kernels.py --out "$OUT/kernels_cuda.json"
 
