@@ -262,6 +262,23 @@ def test_labels_disagreeing_with_the_identity_ranges_are_read_per_record(tmp_pat
     assert FaceRecordDataset(rec).labels.tolist() == [0, 0, 1]
 
 
+def test_index_without_the_identity_records_reads_like_arcface_torch(tmp_path):
+    """arcface_torch needs only image keys 1..first-1 in the .idx; one that lacks the identity
+    records is read (labels record by record) with a warning, not refused."""
+    jpeg = encode_image(image(4), "jpeg")
+    records = [(0, pack_record(IRHeader(0, (3, 5), 0, 1)))]
+    records += [(k, pack_record(IRHeader(0, float(k + 4), k, 0), jpeg)) for k in (1, 2)]
+    records += [(3, pack_record(IRHeader(0, (1, 2), 3, 0))), (4, pack_record(IRHeader(0, (2, 3), 4, 0)))]
+    rec, idx = write_pair(tmp_path, records)
+    idx.write_text(
+        "".join(line + "\n" for line in idx.read_text().splitlines() if line.split("\t")[0] in "012")
+    )
+    with pytest.warns(VigfaceWarning, match=r"lacks the identity records \(keys 3..4\)"):
+        ds = FaceRecordDataset(rec)
+    assert len(ds) == 2 and ds.identity_ranges is None and ds.labels.tolist() == [5, 6]
+    assert ds[1][1] == 6
+
+
 def test_dataset_pickles_for_dataloader_workers(tmp_path):
     rec, jpegs = make_face_rec(tmp_path)
     ds = FaceRecordDataset(rec)

@@ -604,6 +604,7 @@ class FaceRecordDataset:
         self.identity_keys: tuple[int, int] | None = None  # [first, end) keys of identity records
         self._labels: np.ndarray | None = None
         self._ranges: np.ndarray | None = None
+        self._identities_indexed = False
         header0 = None
         if 0 in self.reader:
             header0, _ = self._unpack(0)
@@ -626,14 +627,27 @@ class FaceRecordDataset:
                 )
             self.image_keys = np.arange(1, first, dtype=np.int64)
             self.identity_keys = (first, end)
-            missing = self.reader.missing_keys(np.arange(1, end, dtype=np.int64))
+            missing = self.reader.missing_keys(self.image_keys)
             if missing.size:
                 raise DataFormatError(
                     self.rec_path,
                     f"header record 0 is inconsistent: it puts images at keys 1..{first - 1} and "
-                    f"identities at keys {first}..{end - 1}, but key {int(missing[0])} is not in "
+                    f"identities at keys {first}..{end - 1}, but image key {int(missing[0])} is not in "
                     f"{self.reader.idx_path} ({missing.size} missing)",
                     self.reader.offset(0),
+                )
+            # arcface_torch needs only the image keys; an index without the identity records
+            # still reads, its labels record by record
+            self._identities_indexed = not self.reader.missing_keys(
+                np.arange(first, end, dtype=np.int64)
+            ).size
+            if not self._identities_indexed:
+                warnings.warn(
+                    VigfaceWarning(
+                        f"{self.reader.idx_path}: lacks the identity records (keys {first}..{end - 1}) "
+                        "that header record 0 announces; labels are read from every image's own record"
+                    ),
+                    stacklevel=2,
                 )
         else:
             self.image_keys = self.reader._keys.copy()
@@ -693,7 +707,7 @@ class FaceRecordDataset:
     @property
     def identity_ranges(self) -> np.ndarray | None:
         """(num_identities, 2) int64 [start_key, end_key) per identity record, or None."""
-        if self.identity_keys is None:
+        if self.identity_keys is None or not self._identities_indexed:
             return None
         if self._ranges is None:
             first, end = self.identity_keys
