@@ -64,6 +64,16 @@ def test_scan_without_manifest(tmp_path):
     assert ds.paths[2:5] == ["b/0.jpg", "b/1.jpg", "b/2.jpg"] and ds.paths[-2] == "b/11.jpg"
     img, label = ds[14]
     assert img.shape == (10, 10, 3) and label == 2
+    # every format the decoder takes is found, not only .jpg / .png
+    from PIL import Image
+
+    for suffix, fmt in ((".bmp", "BMP"), (".webp", "WEBP"), (".TIFF", "TIFF")):
+        Image.fromarray(image(3)).save(root / "c" / f"x{suffix}", format=fmt)
+    ds = ImageFolderDataset(root)
+    assert (
+        ds.paths[-4:] == ["c/0.jpg", "c/x.TIFF", "c/x.bmp", "c/x.webp"] and ds.labels.tolist()[-4:] == [2] * 4
+    )
+    assert ds[len(ds) - 2][0].shape == (10, 10, 3)
 
 
 def test_write_image_folder_helper(tmp_path):

@@ -4,8 +4,10 @@ Each manifest line is one JSON object:
 
     {"path": "<identity>/<n>.jpg", "label": 3, "identity": "<identity>", "landmarks": [[x, y], ...5]}
 
-("landmarks" is optional). Without a manifest, a folder is read like torchvision's ImageFolder:
-identity folders sorted by name, label = position in that order, images .jpg/.jpeg/.png.
+("landmarks" is optional). Without a manifest, labels are those torchvision's ImageFolder gives:
+identity folders sorted by name, label = position in that order (hidden folders skipped). Within a
+folder, images are in natural order (2.jpg before 10.jpg; torchvision sorts by name), and the
+extensions read are those the decoder takes: .jpg/.jpeg/.png/.bmp/.webp/.tif/.tiff.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from vigface.data.images import decode_image, encode_image, sniff_image_format
 from vigface.errors import DataFormatError, VigfaceError
 
 MANIFEST = "manifest.jsonl"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # = images._DECODE_FORMATS
 _EXTENSION_OF_FORMAT = {"jpeg": ".jpg", "jpg": ".jpg", "png": ".png"}
 
 
