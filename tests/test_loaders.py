@@ -494,6 +494,19 @@ def test_torchvision_cpu_decoder_gives_the_pil_batches(aligned_rec, wild_rec, al
         assert (a.images - b.images).abs().max() <= ONE_LEVEL  # both libjpeg-turbo
 
 
+def test_torchvision_cpu_decoder_reads_bmp_and_tiff_payloads_too(tmp_path):
+    """torchvision.io decodes JPEG/PNG/WebP/GIF only; a BMP or TIFF image (PIL reads them) must not
+    be skipped as corrupt."""
+    _torchvision_io()
+    from vigface.data.loaders.decoders import decode_torchvision
+
+    stored = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    for fmt in ("BMP", "TIFF", "PNG"):
+        out = io.BytesIO()
+        Image.fromarray(stored).save(out, format=fmt)
+        np.testing.assert_array_equal(decode_torchvision(out.getvalue(), fmt), stored)
+
+
 def test_torchvision_cpu_decoder_skips_the_pil_corrupt_images(corrupt_rec):
     _torchvision_io()
     path, bad = corrupt_rec

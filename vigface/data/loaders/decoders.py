@@ -88,6 +88,8 @@ def decode_torchvision(data, where: str) -> np.ndarray:
     tio = import_torchvision_io("torchvision")
     if len(data) == 0:
         raise DataFormatError(where, "image payload is empty, expected an encoded image")
+    if sniff_image_format(data) in ("bmp", "tiff"):  # formats torchvision.io does not decode: PIL
+        return decode_image(data, where)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
