@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vigface.diffusion.loss import VirtualRows, diffusion_loss, spread_around
+from vigface.diffusion.loss import VirtualRows, diffusion_loss, identity_features, spread_around
 from vigface.diffusion.schedule import NoiseSchedule
 
 
@@ -109,6 +109,17 @@ def test_identity_features_resize_to_the_backbone_input():
         identity_weight=1.0,
     )
     assert torch.isfinite(loss) and parts["identity"] > 0
+
+
+def test_identity_features_shrink_by_area_like_stage_1_and_embedding():
+    """f(x0) of a stored image larger than the FR input: the 2x2 box average (what stage 1 trained
+    on and what vigface.fr.embed feeds), not a bilinear filter, so f(x0) lies where the prototypes
+    were learned."""
+    fr = FlatFR(4)
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    boxed = x.reshape(3, 3, 4, 2, 4, 2).mean(dim=(3, 5))  # by hand
+    expected = torch.nn.functional.normalize(fr(boxed), dim=1)
+    torch.testing.assert_close(identity_features(fr, x), expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("prediction", ["x0", "v"])

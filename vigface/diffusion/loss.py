@@ -25,9 +25,16 @@ from vigface.diffusion.schedule import NoiseSchedule
 
 
 def identity_features(fr_backbone: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """L2-normalised FR embeddings of images in [-1, 1], resized to the backbone's input size."""
+    """L2-normalised FR embeddings of images in [-1, 1], resized to the backbone's input size.
+
+    Shrunk by area averaging, as stage 1 trained on its images and as `vigface.fr.embed` embeds
+    them, so f(x0) lies where the prototypes were learned (a bilinear filter put the stored toy
+    images at cos 0.9957 from that, a floor of 0.009 under the identity term); enlarged bilinearly
+    (a smaller denoiser than the FR input), which keeps gradients smooth."""
     size = fr_backbone.config.input_size if hasattr(fr_backbone, "config") else 112
-    if images.shape[-1] != size:
+    if images.shape[-1] > size:
+        images = F.interpolate(images, size=(size, size), mode="area")
+    elif images.shape[-1] < size:
         images = F.interpolate(
             images, size=(size, size), mode="bilinear", align_corners=False, antialias=True
         )
