@@ -118,6 +118,8 @@ def diffusion_loss(
             with torch.no_grad():
                 f_real = identity_features(fr_backbone, x0)
         f_hat = identity_features(fr_backbone, x0_hat)
+        # Every row, the ~10 % whose condition was dropped too (the paper does not say): there the
+        # unconditional model is asked for the identity x_t still shows, which it can see at low t.
         ident = (f_hat - f_real).pow(2).sum(1).mean()
         parts["identity"] = ident.detach()
         loss = loss + identity_weight * ident
