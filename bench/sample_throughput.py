@@ -4,7 +4,8 @@
     python bench/sample_throughput.py --size tiny --batch 8    # the CPU-sized run (< 5 minutes on 2 cores)
 
 For every available engine x sampler (DDIM-100, DPM-Solver++-20, DPM-Solver++-15 at logSNR spacing)
-x precision: images/s, latency per step, peak memory, speed-up over the baseline (eager bf16 on a
+x precision: images/s, latency per step, peak memory (CUDA: allocated and reserved, the latter holding
+CUDA graph pools), speed-up over the baseline (eager bf16 on a
 GPU, eager fp32 on a CPU) with the same sampler, and the drift of its images from the baseline's
 (same seeds: mean and max |difference| in uint8 levels). An engine named "NAME+triton" runs the
 denoiser with the Triton attention and AdaLN kernels (kernels/) instead of SDPA and the PyTorch
@@ -63,6 +64,9 @@ class PeakMemory:
 
     def __enter__(self):
         if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()  # reserved memory then holds this engine's pools, not earlier ones'
+            self.live_at_start = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
         self._base, self._stop = self._rss(), threading.Event()
@@ -78,6 +82,7 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated(self.device)
+            self.peak_reserved = torch.cuda.max_memory_reserved(self.device)
         else:
             self._stop.set()
             self._thread.join()
@@ -105,7 +110,12 @@ def model_config(args, **changes) -> DenoiserConfig:
 
 
 def forward_flops(args) -> int:
-    """FLOPs of one denoiser forward for one image (torch's FlopCounterMode on the reference ops)."""
+    """FLOPs of one denoiser forward for one image (torch's FlopCounterMode on the reference ops).
+
+    Attention runs on SDPA's math backend here: the counter has no rule for the CPU flash kernel
+    SDPA otherwise picks, and counted attention as nothing (the floors of the GPU results before
+    the nineteenth session, 155.7 GFLOP per ViT-B/4 image instead of 180.2)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
@@ -113,7 +123,7 @@ def forward_flops(args) -> int:
     s = model.config.image_size
     x, t = torch.randn(1, 3, s, s), torch.tensor([500])
     cond, pose = torch.randn(1, model.config.cond_dim), torch.rand(1, 5, s, s)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(x, t, cond, pose)
     return int(counter.get_total_flops())
 
@@ -173,6 +183,12 @@ def run_engine(engine, inputs, sampler, steps, args, device, sync) -> tuple[dict
         "peak_memory_gib": memory.gib,
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_rss_above_start",
     }
+    if device.type == "cuda":
+        # A CUDA graph's activations live in its private pool, reserved but never allocated by a
+        # replay: for graph engines the reserved peak is the one to read. Both include what was
+        # already live (the models of this run, earlier kernel variants): live_at_start_gib.
+        row["peak_reserved_gib"] = round(memory.peak_reserved / 2**30, 3)
+        row["live_at_start_gib"] = round(memory.live_at_start / 2**30, 3)
     return row, to_uint8(after_warmup)
 
 

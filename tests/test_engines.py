@@ -233,6 +233,20 @@ def test_stepped_loop_matches_the_eager_reference_samplers(sampler, steps, predi
     assert (got - want).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("engine_class", [SteppedEager, EagerEngine])
+def test_sample_leaves_the_callers_noise_as_it_was(model, engine_class):
+    """The loops update x in place: on x_T itself they turned a caller's noise into the last call's
+    images (bench/sample_throughput.py then started later samplers from them, so their drift from
+    eager read 4.3 levels on the CPU where it is ~0). Same x_T twice: same images."""
+    engine = engine_class(model, SCHEDULE)
+    _, _, cond, pose = inputs(model, 2)
+    x_T = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    kept = x_T.clone()
+    first = engine.sample(cond, pose, 2.5, sampler="dpm++", steps=4, x_T=x_T)
+    assert torch.equal(x_T, kept)
+    torch.testing.assert_close(engine.sample(cond, pose, 2.5, sampler="dpm++", steps=4, x_T=x_T), first)
+
+
 def test_sample_input_errors(model):
     engine = create_engine("eager", model, SCHEDULE)
     _, _, cond, pose = inputs(model, 2)

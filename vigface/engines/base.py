@@ -117,7 +117,8 @@ class Engine:
         if cfg.pose:
             pose = pose.to(dev, torch.float32)
             pose2 = torch.cat([pose, torch.zeros_like(pose)])
-        return cond2, pose2, w.to(dev), x_T.to(dev, torch.float32)
+        # a copy: the sampling loops update x in place, and the caller's x_T must stay its noise
+        return cond2, pose2, w.to(dev), x_T.to(dev, torch.float32, copy=True)
 
     @torch.no_grad()
     def sample(
