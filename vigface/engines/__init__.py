@@ -22,8 +22,10 @@ toy model (CPU: 20 + 20 ids x 8, DDIM-50, bench/results/engine_drift_toy_cpu.jso
 compile fp8 0.9983 (CPU); cudagraph 1.0000 (H200). fp8 through compile + fast (the fused GELU GEMM) at
 DPM-Solver++ logSNR-15 on the H200: 0.9963 to eager DDIM-100, where eager at that sampler has 0.9978
 (fast_sampler_identity_toy_gpu_fp8.json / _logsnr.json), and its CST / SEP within 1 % of DDIM-100. At
-ViT-B/4 on an H200 (random weights, sample_throughput_cuda_h200_*.json) the mean difference from eager
-bf16 in uint8 levels: bf16 engines 0.72-0.80, fp8 3.42. trt: not measured (TensorRT not installable).
+ViT-B/4 on an H100 / H200 (random weights, sample_throughput_cuda*.json) the mean difference from eager
+bf16 in uint8 levels: bf16 engines 0.52-0.80. fp8 in uint8 levels: not measured validly (those rows
+started from an earlier row's images, see the JSONs' nineteenth-session note; its FR cosine above
+stands). trt: not measured (TensorRT not installable).
 
 Engine modules are imported only when chosen, so onnxruntime / TensorRT stay optional.
 `auto` order, by the sample_throughput measurements: on CUDA trt (when a plan for this model
