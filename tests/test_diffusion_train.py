@@ -218,11 +218,17 @@ def test_images_stored_at_another_size_export_poses_in_the_112_frame(small_toy, 
     trained = landmark_image(torch.from_numpy(lm64[:4]).float(), 32, source_size=64)
     drawn = landmark_image(torch.from_numpy(exported[:4]), 32)
     torch.testing.assert_close(trained, drawn, atol=1e-5, rtol=0)
+    meta = json.loads((out / "denoiser.json").read_text())
+    assert meta["pose_table_frame"] == 112
+    gen = GenerationConfig(model=str(out), out=str(tmp_path / "gen"))
+    np.testing.assert_allclose(_load_pose_table(gen, meta), lm112, atol=1e-4)
+    # A folder exported before the table moved to the 112 frame holds it in the stored (64) frame
+    np.save(out / "pose_landmarks.npy", lm64.astype(np.float32))
+    legacy_meta = {k: v for k, v in meta.items() if k != "pose_table_frame"}
+    np.testing.assert_allclose(_load_pose_table(gen, legacy_meta), lm112, atol=1e-4)
     # A folder from before pose tables were exported: generation reads the training set's own table
     (out / "pose_landmarks.npy").unlink()
-    train_config = json.loads((out / "config.json").read_text())
-    legacy = _load_pose_table(GenerationConfig(model=str(out), out=str(tmp_path / "gen")), train_config)
-    np.testing.assert_allclose(legacy, lm112, atol=1e-4)
+    np.testing.assert_allclose(_load_pose_table(gen, legacy_meta), lm112, atol=1e-4)
 
 
 def test_torchrun_two_gloo_processes(small_toy, fr_model, tmp_path):

@@ -322,6 +322,9 @@ class _Run:
             "step": self.step,
             "ema_decay": self.config.ema_decay,
             "train_config": self.config.to_dict(),
+            # pose_landmarks.npy is in the 112 frame; folders from before this field hold theirs in
+            # the frame of the stored training images (generation rescales those)
+            "pose_table_frame": 112,
         }
         self._export_generation_inputs()
         write_atomically(self.out / DENOISER_META, json.dumps(meta, indent=2))

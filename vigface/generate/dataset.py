@@ -166,16 +166,19 @@ def _pose_landmarks(config: GenerationConfig, table: np.ndarray | None, jobs: li
     return table[np.asarray(rows)].astype(np.float32)
 
 
-def _load_pose_table(config: GenerationConfig, train_config: dict) -> np.ndarray | None:
+def _load_pose_table(config: GenerationConfig, meta: dict) -> np.ndarray | None:
+    """The landmarks table poses are drawn from, in the 112 frame; `meta`: the model's denoiser.json."""
     if config.pose == "frontal":
         return None
-    stored_size = 112  # the frame of the table's landmarks
+    train_config = meta.get("train_config", {})
+    in_stored_frame = False  # a table in the frame of the training images (rescaled below)
     if config.pose != "dataset":
         path = Path(config.pose)
     elif config.landmarks:
         path = Path(config.landmarks)
     elif (Path(config.model) / POSE_TABLE).is_file():
         path = Path(config.model) / POSE_TABLE
+        in_stored_frame = meta.get("pose_table_frame") != 112  # exported before the table was moved to 112
     else:  # a denoiser folder from before pose tables were exported: the training set's own table
         data = Path(train_config.get("data", ""))
         rec = data / "train.rec" if data.is_dir() else data
@@ -184,19 +187,24 @@ def _load_pose_table(config: GenerationConfig, train_config: dict) -> np.ndarray
             if train_config.get("landmarks")
             else rec.with_name(f"{rec.stem}_landmarks.npy")
         )
-        stored_size = _stored_image_size(data)  # that table is in the frame of the stored images
+        in_stored_frame = True
     if not path.is_file():
         raise DataFormatError(path, "pose landmarks not found (pass --landmarks FILE or --pose frontal)")
-    table = rescale_landmarks(read_landmarks_npy(path), stored_size, 112)
+    table = read_landmarks_npy(path)
+    if in_stored_frame:
+        table = rescale_landmarks(table, _stored_image_size(train_config.get("data")), 112)
     warn_if_not_aligned(table, 112, f"poses {path}")  # drawn in the aligned 112 frame
     return table
 
 
-def _stored_image_size(data: Path) -> int:
-    """Side of the images a denoiser was trained on (its landmarks' frame); 112 when the training
-    set cannot be opened, the size of aligned FR sets."""
+def _stored_image_size(data: str | None) -> int:
+    """Side of the images a denoiser was trained on (its landmarks' frame); 112, the size of
+    aligned FR sets, when the training set is not named or cannot be opened here (moved, or the
+    model was made elsewhere, like the shipped one)."""
     from vigface.data.loaders.source import open_face_dataset
 
+    if not data or not Path(data).exists():
+        return 112
     try:
         return int(open_face_dataset(data)[0][0].shape[0])
     except (OSError, VigfaceError, IndexError):
@@ -269,7 +277,6 @@ class _Generator:
             plan_steps(self.sampler.schedule, c.sampler, c.steps)
         except VigfaceError as exc:
             raise VigfaceError(f"--steps {c.steps} with --sampler {c.sampler}: {exc}") from None
-        train_config = self.sampler.meta.get("train_config", {})
         if c.prototypes:
             proto_path = Path(c.prototypes)
         elif (Path(c.model) / PROTOTYPES).is_file():
@@ -290,7 +297,7 @@ class _Generator:
             )
         self.prototypes = load_prototypes(proto_path)
         self.jobs = plan_jobs(c, len(self.prototypes["real"]), len(self.prototypes["virtual"]))
-        self.table = _load_pose_table(c, train_config) if self.sampler.config.pose else None
+        self.table = _load_pose_table(c, self.sampler.meta) if self.sampler.config.pose else None
         self.inputs_sha256 = {
             "denoiser weights": file_sha256(Path(c.model) / DENOISER_WEIGHTS),
             "prototypes": _array_sha256(self.prototypes["real"].numpy(), self.prototypes["virtual"].numpy()),
