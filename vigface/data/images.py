@@ -29,7 +29,13 @@ def exif_orientation(data: bytes | bytearray | memoryview) -> int:
     or cannot be read. Payloads without an EXIF block (every image vigface writes) are answered
     from their bytes alone, without opening them."""
     raw = bytes(data)
-    if b"Exif\x00\x00" not in raw[:65536] and b"eXIf" not in raw[:65536]:  # JPEG APP1 / PNG chunk
+    fmt = sniff_image_format(raw)
+    if fmt == "bmp":
+        return 1  # BMP has no EXIF
+    head = raw[:65536]
+    # the EXIF block's marker: JPEG APP1 "Exif\0\0", PNG chunk "eXIf", WebP chunk "EXIF" (TIFF keeps
+    # the tag in its own directory: always opened)
+    if fmt in ("jpeg", "png", "webp") and not any(m in head for m in (b"Exif\x00\x00", b"eXIf", b"EXIF")):
         return 1
     try:
         with Image.open(io.BytesIO(raw), formats=_DECODE_FORMATS) as pil:

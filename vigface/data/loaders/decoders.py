@@ -88,7 +88,10 @@ def decode_torchvision(data, where: str) -> np.ndarray:
     tio = import_torchvision_io("torchvision")
     if len(data) == 0:
         raise DataFormatError(where, "image payload is empty, expected an encoded image")
-    if sniff_image_format(data) in ("bmp", "tiff"):  # formats torchvision.io does not decode: PIL
+    fmt = sniff_image_format(data)
+    # formats torchvision.io does not decode, and tagged WebP (its WebP decoder ignores
+    # apply_exif_orientation): PIL
+    if fmt in ("bmp", "tiff") or (fmt == "webp" and exif_orientation(data) != 1):
         return decode_image(data, where)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
