@@ -4,10 +4,11 @@ Each manifest line is one JSON object:
 
     {"path": "<identity>/<n>.jpg", "label": 3, "identity": "<identity>", "landmarks": [[x, y], ...5]}
 
-("landmarks" is optional). Without a manifest, labels are those torchvision's ImageFolder gives:
-identity folders sorted by name, label = position in that order (hidden folders skipped). Within a
-folder, images are in natural order (2.jpg before 10.jpg; torchvision sorts by name), and the
-extensions read are those the decoder takes: .jpg/.jpeg/.png/.bmp/.webp/.tif/.tiff.
+("landmarks" is optional). Without a manifest, identity folders are sorted by name and label =
+position in that order, as torchvision's ImageFolder labels them when the root holds no hidden
+folders (skipped here, counted there). Images are the files directly in each identity folder (no
+subfolders), in natural order (2.jpg before 10.jpg; torchvision sorts by name), with the
+extensions the decoder takes: .jpg/.jpeg/.png/.bmp/.webp/.tif/.tiff.
 """
 
 from __future__ import annotations

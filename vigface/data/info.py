@@ -37,7 +37,9 @@ def describe_rec(path: Path) -> dict:
         "images": len(ds),
         "identities": int(len(counts)),
         "num_classes": int(ds.num_classes),
-        "identity_header": ds.identity_ranges is not None,
+        # header record 0 present (its identity records may still be missing from the .idx: the
+        # dataset then warns and reads labels record by record)
+        "identity_header": ds.identity_keys is not None,
         "images_per_identity": f"min {counts.min()} / mean {counts.mean():.1f} / max {counts.max()}"
         if len(counts)
         else "-",
