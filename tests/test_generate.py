@@ -22,7 +22,7 @@ from vigface.diffusion.sampling import FaceSampler
 from vigface.diffusion.trainer import train_diffusion
 from vigface.engines.compile import fast_kernel_options
 from vigface.errors import BackendUnavailableError, VigfaceError
-from vigface.generate.dataset import GenerationConfig, generate_dataset
+from vigface.generate.dataset import GenerationConfig, generate_dataset, remove_stale_shards
 from vigface.run_lock import FolderLock
 
 
@@ -340,6 +340,30 @@ def test_a_second_generation_into_a_folder_in_use_is_refused(denoiser_dir, tmp_p
     assert gen_cli.main(gen_args(denoiser_dir, out)) == 0  # once it is gone, the folder is ours
     assert len(FaceRecordDataset(out / "train.rec")) == 24
     assert not (out / ".lock").exists()
+
+
+def test_stale_partial_shards_of_dead_ranks_are_removed(tmp_path):
+    """Under torchrun a killed run's partial shards were never removed (each rank left the others'
+    alone); now any rank removes those whose process is gone, and keeps a live one's."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    shards = tmp_path / "shards"
+    for name in (f".tmp-shard_00003-{dead.pid}", f".tmp-shard_00004-{os.getpid()}", "shard_00000"):
+        (shards / name).mkdir(parents=True)
+    remove_stale_shards(shards, world_size=2)
+    assert sorted(p.name for p in shards.iterdir()) == [f".tmp-shard_00004-{os.getpid()}", "shard_00000"]
+    remove_stale_shards(shards, world_size=1)  # one rank holds the folder lock: any partial shard is stale
+    assert [p.name for p in shards.iterdir()] == ["shard_00000"]
+
+
+def test_landmarks_follow_the_output_size_with_pixel_centres(denoiser_dir, tmp_path):
+    """--output-size 224: the saved landmarks are the planned 112-frame poses moved with the
+    pixel-centre convention (x + 0.5) * 2 - 0.5, as the resize moves the pixels (it was x * 2)."""
+    assert gen_cli.main(gen_args(denoiser_dir, tmp_path / "a")) == 0
+    assert gen_cli.main([*gen_args(denoiser_dir, tmp_path / "b"), "--output-size", "224"]) == 0
+    at112 = np.load(tmp_path / "a" / "train_landmarks.npy").astype(np.float64)
+    at224 = np.load(tmp_path / "b" / "train_landmarks.npy")
+    np.testing.assert_allclose(at224, (at112 + 0.5) * 2 - 0.5, atol=1e-4)
 
 
 def test_a_folder_holding_another_dataset_is_refused_untouched(denoiser_dir, small_toy, tmp_path, capsys):

@@ -34,7 +34,8 @@ def refuse_foreign_output(out: Path, *, own: Collection[str], what: str) -> None
         )
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether a process with this pid exists (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -51,7 +52,7 @@ def remove_stale_temporaries(out: Path, *, own: Collection[str]) -> list[str]:
     if out.is_dir():
         for path in out.glob("*.tmp"):
             match = re.fullmatch(r"\.?(.+)\.(\d+)\.tmp", path.name)  # write_atomically's: .<name>.<pid>.tmp
-            if match and match.group(1) in own and not _running(int(match.group(2))):
+            if match and match.group(1) in own and not process_running(int(match.group(2))):
                 path.unlink(missing_ok=True)
                 removed.append(path.name)
     return sorted(removed)

@@ -12,7 +12,13 @@ plain PyTorch ops; the weights are the same, the images differ by rounding only.
 
 Deterministic per image: x_T comes from a generator seeded by that image's own seed, and the
 samplers offered here (DDIM with eta = 0, DPM-Solver++(2M)) add no noise afterwards, so an image
-does not depend on which other images share its batch.
+is the same face whichever images share its batch. Not always the same bits: a matmul's blocking
+follows the batch size, so a few images differ by a level or two after JPEG between batch sizes
+(3 of 30 between batch 1 and 4 in a review's probe; vigface-gen records the batch size in its plan
+and refuses a resume with another). On a CPU with several threads MKL's results can also differ
+between processes (one image of 4 in ~15 % of fresh processes, 2 threads; never with 1 thread or
+MKL_CBWR=COMPATIBLE, which costs ~8x in matmul time), so a resumed vigface-gen run is
+byte-identical to an uninterrupted one only where the kernels are (1 CPU thread, or a GPU).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from vigface.data.files import fsync_dir, resolved_paths
 from vigface.data.image_folder import ImageFolderWriter
 from vigface.data.images import encode_image
 from vigface.data.landmarks_npy import read_landmarks_npy
-from vigface.data.output_folder import refuse_foreign_output
+from vigface.data.output_folder import process_running, refuse_foreign_output
 from vigface.data.recordio import FaceRecordDataset, FaceRecordWriter
 from vigface.diffusion.cfg import DEFAULT_W_REAL, DEFAULT_W_VIRTUAL
 from vigface.diffusion.model_folder import (
@@ -195,6 +195,16 @@ def _load_pose_table(config: GenerationConfig, meta: dict) -> np.ndarray | None:
         table = rescale_landmarks(table, _stored_image_size(train_config.get("data")), 112)
     warn_if_not_aligned(table, 112, f"poses {path}")  # drawn in the aligned 112 frame
     return table
+
+
+def remove_stale_shards(shard_root: Path, world_size: int) -> None:
+    """Remove a killed run's partial shards (`.tmp-shard_<k>-<pid>`): with one rank (the folder
+    lock held) all of them; with several, those whose process is gone (the live ranks of this run
+    are writing theirs). Each rank used to leave the others' to them, so none were ever removed."""
+    for stale in shard_root.glob(".tmp-shard_*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if world_size == 1 or (pid.isdigit() and not process_running(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _stored_image_size(data: str | None) -> int:
@@ -384,7 +394,7 @@ class _Generator:
                     images = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
                 for (label, *_), image in zip(batch, images, strict=True):
                     writer.add(encode_image(image, "jpeg", c.quality), label)
-        np.save(tmp / "landmarks.npy", landmarks * (c.output_size / 112.0))
+        np.save(tmp / "landmarks.npy", rescale_landmarks(landmarks, 112, c.output_size))  # pixel centres
         (tmp / "meta.json").write_text(
             json.dumps({"shard": k, "first_image": k * c.shard_size, "images": len(jobs)})
         )
@@ -397,9 +407,7 @@ class _Generator:
     def run(self) -> dict:
         mine = [k for k in range(self.num_shards) if k % self.world_size == self.rank]
         self.lock.acquire(self.rank)  # before the clean-up below, which would take another run's shards
-        for stale in self.shard_root.glob(".tmp-shard_*"):
-            if self.world_size == 1:  # a killed run's partial shard; with several ranks each cleans its own
-                shutil.rmtree(stale, ignore_errors=True)
+        remove_stale_shards(self.shard_root, self.world_size)
         todo = [k for k in mine if not (self.shard_dir(k) / "meta.json").is_file()]
         bar = tqdm(
             total=len(mine),
