@@ -337,9 +337,31 @@ def test_a_second_generation_into_a_folder_in_use_is_refused(denoiser_dir, tmp_p
         assert f"vigface-gen: error: another process (pid {os.getpid()}) is writing into {out}" in err
         assert (out / "shards" / ".tmp-shard_00000-4242").is_dir()  # left alone
         assert not list((out / "shards").glob("shard_*")) and not (out / "train.rec").exists()
+        assert not (out / "generation.json").exists()  # refused before its plan was written
     assert gen_cli.main(gen_args(denoiser_dir, out)) == 0  # once it is gone, the folder is ours
     assert len(FaceRecordDataset(out / "train.rec")) == 24
     assert not (out / ".lock").exists()
+
+
+def test_finished_shards_without_their_plan_are_refused(denoiser_dir, tmp_path, capsys):
+    """A folder whose generation.json is gone: its shards were merged under a new plan with other
+    settings (seed 1 took seed 0's images). Now refused, naming the shards."""
+    out = tmp_path / "gen"
+    assert gen_cli.main(gen_args(denoiser_dir, out)) == 0
+    for name in ("generation.json", "train.rec", "train.idx", "train_landmarks.npy", "shards.jsonl"):
+        (out / name).unlink()
+    assert gen_cli.main([*gen_args(denoiser_dir, out), "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "holds finished shards (shard_00000, shard_00001, shard_00002 ...) but no generation.json" in err
+    assert not (out / "train.rec").exists()
+
+
+def test_generation_settings_out_of_range_are_refused(tmp_path):
+    for field, value, message in (("quality", 101, "--quality must be a JPEG quality in"),
+                                  ("seed", 2**32, "--seed must be in"), ("seed", -1, "--seed must be in"),
+                                  ("per_id", 1_000_003, "--per-id must be under 1,000,003")):  # fmt: skip
+        with pytest.raises(VigfaceError, match=message):
+            GenerationConfig(model="m", out=str(tmp_path), **{field: value})
 
 
 def test_stale_partial_shards_of_dead_ranks_are_removed(tmp_path):

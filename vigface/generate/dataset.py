@@ -113,6 +113,13 @@ class GenerationConfig:
         for name in ("num_ids", "per_id"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, f"must be at least 1, got {getattr(self, name)}")
+        if not 1 <= self.quality <= 100:
+            bad("quality", f"must be a JPEG quality in [1, 100], got {self.quality}")
+        # the per-image seed mixes (seed, prototype * 1,000,003 + image) into 32 bits (_job_seed)
+        if not 0 <= self.seed < 2**32:
+            bad("seed", f"must be in [0, 2**32), got {self.seed} (larger seeds repeat smaller ones)")
+        if self.per_id is not None and self.per_id >= 1_000_003:
+            bad("per_id", f"must be under 1,000,003 (the image index of a seed), got {self.per_id}")
         # eq. 9: w = 0 is unconditional, 1 conditional, > 1 guided; NaN would make every image NaN
         for name in ("w_real", "w_virtual"):
             if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
@@ -329,6 +336,11 @@ class _Generator:
             "shards": self.num_shards,
         }
         path = self.out / "generation.json"
+        if self.rank == 0 and (self.out.is_dir() or not self.out.exists()):
+            # the folder lock before the plan is read or written: two first runs into one new
+            # folder could otherwise each write their plan, and the one that ran keep the other's
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire(self.rank)
         # Every rank must reach the barrier below: a rank that returned early because rank 0 had
         # just written the file would be one barrier behind for the rest of the run (seen in CI).
         if path.is_file():
@@ -354,6 +366,14 @@ class _Generator:
             # No plan yet: the folder must be new or empty (its plan is the first thing written).
             # Every rank checks, so that all of them stop rather than wait at the barrier.
             refuse_foreign_output(self.out, own=("shards", "generation.json"), what="vigface-gen")
+            made = sorted(p.name for p in self.shard_root.glob("shard_*"))
+            if made:  # finished shards whose plan is gone cannot be matched to these settings
+                shown = ", ".join(made[:3]) + (" ..." if len(made) > 3 else "")
+                raise VigfaceError(
+                    f"{self.out}: holds finished shards ({shown}) "
+                    f"but no generation.json, the plan that made them, so they cannot be matched to these "
+                    f"settings; remove {self.shard_root} or choose another --out"
+                )
             if self.rank == 0:
                 self.shard_root.mkdir(parents=True, exist_ok=True)
                 labels = {}
