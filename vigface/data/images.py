@@ -28,17 +28,16 @@ def exif_orientation(data: bytes | bytearray | memoryview) -> int:
     """The payload's EXIF Orientation (1 = upright, 2-8 = mirrored / rotated), 1 when it has none
     or cannot be read. Payloads without an EXIF block (every image vigface writes) are answered
     from their bytes alone, without opening them."""
-    raw = bytes(data)
-    fmt = sniff_image_format(raw)
+    head = bytes(data[:65536])  # not the whole payload: the markers sit in the header
+    fmt = sniff_image_format(head)
     if fmt == "bmp":
         return 1  # BMP has no EXIF
-    head = raw[:65536]
     # the EXIF block's marker: JPEG APP1 "Exif\0\0", PNG chunk "eXIf", WebP chunk "EXIF" (TIFF keeps
     # the tag in its own directory: always opened)
     if fmt in ("jpeg", "png", "webp") and not any(m in head for m in (b"Exif\x00\x00", b"eXIf", b"EXIF")):
         return 1
     try:
-        with Image.open(io.BytesIO(raw), formats=_DECODE_FORMATS) as pil:
+        with Image.open(io.BytesIO(bytes(data)), formats=_DECODE_FORMATS) as pil:
             value = pil.getexif().get(_EXIF_ORIENTATION, 1)
     except Exception:  # an unreadable header is the decoder's to report
         return 1

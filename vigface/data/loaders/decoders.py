@@ -116,15 +116,15 @@ def read_for_nvjpeg(data, where: str) -> tuple[np.ndarray, bool]:
     data cannot hold FF D9 (an FF byte there is followed by 00 or a restart marker).
     """
     # torchvision's nvJPEG path ignores EXIF orientation: the rare rotated JPEG goes through PIL
-    if sniff_image_format(data) == "jpeg" and exif_orientation(data) == 1:
-        raw = bytes(data)
+    raw = bytes(data)
+    if sniff_image_format(raw) == "jpeg" and exif_orientation(raw) == 1:
         if raw.rfind(b"\xff\xd9") < raw.rfind(b"\xff\xda"):
             raise DataFormatError(
                 where,
                 f"JPEG payload ({len(raw)} bytes) ends inside its scan (no end-of-image marker): truncated",
             )
         return np.frombuffer(raw, dtype=np.uint8).copy(), True
-    return decode_image(data, where), False
+    return decode_image(raw, where), False
 
 
 def decode_jpegs_on_gpu(payloads: list[np.ndarray], device: torch.device) -> list[torch.Tensor | str]:
