@@ -364,6 +364,27 @@ def test_generation_settings_out_of_range_are_refused(tmp_path):
             GenerationConfig(model="m", out=str(tmp_path), **{field: value})
 
 
+def test_an_interrupted_shard_leaves_no_partial_folder(denoiser_dir, tmp_path, monkeypatch):
+    """Ctrl-C while a shard is written: its temporary folder goes with it (a rerun had to clear it),
+    the finished shards stay, and the rerun completes the set."""
+    out = tmp_path / "gen"
+    calls = {"n": 0}
+    sample = FaceSampler.sample
+
+    def interrupted_on_the_third_batch(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(FaceSampler, "sample", interrupted_on_the_third_batch)
+    assert gen_cli.main(gen_args(denoiser_dir, out)) == 130
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard_00000"]
+    monkeypatch.setattr(FaceSampler, "sample", sample)
+    assert gen_cli.main(gen_args(denoiser_dir, out)) == 0
+    assert len(FaceRecordDataset(out / "train.rec")) == 24
+
+
 def test_stale_partial_shards_of_dead_ranks_are_removed(tmp_path):
     """Under torchrun a killed run's partial shards were never removed (each rank left the others'
     alone); now any rank removes those whose process is gone, and keeps a live one's."""

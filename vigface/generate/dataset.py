@@ -395,6 +395,16 @@ class _Generator:
         tmp = self.shard_root / f".tmp-shard_{k:05d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        try:
+            self._write_shard(k, jobs, landmarks, tmp)
+        except BaseException:  # Ctrl-C, a full disk: no partial shard left for the rerun to clear
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        os.rename(tmp, self.shard_dir(k))  # the shard exists only once it is complete
+        fsync_dir(self.shard_root)
+
+    def _write_shard(self, k: int, jobs: list, landmarks: np.ndarray, tmp: Path) -> None:
+        c = self.config
         size = self.sampler.config.image_size
         with FaceRecordWriter(tmp / "data.rec", fmt="jpeg", quality=c.quality) as writer:
             for lo in range(0, len(jobs), c.batch_size):
@@ -421,8 +431,6 @@ class _Generator:
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        os.rename(tmp, self.shard_dir(k))  # the shard exists only once it is complete
-        fsync_dir(self.shard_root)
 
     def run(self) -> dict:
         mine = [k for k in range(self.num_shards) if k % self.world_size == self.rank]
