@@ -22,7 +22,7 @@ from vigface.diffusion.sampling import FaceSampler
 from vigface.diffusion.trainer import train_diffusion
 from vigface.engines.compile import fast_kernel_options
 from vigface.errors import BackendUnavailableError, VigfaceError
-from vigface.generate.dataset import GenerationConfig, generate_dataset, remove_stale_shards
+from vigface.generate.dataset import GenerationConfig, _Generator, generate_dataset, remove_stale_shards
 from vigface.run_lock import FolderLock
 
 
@@ -480,3 +480,59 @@ def test_prototypes_of_another_fr_model_are_warned_about(denoiser_dir, tmp_path,
         f"vigface-gen: warning: --prototypes {other}: they come from another FR model"
         in capsys.readouterr().err
     )
+
+
+def test_a_finished_generation_is_not_merged_again(denoiser_dir, tmp_path, monkeypatch):
+    """Rerunning a finished command returns without merging all its images again (minutes for a
+    large set); a shard made again, a missing train.rec or a damaged shards.jsonl still re-merge."""
+    out = tmp_path / "gen"
+    assert gen_cli.main(gen_args(denoiser_dir, out)) == 0
+    names = ("train.rec", "train.idx", "train_landmarks.npy", "shards.jsonl")
+    first = {name: (out / name).read_bytes() for name in names}
+    merges, merge = [], _Generator.merge
+    monkeypatch.setattr(_Generator, "merge", lambda self: (merges.append(1), merge(self))[1])
+    assert gen_cli.main(gen_args(denoiser_dir, out)) == 0
+    assert merges == []
+    shutil.rmtree(out / "shards" / "shard_00002")  # made again below: the merged set is outdated
+    (out / "train.rec").unlink()
+    assert gen_cli.main(gen_args(denoiser_dir, out)) == 0
+    assert merges == [1] and (out / "shards" / "shard_00002" / "meta.json").is_file()
+    shutil.rmtree(out / "shards" / "shard_00004")  # the merged files all kept this time
+    assert gen_cli.main(gen_args(denoiser_dir, out)) == 0
+    assert merges == [1, 1]
+    (out / "train.idx").unlink()
+    assert gen_cli.main(gen_args(denoiser_dir, out)) == 0
+    assert merges == [1, 1, 1]
+    (out / "shards.jsonl").write_text("{damaged\n")
+    assert gen_cli.main(gen_args(denoiser_dir, out)) == 0
+    assert merges == [1, 1, 1, 1]
+    assert {name: (out / name).read_bytes() for name in names} == first
+
+
+def _generate_with_a_slow_merge(rank: int, world_size: int, model, out) -> int:
+    """A rank of a two-rank vigface-gen whose merge outlasts the timeout of the ranks' store."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.distributed_c10d._get_default_store().set_timeout(timedelta(seconds=2))
+    merge = _Generator.merge
+
+    def slow_merge(self):
+        time.sleep(5)
+        merge(self)
+
+    _Generator.merge = slow_merge
+    return gen_cli.main(gen_args(model, out))
+
+
+def test_torchrun_ranks_do_not_wait_for_the_merge(denoiser_dir, tmp_path):
+    """Ranks other than 0 used to wait for rank 0's merge under the store's timeout (10 minutes
+    with NCCL), so merging a large set stopped the whole job; they now leave before it."""
+    from gloo_ranks import run_on_gloo_ranks
+
+    out = tmp_path / "two"
+    assert run_on_gloo_ranks(_generate_with_a_slow_merge, denoiser_dir, out, out_dir=tmp_path) == [0, 0]
+    assert gen_cli.main(gen_args(denoiser_dir, tmp_path / "one")) == 0
+    for name in ("train.rec", "train.idx", "train_landmarks.npy", "shards.jsonl"):
+        assert (out / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
