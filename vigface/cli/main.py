@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole pipeline on the toy world: data, FR, diffusion, generation, evaluation, report",
         description="Make toy data, train an FR model with virtual prototypes and a diffusion model, "
         "generate real and virtual identities, train a fresh FR model on them, verify both on held-out "
-        "toy pairs and write report.html (6-10 min on 2 CPU cores; --quick: the shipped tiny "
+        "toy pairs and write report.html (6-9 min on 2 CPU cores; --quick: the shipped tiny "
         "models, < 2 min).",
     )
     demo.add_argument("--out", default="vigface_demo", help="output folder (default ./vigface_demo)")
