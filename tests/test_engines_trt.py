@@ -4,10 +4,12 @@ With TensorRT and a GPU the build + run test at the end runs too.
 """
 
 import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from test_engines import SCHEDULE, TOLERANCE, inputs, model_dir, tiny_denoiser  # noqa: F401  (fixture)
 
 from vigface.cli import export as export_cli
@@ -267,3 +269,41 @@ def test_trt_engine_builds_runs_and_matches_eager(model_dir, precision):  # noqa
     x, t, cond, pose = inputs(model, 6, device="cuda")
     err = (sampler.engine.denoise(x, t, cond, pose) - eager.denoise(x, t, cond, pose)).abs().max().item()
     assert err <= TOLERANCE[precision]
+
+
+def test_vigface_export_trt_takes_an_onnx_graph_only_of_this_model(model_dir, tmp_path, capsys):  # noqa: F811
+    """--onnx took any file and wrote it as the model's own graph under a sidecar naming the model,
+    so vigface-gen --engine onnx ran another model's weights (or crashed on garbage). A graph with a
+    sidecar must name this model; one without must agree with the model in onnxruntime."""
+    pytest.importorskip("onnxruntime")
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other, ignore=shutil.ignore_patterns("engines"))
+    weights = {k: v * 0.5 for k, v in load_file(other / "denoiser.safetensors").items()}
+    save_file(weights, str(other / "denoiser.safetensors"))
+    graph = tmp_path / "other.onnx"
+    assert export_cli.main(["--model", str(other), "--out", str(graph), "--exporter", "legacy"]) == 0
+    installed = model_dir / "engines" / "denoiser.onnx"
+    installed.unlink(missing_ok=True)
+    trt = ["--model", str(model_dir), "--format", "trt", "--onnx"]
+    capsys.readouterr()
+    assert export_cli.main([*trt, str(graph)]) == 2
+    assert "exported from another model (its sidecar's model_sha256" in capsys.readouterr().err
+    bare = tmp_path / "bare.onnx"  # the same graph without its sidecar: checked in onnxruntime
+    shutil.copyfile(graph, bare)
+    assert export_cli.main([*trt, str(bare)]) == 2
+    assert "does not compute this model: in onnxruntime its output differs" in capsys.readouterr().err
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_text("garbage")
+    assert export_cli.main([*trt, str(garbage)]) == 2
+    err = capsys.readouterr().err
+    assert "garbage.onnx: --onnx: not a graph of this denoiser that onnxruntime can run" in err
+    assert "Traceback" not in err and not installed.exists()  # nothing written for a refused graph
+    assert export_cli.main([*trt, str(tmp_path / "missing.onnx")]) == 2
+    assert "missing.onnx: --onnx: no such file" in capsys.readouterr().err
+    own = tmp_path / "own.onnx"  # this model's graph, without a sidecar: taken
+    assert export_cli.main(["--model", str(model_dir), "--out", str(own), "--exporter", "legacy"]) == 0
+    (tmp_path / "own.onnx.json").unlink()
+    code = export_cli.main([*trt, str(own)])
+    assert installed.read_bytes() == own.read_bytes()
+    if not HAS_TRT:
+        assert code == 2 and "TensorRT is not installed" in capsys.readouterr().err
