@@ -199,3 +199,32 @@ def test_a_rec_with_its_landmarks_aligns_like_the_folder_route(tmp_path, capsys)
             "--out", str(tmp_path / "b.rec"), "--quiet"]  # fmt: skip
     assert main(args) == 2
     assert "--landmarks " + str(tmp_path / "no.npy") + ": no such file" in capsys.readouterr().err
+
+
+def test_an_align_that_stops_leaves_an_unfinished_folder_the_rerun_completes(wild_folder, tmp_path, capsys):
+    """A stopped align into a folder left a manifest-less partial set that `data info`, embed and
+    merge took as whole, and the plain rerun refused its own leftover; with --overwrite over an
+    aligned folder it left the old manifest over a mix of old and new images."""
+    root, _ = wild_folder
+    points = ImageFolderDataset(root).landmarks.copy()
+    points[4] = np.nan  # the fifth image cannot be aligned: the run stops after four
+    bad = tmp_path / "bad.npy"
+    np.save(bad, points)
+
+    def align(out, *extra):
+        return main(["data", "align", "--images", str(root), "--out", str(out), "--quiet", *extra])
+
+    out = tmp_path / "out"
+    assert align(out, "--landmarks", str(bad)) == 2
+    capsys.readouterr()
+    assert main(["data", "info", str(out)]) == 2
+    assert "out: is unfinished: the command writing it stopped part-way" in capsys.readouterr().err
+    assert align(out) == 0  # the plain rerun finishes it, as if it had never stopped
+    assert align(tmp_path / "clean") == 0
+    for a, b in zip(ImageFolderDataset(out).paths, ImageFolderDataset(tmp_path / "clean").paths, strict=True):
+        assert (out / a).read_bytes() == (tmp_path / "clean" / b).read_bytes()
+    assert (out / "manifest.jsonl").read_bytes() == (tmp_path / "clean" / "manifest.jsonl").read_bytes()
+    assert align(out, "--landmarks", str(bad), "--overwrite") == 2  # over a finished set
+    assert not (out / "manifest.jsonl").exists()
+    with pytest.raises(VigfaceError, match="is unfinished"):
+        ImageFolderDataset(out)

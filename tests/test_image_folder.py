@@ -6,7 +6,13 @@ import os
 import numpy as np
 import pytest
 
-from vigface.data.image_folder import ImageFolderDataset, ImageFolderWriter, write_image_folder
+from vigface.data.image_folder import (
+    MANIFEST,
+    UNFINISHED,
+    ImageFolderDataset,
+    ImageFolderWriter,
+    write_image_folder,
+)
 from vigface.data.images import encode_image
 from vigface.errors import DataFormatError, VigfaceError
 
@@ -155,10 +161,31 @@ def test_writer_refusals(tmp_path):
 
 
 def test_abort_leaves_no_manifest(tmp_path):
+    """A write that stops part-way leaves no manifest, and its images do not pass for a dataset
+    (read as a manifest-less folder they did: `data info`, embed and merge took the partial set)."""
     with pytest.raises(RuntimeError), ImageFolderWriter(tmp_path / "a") as w:
         w.add(image(0), 0)
         raise RuntimeError("crash")
-    assert sorted(os.listdir(tmp_path / "a")) == ["000000"]
+    assert sorted(os.listdir(tmp_path / "a")) == [UNFINISHED, "000000"]
+    with pytest.raises(DataFormatError, match="a: is unfinished: the command writing it stopped part-way"):
+        ImageFolderDataset(tmp_path / "a")
+    write_image_folder(tmp_path / "a", [image(1)], [0])  # a finished rewrite clears the mark
+    assert (
+        sorted(os.listdir(tmp_path / "a")) == ["000000", MANIFEST]
+        and len(ImageFolderDataset(tmp_path / "a")) == 1
+    )
+
+
+def test_an_overwrite_that_stops_leaves_no_manifest_over_a_mix(tmp_path):
+    """overwrite=True kept the old manifest until close(): a run that stopped part-way left it listing
+    files that now held the new set's images (other people, under the old labels)."""
+    write_image_folder(tmp_path / "a", [image(0), image(1)], [0, 0])
+    with pytest.raises(RuntimeError), ImageFolderWriter(tmp_path / "a", overwrite=True) as w:
+        w.add(image(2), 0)
+        raise RuntimeError("crash")
+    assert not (tmp_path / "a" / MANIFEST).exists()
+    with pytest.raises(DataFormatError, match="is unfinished"):
+        ImageFolderDataset(tmp_path / "a")
 
 
 def test_not_a_folder(tmp_path):

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from vigface.data.align import align_faces, transform_points
 from vigface.data.files import write_atomically
-from vigface.data.image_folder import MANIFEST, ImageFolderDataset, ImageFolderWriter
+from vigface.data.image_folder import MANIFEST, UNFINISHED, ImageFolderDataset, ImageFolderWriter
 from vigface.data.landmarks_npy import read_landmarks_npy
 from vigface.data.output_folder import refuse_foreign_output, remove_stale_temporaries
 from vigface.data.recordio import FaceRecordWriter
@@ -118,6 +118,8 @@ def _check_output(out: Path, out_format: str, overwrite: bool) -> None:
         if (out / MANIFEST).exists():
             if not overwrite:
                 raise VigfaceError(f"{out / MANIFEST}: already exists; pass --overwrite to replace it")
+        elif (out / UNFINISHED).is_file():
+            pass  # a stopped run's output (or another writer's): the rerun writes it again, in full
         elif out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()) and not overwrite:
             raise VigfaceError(
                 f"{out}: not empty and holds no {MANIFEST} (not an aligned folder); choose an empty or new "

@@ -27,6 +27,8 @@ from vigface.data.images import decode_image, encode_image, sniff_image_format
 from vigface.errors import DataFormatError, VigfaceError
 
 MANIFEST = "manifest.jsonl"
+# Present while ImageFolderWriter writes a folder, and after a write that did not finish.
+UNFINISHED = ".vigface-unfinished"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # = images._DECODE_FORMATS
 _EXTENSION_OF_FORMAT = {"jpeg": ".jpg", "jpg": ".jpg", "png": ".png"}
 
@@ -52,6 +54,9 @@ class ImageFolderWriter:
 
     Every image is written to a temporary name and renamed; manifest lines go to a temporary
     manifest that close() renames into place, so a folder with a manifest is always complete.
+    Until then the folder holds UNFINISHED: readers refuse it (a write that stopped part-way
+    left images that passed for a whole dataset without a manifest), and an existing manifest
+    is removed before the first image is replaced (it vouched for a mix of old and new images).
     """
 
     def __init__(
@@ -67,6 +72,8 @@ class ImageFolderWriter:
                 f"{self.manifest_path} already exists; pass overwrite=True to replace the folder"
             )
         self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / UNFINISHED).write_text(f"written by process {os.getpid()}; no {MANIFEST} yet\n")
+        self.manifest_path.unlink(missing_ok=True)  # overwrite: the old one lists the old images
         self._tmp_manifest = self.root / f"{MANIFEST}.{os.getpid()}.tmp"
         self._manifest = open(
             self._tmp_manifest, "w", encoding="utf-8", newline="\n"
@@ -128,13 +135,15 @@ class ImageFolderWriter:
             os.fsync(self._manifest.fileno())
             self._manifest.close()
             os.replace(self._tmp_manifest, self.manifest_path)
+            (self.root / UNFINISHED).unlink(missing_ok=True)
         except BaseException:
             self.abort()
             raise
         fsync_dir(self.root)
 
     def abort(self) -> None:
-        """Drop the temporary manifest; images already written stay, but no manifest lists them."""
+        """Drop the temporary manifest; images already written stay, but no manifest lists them, and
+        UNFINISHED stays to say so."""
         self._done = True
         try:
             self._manifest.close()
@@ -184,6 +193,12 @@ class ImageFolderDataset:
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataFormatError(self.root, "not a directory")
+        if (self.root / UNFINISHED).is_file():
+            raise DataFormatError(
+                self.root,
+                "is unfinished: the command writing it stopped part-way (interrupted, a full disk, "
+                "a bad input) or is still running; rerun that command to finish it",
+            )
         self.manifest_path: Path | None = self.root / MANIFEST
         self.paths: list[str] = []  # relative to root, "/"-separated
         self.identities: list[str] = []
