@@ -164,3 +164,45 @@ def test_verify_takes_one_gap_to_real_reference(capsys):
         eval_cli.main(["verify", "m", "a.bin", "--real-model", "r", "--real-reference", "CASIA (Real)"])
     assert info.value.code == 2
     assert "--real-reference: not allowed with argument --real-model" in capsys.readouterr().err
+
+
+def test_cfg_sweep_deletes_only_its_own_generated_sets(small_toy, tmp_path, capsys):
+    """cfg-sweep removed whatever stood at <work>/w<value> before generating there; two scales of
+    one folder name overwrote each other; a negative --seed was a traceback."""
+    work = tmp_path / "sweep"
+    (work / "w0.5").mkdir(parents=True)
+    (work / "w0.5" / "notes.txt").write_text("precious")
+    sweep = ["cfg-sweep", str(tiny_model_dir()), "--real", str(small_toy / "train.rec"), "--work", str(work),
+             "--num-ids", "2", "--per-id", "2", "--steps", "2", "--real-max-ids", "4", "--quiet"]  # fmt: skip
+    assert eval_cli.main([*sweep, "--w", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "w0.5: holds notes.txt, which cfg-sweep does not write; choose an empty or new folder for --work"
+        in err
+    )
+    assert (work / "w0.5" / "notes.txt").read_text() == "precious"
+    assert eval_cli.main([*sweep, "--w", "1", "1.0000001"]) == 2
+    assert "differ past 6 significant digits (w1); give distinct scales" in capsys.readouterr().err
+    assert eval_cli.main([*sweep, "--w", "1", "--seed", "-1"]) == 2
+    assert "seed must be in [0, 2**32), got -1" in capsys.readouterr().err
+    assert eval_cli.main([*sweep, "--w", "1", "--keep-images"]) == 0
+    assert (work / "w1" / "train.rec").is_file()
+    assert eval_cli.main([*sweep, "--w", "1"]) == 0  # its own earlier set is replaced
+    assert not (work / "w1").exists() and "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here")
+def test_device_cuda_without_a_gpu_is_one_line(small_toy, tiny_fr_model, tmp_path, capsys):
+    """embed / eval asked for --device cuda on a machine without one ended in torch's "Torch not
+    compiled with CUDA enabled" traceback (vigface-gen already said it in one line)."""
+    val = str(small_toy / "toy_val.bin")
+    commands = {
+        "vigface-embed": lambda: embed_cli.main(
+            [str(tiny_fr_model), val, "--out", str(tmp_path / "e.npy"), "--device", "cuda", "--quiet"]
+        ),
+        "vigface-eval": lambda: eval_cli.main(["verify", str(tiny_fr_model), val, "--device", "cuda"]),
+    }
+    for prog, run in commands.items():
+        assert run() == 2, prog
+        err = capsys.readouterr().err
+        assert err == f"{prog}: error: device 'cuda' was requested but torch sees no CUDA device\n", err

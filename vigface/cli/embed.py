@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from vigface.cli.common import check_output_file, positive_int, run_command
 from vigface.data.files import usual_permissions
+from vigface.device import resolve_device
 from vigface.errors import VigfaceError
 
 
@@ -44,7 +44,7 @@ def _embed(args: argparse.Namespace) -> int:
     if out.suffix not in (".npy", ".safetensors"):
         raise VigfaceError(f"--out {out}: use a .npy or .safetensors file name")
     check_output_file("--out", out)  # found now, not after the whole embedding pass
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     model, meta = load_backbone(args.model, device)
     images, count, labels, issame = _source(Path(args.input))
     with tqdm(total=count, desc="embed", unit="img", disable=args.quiet) as bar:

@@ -20,12 +20,7 @@ from pathlib import Path
 
 from vigface.cli.common import check_output_file, check_output_folder, positive_int, run_command
 from vigface.data.files import write_atomically
-
-
-def _device(choice: str) -> str:
-    import torch
-
-    return choice if choice != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+from vigface.device import resolve_device
 
 
 def _print_table(name: str, table: dict) -> None:
@@ -52,7 +47,7 @@ def _cmd_verify(args) -> int:
     if not args.real_model:
         peer_average(args.real_reference)  # a misspelt name fails now, not after the verification
     check_output_file("--json", args.json)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     ours = evaluate_model(args.model, args.bins, device)
     _print_table(args.model, ours)
     real = evaluate_model(args.real_model, args.bins, device) if args.real_model else None
@@ -80,7 +75,7 @@ def _cmd_metrics(args) -> int:
     from vigface.fr.embed import embed_images, load_backbone
 
     check_output_folder("--out", args.out)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model, _ = load_backbone(args.model, device)
     check_dataset_alignment(args.data, "DATA")
     if args.real:
@@ -168,7 +163,7 @@ def _cmd_cfg_sweep(args) -> int:
     if args.fr_model:  # another FR model measures (the paper: an independent ResNet-18)
         from vigface.fr.embed import load_backbone
 
-        fr_model, _ = load_backbone(args.fr_model, _device(args.device))
+        fr_model, _ = load_backbone(args.fr_model, resolve_device(args.device))
     samples: dict = {}
     result = cfg_sweep(config, fr_model, samples)
     print("w        " + " ".join(f"{w:>6g}" for w in result["w"]))

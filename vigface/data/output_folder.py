@@ -21,15 +21,16 @@ def _is_own(name: str, own: Collection[str]) -> bool:
     return name in own or (name.endswith(".tmp") and any(name.startswith(f"{o}.") for o in own))
 
 
-def refuse_foreign_output(out: Path, *, own: Collection[str], what: str) -> None:
-    """Raise unless `out` is missing, or a folder whose visible entries are all `own` (or their temps)."""
+def refuse_foreign_output(out: Path, *, own: Collection[str], what: str, flag: str = "--out") -> None:
+    """Raise unless `out` is missing, or a folder whose visible entries are all `own` (or their temps);
+    the message names `flag`, the option that chose the folder."""
     if not out.is_dir():
         return  # missing (made later) or a file (the writer's own error names it)
     foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and not _is_own(p.name, own))
     if foreign:
         shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
         raise VigfaceError(
-            f"{out}: holds {shown}, which {what} does not write; choose an empty or new folder for --out "
+            f"{out}: holds {shown}, which {what} does not write; choose an empty or new folder for {flag} "
             "(nothing was changed)"
         )
 

@@ -21,6 +21,8 @@ import numpy as np
 
 from vigface.data.alignment_check import check_dataset_alignment
 from vigface.data.files import write_atomically
+from vigface.data.output_folder import refuse_foreign_output
+from vigface.device import resolve_device
 from vigface.errors import VigfaceError
 from vigface.eval.labelled_set import LabelledSet, read_labelled_set
 from vigface.eval.plots import grid_rows
@@ -59,13 +61,26 @@ class SweepConfig:
             raise VigfaceError(f"cfg sweep: real_max_ids must be None or >= 2, got {self.real_max_ids}")
         if self.num_ids < 2 or self.per_id < 2:
             raise VigfaceError("cfg sweep: need num_ids >= 2 and per_id >= 2 (imposter and genuine pairs)")
+        if not 0 <= self.seed < 2**32:
+            raise VigfaceError(f"cfg sweep: seed must be in [0, 2**32), got {self.seed}")
         self.ws = sorted(float(w) for w in self.ws)
+        names = [sweep_folder_name(w) for w in self.ws]
+        clashes = sorted({name for name in names if names.count(name) > 1})
+        if clashes:  # one folder, one result row per w: two w's of one name overwrote each other
+            raise VigfaceError(
+                f"cfg sweep: w {self.ws} repeat a scale or differ past 6 significant digits "
+                f"({', '.join(clashes)}); give distinct scales"
+            )
 
 
-def _device(choice: str):
-    import torch
+def sweep_folder_name(w: float) -> str:
+    """The sub-folder of --work holding the set generated at w."""
+    return f"w{w:g}"
 
-    return choice if choice != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+# What vigface-gen writes into its folder: a sweep deletes a folder of its w only when it holds
+# nothing else (it deleted whatever stood at <work>/w<value>, a user's files included).
+GENERATED = ("shards", "generation.json", "train.rec", "train.idx", "train_landmarks.npy", "shards.jsonl")
 
 
 def _generate(config: SweepConfig, w: float, out: Path) -> LabelledSet:
@@ -94,7 +109,7 @@ def cfg_sweep(config: SweepConfig, fr_model=None, samples: dict | None = None) -
     from vigface.diffusion.model_folder import DENOISER_META, fr_model_dir
     from vigface.fr.embed import embed_images, load_backbone
 
-    device = _device(config.device)
+    device = resolve_device(config.device)
     if fr_model is None:
         meta = json.loads((Path(config.model) / DENOISER_META).read_text())
         fr_model, _ = load_backbone(fr_model_dir(config.model, meta), device)
@@ -112,7 +127,8 @@ def cfg_sweep(config: SweepConfig, fr_model=None, samples: dict | None = None) -
         "paper_w": PAPER_W,
     }
     for w in config.ws:
-        out = Path(config.work) / f"w{w:g}"
+        out = Path(config.work) / sweep_folder_name(w)
+        refuse_foreign_output(out, own=GENERATED, what="cfg-sweep", flag="--work")
         shutil.rmtree(out, ignore_errors=True)  # a sweep is cheap to redo; never mix settings
         gen = _generate(config, w, out)
         emb = embed_images(fr_model, gen.images, device=device)

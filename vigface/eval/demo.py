@@ -35,6 +35,7 @@ import numpy as np
 
 from vigface.data.files import write_atomically
 from vigface.data.output_folder import refuse_foreign_output
+from vigface.device import resolve_device
 from vigface.errors import VigfaceError
 from vigface.run_lock import FolderLock
 
@@ -143,12 +144,6 @@ class _Clock:
 
     def total(self) -> float:
         return round(time.perf_counter() - self.start, 1)
-
-
-def _device(choice: str) -> str:
-    import torch
-
-    return choice if choice != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _fr_config(c: DemoConfig, data: Path, out: Path, num_virtual: int):
@@ -297,7 +292,7 @@ def _run_demo(config: DemoConfig, out: str, resume: bool, lock: FolderLock) -> d
     c = config
     out = Path(out)
     _check_folder(out, resume)
-    device = _device(c.device)
+    device = resolve_device(c.device)
     clock = _Clock()
 
     # ---- the models: trained here, or the shipped pair --------------------------------------

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from vigface.data.files import write_atomically
 from vigface.data.verification_bin import read_bin
+from vigface.device import resolve_device
 from vigface.errors import VigfaceError
 from vigface.eval.verification import BENCHMARKS, gap_to_real, summarise, verify_bins
 
@@ -131,11 +132,10 @@ def train_config(config: ProtocolConfig):
 
 def evaluate_model(model_dir: str | os.PathLike, bins: list[str], device: str = "auto") -> dict:
     """summarise() of a trained backbone folder on `bins`."""
-    import torch
 
     from vigface.fr.embed import load_backbone
 
-    device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     model, _ = load_backbone(model_dir, device)
     return summarise(verify_bins(model, bins, device=device))
 

@@ -1,0 +1,17 @@
+"""Which torch device a command runs on: --device auto | cpu | cuda."""
+
+from __future__ import annotations
+
+from vigface.errors import BackendUnavailableError
+
+
+def resolve_device(choice: str) -> str:
+    """ "auto": cuda when torch sees a GPU, else cpu. "cuda" without one is refused in one line (it
+    was torch's "Torch not compiled with CUDA enabled" traceback from deep inside a command)."""
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendUnavailableError(f"device {choice!r} was requested but torch sees no CUDA device")
+    return choice
