@@ -3,6 +3,7 @@
 import errno
 import os
 
+import numpy as np
 import pytest
 from safetensors import SafetensorError
 
@@ -206,3 +207,39 @@ def test_device_cuda_without_a_gpu_is_one_line(small_toy, tiny_fr_model, tmp_pat
         assert run() == 2, prog
         err = capsys.readouterr().err
         assert err == f"{prog}: error: device 'cuda' was requested but torch sees no CUDA device\n", err
+
+
+def test_embed_to_a_full_disk_is_one_line_and_leaves_nothing(
+    small_toy, tiny_fr_model, tmp_path, capsys, monkeypatch
+):
+    """Seen on a 600 KB tmpfs: np.save's own C write reported the full disk as "25600 requested and
+    18400 written" (no errno: a traceback) and left its temporary .npy on the full disk."""
+    import builtins
+
+    class FullDisk:  # a file that takes 1,000 bytes, then fails as a full disk does
+        def __init__(self, path, mode):
+            self.f, self.room = builtins.open(path, mode), 1000
+
+        def write(self, data):
+            data = memoryview(data).cast("B")
+            if len(data) > self.room:
+                self.f.write(data[: self.room])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.room -= len(data)
+            return self.f.write(data)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr("vigface.cli.embed.open", FullDisk, raising=False)
+    out = tmp_path / "out" / "e.npy"
+    args = [str(tiny_fr_model), str(small_toy / "toy_val.bin"), "--out", str(out), "--quiet"]
+    assert embed_cli.main(args) == 2
+    assert capsys.readouterr().err.startswith(f"vigface-embed: error: {os.strerror(errno.ENOSPC)}; free some")
+    assert list(out.parent.iterdir()) == []  # neither the output nor its temporary
+    monkeypatch.undo()
+    assert embed_cli.main(args) == 0
+    assert np.load(out).shape == (400, 32)
