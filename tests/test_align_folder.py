@@ -228,3 +228,16 @@ def test_an_align_that_stops_leaves_an_unfinished_folder_the_rerun_completes(wil
     assert not (out / "manifest.jsonl").exists()
     with pytest.raises(VigfaceError, match="is unfinished"):
         ImageFolderDataset(out)
+
+
+def test_quality_and_size_out_of_range_are_refused(wild_folder, tmp_path):
+    """--quality 0 / 101 were taken without a word; --size 100000 asked NumPy for 28 GiB per image."""
+    root, _ = wild_folder
+    for option, message in (
+        ({"quality": 0}, "--quality must be in 1..100, got 0"),
+        ({"quality": 101}, "--quality must be in 1..100, got 101"),
+        ({"size": 100_000}, "--size must be in 16..2048 pixels, got 100000"),
+    ):
+        with pytest.raises(VigfaceError, match=message):
+            align_image_folder(root, tmp_path / "out", progress=False, **option)
+    assert not (tmp_path / "out").exists()

@@ -134,6 +134,13 @@ def test_serfiq_scores_on_a_backbone():
         serfiq_scores(model, images, dropout=1.0)
     with pytest.raises(VigfaceError, match="IResNet"):
         serfiq_scores(torch.nn.Linear(3, 3), images)
+    # Many passes: the batch shrinks to hold their features (10**8 passes asked torch for 200 GB),
+    # and the scores are the ones a per-image run gives (to the rounding of the head's matmul blocks).
+    many = serfiq_scores(model, images[:3], passes=3000, batch_size=128, seed=3)
+    one_by_one = serfiq_scores(model, images[:3], passes=3000, batch_size=1, seed=3)
+    np.testing.assert_allclose(many, one_by_one, rtol=1e-6)
+    with pytest.raises(VigfaceError, match="passes must be in 2..10,000, got 100,000,000"):
+        serfiq_scores(model, images, passes=10**8)
 
 
 def test_dataset_metrics_summary():

@@ -69,3 +69,13 @@ def test_bad_requests_are_one_line_errors(tmp_path, capsys):
     )
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert not list(tmp_path.glob("x.*"))
+
+
+def test_far_more_pairs_than_a_fold_holds_are_refused_at_once(tmp_path):
+    """--pairs 10**9 on a small set ran for hours drawing mostly the same pairs again."""
+    _folder(tmp_path / "held_out", ids=25, per_id=3)  # 2-3 identities x 3 pairs: 6 per smallest fold
+    with pytest.raises(VigfaceError, match=r"holds only 6 distinct genuine pairs, .* ask for at most 1,200"):
+        make_pairs_bin(tmp_path / "held_out", tmp_path / "val.bin", pairs=10**9)
+    assert not (tmp_path / "val.bin").exists()
+    with pytest.warns(VigfaceWarning, match="repeat another"):  # up to 10 times over: warned, written
+        make_pairs_bin(tmp_path / "held_out", tmp_path / "val.bin", pairs=1200)

@@ -68,6 +68,7 @@ def load_landmarks(ds: ImageFolderDataset, landmarks: str | os.PathLike | None) 
     raise VigfaceError(f"--landmarks {path}: expected a .jsonl or .npy file")
 
 
+MAX_SIZE = 2048  # aligned faces for FR are 112-256 px; this leaves room and bounds the memory
 ALIGN_REC_FILES = ("train.rec", "train.idx", "train_landmarks.npy", "train_identities.json")
 
 
@@ -191,6 +192,10 @@ def align_image_folder(
     An existing aligned output (a manifest, or the .rec) is replaced only with `overwrite`; a folder
     holding anything else is refused either way (checked before any image is read). `out_format`
     None: "rec" for an --out ending in .rec, else "folder"."""
+    if not 1 <= quality <= 100:  # PIL took 0 and 101 without a word
+        raise VigfaceError(f"--quality must be in 1..100, got {quality}")
+    if not 16 <= size <= MAX_SIZE:  # 100,000 px asked NumPy for 28 GiB per image
+        raise VigfaceError(f"--size must be in 16..{MAX_SIZE} pixels, got {size}")
     out_format = _output_format(Path(out), out_format)
     _check_not_the_input(Path(images), Path(out), out_format)
     _check_output(Path(out), out_format, overwrite)

@@ -17,6 +17,8 @@ from vigface.data.verification_bin import write_bin
 from vigface.errors import VigfaceError, VigfaceWarning
 
 N_FOLDS = 10
+# Genuine pairs a fold may draw per distinct one it holds: a few repeats are warned about, more refused.
+MAX_REPEATS = 10
 
 
 def fold_pairs(rng, ids, left, right, n_pos: int, n_neg: int, distinct: bool):
@@ -88,6 +90,12 @@ def make_pairs_bin(
     groups = np.array_split(rng.permutation(ids), N_FOLDS)
     slots = {int(a): np.flatnonzero(labels == a).tolist() for a in ids}
     n_half = pairs // (2 * N_FOLDS)
+    fewest = min(sum(counts[a] * (counts[a] - 1) // 2 for a in g) for g in groups)
+    if n_half > MAX_REPEATS * fewest:  # mostly the same pairs again (--pairs 10**9 also ran for hours)
+        raise VigfaceError(
+            f"--pairs {pairs}: a fold of {data} holds only {fewest:,} distinct genuine pairs, so each "
+            f"would repeat over {MAX_REPEATS} times; ask for at most {MAX_REPEATS * fewest * 2 * N_FOLDS:,}"
+        )
     folds = [fold_pairs(rng, [int(a) for a in g], slots, slots, n_half, n_half, True) for g in groups]
     drawn = [tuple(sorted(pair)) for fold, _ in folds for pair in fold]
     repeats = len(drawn) - len(set(drawn))

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from vigface.errors import VigfaceError
 
 DEFAULT_PASSES = 100  # the SER-FIQ paper's m
+MAX_PASSES = 10_000  # far past where the score settles; 10**8 asked torch for 200 GB
 DEFAULT_DROPOUT = 0.5  # used when the backbone has no dropout of its own (the SER-FIQ paper's rate)
 
 
@@ -78,8 +79,11 @@ def serfiq_scores(
     """
     from vigface.fr.embed import to_input
 
-    if passes < 2:
-        raise VigfaceError(f"SER-FIQ: passes must be at least 2, got {passes}")
+    if not 2 <= passes <= MAX_PASSES:
+        raise VigfaceError(f"SER-FIQ: passes must be in 2..{MAX_PASSES:,}, got {passes:,}")
+    # Each pass holds a copy of the batch's trunk features: keep passes x batch at the default's
+    # 100 x 128 (a score does not depend on its batch, see below).
+    batch_size = max(1, min(batch_size, DEFAULT_PASSES * 128 // passes))
     if dropout is None:
         own = getattr(getattr(model, "dropout", None), "p", 0.0)
         dropout = own if own > 0 else DEFAULT_DROPOUT
