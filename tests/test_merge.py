@@ -134,7 +134,7 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path):
         ([a], "at least two datasets"),
         ([a, a / "train.rec"], "listed twice"),
         ([a, big], r"big: images are 24x24, but .*a's are 16x16"),
-        ([a, tmp_path / "missing"], "missing"),
+        ([a, tmp_path / "missing"], "missing: no such dataset"),  # was "--out m: lies inside ... missing"
     ]
     for inputs, message in cases:
         with pytest.raises(VigfaceError, match=message):
@@ -142,9 +142,16 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path):
         assert not out.exists()
     with pytest.raises(VigfaceError, match="is also an input"):
         merge_datasets([a, b], a, progress=False)
-    with pytest.raises(VigfaceError, match="lies inside .*the input"):  # it would become an identity of a
-        merge_datasets([a, b], a / "merged", progress=False)
-    assert not (a / "merged").exists()
+    folder = tmp_path / "folder"  # an image folder
+    with ImageFolderWriter(folder, fmt="png") as writer:
+        writer.add(_image(30), 0)
+        writer.add(_image(31), 0)
+    with pytest.raises(VigfaceError, match="lies inside .*the input"):  # it would become an identity of it
+        merge_datasets([folder, b], folder / "merged", progress=False)
+    assert not (folder / "merged").exists()
+    # beside a .rec input, or inside a folder holding one, harms nothing (it was refused as "inside")
+    merge_datasets([a / "train.rec", b], tmp_path / "a" / "merged", progress=False)
+    assert len(FaceRecordDataset(tmp_path / "a" / "merged" / "train.rec")) == 4
     with pytest.raises(VigfaceError, match="must be a folder"):
         merge_datasets([a, b], tmp_path / "x.rec", progress=False)
 

@@ -74,11 +74,17 @@ def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
         raise VigfaceError(f"--out {out}: must be a folder (it receives train.rec, train.idx, merge.json)")
     resolved = out.resolve()
     for path in inputs:
+        if not path.exists():  # (it was reported as an --out inside the missing input's parent)
+            raise VigfaceError(
+                f"{path}: no such dataset (a train.rec, a folder holding one, or an image folder)"
+            )
         folder = (path if path.is_dir() else path.parent).resolve()
         if folder == resolved:
             raise VigfaceError(f"--out {out}: is also an input; write the merged set to another folder")
-        if folder in resolved.parents or resolved in folder.parents:
-            # inside an image folder it would become an identity folder of that input
+        image_folder = path.is_dir() and not (path / "train.rec").is_file()
+        if image_folder and (folder in resolved.parents or resolved in folder.parents):
+            # inside an image folder it would become an identity folder of that input (beside a
+            # .rec, or around one, it harms nothing)
             raise VigfaceError(
                 f"--out {out}: lies inside (or around) the input {path}; choose another folder"
             )
