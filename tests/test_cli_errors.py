@@ -243,3 +243,36 @@ def test_embed_to_a_full_disk_is_one_line_and_leaves_nothing(
     monkeypatch.undo()
     assert embed_cli.main(args) == 0
     assert np.load(out).shape == (400, 32)
+
+
+def test_metrics_of_a_degenerate_subset_are_refused(small_toy, tiny_fr_model, capsys):
+    """--max-per-id 1 printed CST 1.0000 and DIV 0 (one image agrees with itself), --max-ids 1 SEP nan,
+    both with exit 0; with --out they then failed on an empty histogram."""
+    data = str(small_toy / "train.rec")
+    for limit, shown in (
+        (["--max-per-id", "1"], "40 identities of at most 1 images"),
+        (["--max-ids", "1"], "1 identities of at most 8 images"),
+    ):
+        assert eval_cli.main(["metrics", str(tiny_fr_model), data, "--passes", "2", *limit]) == 2
+        err = capsys.readouterr().err
+        assert f"metrics: dataset holds {shown}" in err and "2 or more identities" in err, err
+
+
+def test_a_read_only_output_folder_is_refused_before_any_work(
+    small_toy, tiny_fr_model, tmp_path, capsys, monkeypatch
+):
+    """A read-only --out (seen on a read-only mount) was found only when the report was written,
+    after all the work. Read-only is simulated: as root, permission bits do not stop writes."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr("vigface.cli.common.os.access", lambda p, mode: p != locked and real_access(p, mode))
+    embedded = []
+    monkeypatch.setattr("vigface.fr.embed.embed_images", lambda *a, **k: embedded.append(1))
+    args = ["metrics", str(tiny_fr_model), str(small_toy / "train.rec"), "--out", str(locked / "report")]
+    assert eval_cli.main(args) == 2
+    assert (
+        f"--out {locked / 'report'}: {locked} is not writable here; choose another folder"
+        in capsys.readouterr().err
+    )
+    assert embedded == []  # refused before any work

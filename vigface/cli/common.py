@@ -51,6 +51,9 @@ def check_output_folder(option: str, path: str | os.PathLike | None) -> None:
     in_the_way = _file_at_or_above(Path(path))
     if in_the_way is not None:
         raise VigfaceError(f"{option} {path}: {in_the_way} is a file; a folder is needed there")
+    nearest = next(p for p in (Path(path), *Path(path).parents) if p.exists())
+    if not os.access(nearest, os.W_OK | os.X_OK):  # a read-only file system (even for root), no permission
+        raise VigfaceError(f"{option} {path}: {nearest} is not writable here; choose another folder")
 
 
 def check_output_file(option: str, path: str | os.PathLike | None, example: str = "") -> None:

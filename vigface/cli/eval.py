@@ -21,6 +21,7 @@ from pathlib import Path
 from vigface.cli.common import check_output_file, check_output_folder, positive_int, run_command
 from vigface.data.files import write_atomically
 from vigface.device import resolve_device
+from vigface.errors import VigfaceError
 
 
 def _print_table(name: str, table: dict) -> None:
@@ -91,6 +92,14 @@ def _cmd_metrics(args) -> int:
             "real data": read_labelled_set(args.real, max_ids=args.max_ids, max_per_id=args.max_per_id),
             **sets,
         }
+    for name, s in sets.items():  # meaningless numbers otherwise (CST 1, DIV 0, SEP nan), exit 0
+        _, counts = np.unique(s.labels, return_counts=True)
+        if len(counts) < 2 or counts.max() < 2:
+            raise VigfaceError(
+                f"metrics: {name} holds {len(counts)} identities of at most {counts.max()} images "
+                "(after --max-ids / --max-per-id); CST and DIV need identities with 2 or more images, "
+                "SEP and the similarity histograms 2 or more identities"
+            )
     metrics, dists = {}, {}
     for name, s in sets.items():
         emb = embed_images(model, s.images, device=device)
