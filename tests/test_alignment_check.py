@@ -92,3 +92,21 @@ def test_landmarks_without_no_aligned_are_refused(small_toy, tmp_path, capsys):
     assert train_fr_cli.main(args) == 2
     assert "landmarks (--landmarks) is read only with --no-aligned" in capsys.readouterr().err
     assert not (tmp_path / "fr").exists()
+
+
+def test_embed_of_unaligned_photos_warns_in_one_line(
+    unaligned_toy, small_toy, tiny_fr_model, tmp_path, capsys
+):
+    """vigface-embed embedded unaligned photos without a word (the trainers and eval warned)."""
+    from vigface.cli import embed as embed_cli
+
+    assert (
+        embed_cli.main([str(tiny_fr_model), str(unaligned_toy), "--out", str(tmp_path / "u.npy"), "--quiet"])
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert f"vigface-embed: warning: INPUT {unaligned_toy}: these landmarks do not look like aligned" in err
+    assert (
+        embed_cli.main([str(tiny_fr_model), str(small_toy), "--out", str(tmp_path / "a.npy"), "--quiet"]) == 0
+    )
+    assert "warning" not in capsys.readouterr().err

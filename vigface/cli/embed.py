@@ -31,6 +31,9 @@ def _source(path: Path):
     if path.suffix == ".bin":
         images, issame = load_verification_pairs(path)
         return images, len(images), None, np.asarray(issame)
+    from vigface.data.alignment_check import check_dataset_alignment
+
+    check_dataset_alignment(path, "INPUT")  # an FR model's embeddings of unaligned faces mislead
     dataset = open_face_dataset(path)
     return (dataset[i][0] for i in range(len(dataset))), len(dataset), np.asarray(dataset.labels), None
 
