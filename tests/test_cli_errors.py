@@ -276,3 +276,18 @@ def test_a_read_only_output_folder_is_refused_before_any_work(
         in capsys.readouterr().err
     )
     assert embedded == []  # refused before any work
+
+
+def test_a_reader_that_leaves_the_pipe_early_is_no_traceback():
+    """`vigface data info X | head -5` ended in a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from vigface.cli.common import run_command; "
+        "sys.exit(run_command('prog', lambda a: [print('line ' * 20) for _ in range(100000)], None))"
+    )
+    done = subprocess.run(
+        f'{sys.executable} -c "{code}" | head -1', shell=True, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.startswith("line line") and done.stderr == "", done.stderr[-2000:]

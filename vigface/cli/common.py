@@ -80,6 +80,9 @@ def run_command(prog: str, func, args) -> int:
     except VigfaceError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of stdout left (`| head`): stop as a tool killed by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 128 + signal.SIGPIPE
     except OSError as err:
         line = _os_error_line(err)
         if line is None:
