@@ -291,3 +291,31 @@ def test_a_reader_that_leaves_the_pipe_early_is_no_traceback():
         f'{sys.executable} -c "{code}" | head -1', shell=True, capture_output=True, text=True, timeout=60
     )
     assert done.stdout.startswith("line line") and done.stderr == "", done.stderr[-2000:]
+
+
+def test_embed_npy_writer_matches_np_save_even_when_empty(tmp_path):
+    """The .npy writer that reports a full disk in one line writes np.save's bytes, an empty set
+    included (a memoryview cast failed on a (0, d) array)."""
+    from vigface.cli.embed import _save_npy
+
+    for array in (np.arange(12, dtype=np.float32).reshape(3, 4), np.zeros((0, 4), np.float32)):
+        _save_npy(tmp_path / "ours.npy", array)
+        np.save(tmp_path / "numpy.npy", array)
+        assert (tmp_path / "ours.npy").read_bytes() == (tmp_path / "numpy.npy").read_bytes()
+
+
+def test_resolve_device_refuses_a_gpu_torch_does_not_see(monkeypatch):
+    import torch
+
+    from vigface.device import resolve_device
+    from vigface.errors import BackendUnavailableError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == "cuda:0" and resolve_device("auto") == "cuda"
+    with pytest.raises(BackendUnavailableError, match="'cuda:1' was requested but torch sees 1 CUDA device"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    with pytest.raises(BackendUnavailableError, match="torch sees no CUDA device"):
+        resolve_device("cuda")

@@ -14,4 +14,9 @@ def resolve_device(choice: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if choice.startswith("cuda") and not torch.cuda.is_available():
         raise BackendUnavailableError(f"device {choice!r} was requested but torch sees no CUDA device")
+    index = choice.partition(":")[2]
+    if choice.startswith("cuda") and index.isdigit() and int(index) >= torch.cuda.device_count():
+        raise BackendUnavailableError(
+            f"device {choice!r} was requested but torch sees {torch.cuda.device_count()} CUDA device(s)"
+        )
     return choice

@@ -25,7 +25,7 @@ from vigface.errors import VigfaceError
 
 def _source(path: Path):
     """(images iterable, count, labels or None, issame or None) for a .rec / .bin / folder."""
-    from vigface.data.loaders.source import open_face_dataset
+    from vigface.data.loaders.source import FaceSource
     from vigface.data.verification_bin import load_verification_pairs
 
     if path.suffix == ".bin":
@@ -33,8 +33,9 @@ def _source(path: Path):
         return images, len(images), None, np.asarray(issame)
     from vigface.data.alignment_check import check_dataset_alignment
 
-    check_dataset_alignment(path, "INPUT")  # an FR model's embeddings of unaligned faces mislead
-    dataset = open_face_dataset(path)
+    source = FaceSource(path)  # opened once: a folder without a manifest is scanned once
+    check_dataset_alignment(source, "INPUT", name=path)  # embeddings of unaligned faces mislead
+    dataset = source.dataset
     return (dataset[i][0] for i in range(len(dataset))), len(dataset), np.asarray(dataset.labels), None
 
 
@@ -82,7 +83,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     array = np.ascontiguousarray(array)
     with open(path, "wb") as f:
         np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
-        f.write(memoryview(array).cast("B"))
+        f.write(array.reshape(-1).view(np.uint8).data)  # (a memoryview cast fails on an empty array)
 
 
 def build_parser() -> argparse.ArgumentParser:
