@@ -506,6 +506,16 @@ def test_a_finished_generation_is_not_merged_again(denoiser_dir, tmp_path, monke
     (out / "shards.jsonl").write_text("{damaged\n")
     assert gen_cli.main(gen_args(denoiser_dir, out)) == 0
     assert merges == [1, 1, 1, 1]
+    with open(out / "train.rec", "r+b") as f:  # cut: its index points past the end
+        f.truncate(1000)
+    assert gen_cli.main(gen_args(denoiser_dir, out)) == 0
+    assert merges == [1, 1, 1, 1, 1]
+    assert {name: (out / name).read_bytes() for name in names} == first
+    folder = [*gen_args(denoiser_dir, tmp_path / "folder"), "--format", "folder"]
+    assert gen_cli.main(folder) == 0 and gen_cli.main(folder) == 0
+    assert merges == [1, 1, 1, 1, 1, 1]  # made once, not merged again
+    (tmp_path / "folder" / "manifest.jsonl").unlink()
+    assert gen_cli.main(folder) == 0 and merges == [1, 1, 1, 1, 1, 1, 1]
     assert {name: (out / name).read_bytes() for name in names} == first
 
 

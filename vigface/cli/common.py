@@ -80,9 +80,12 @@ def run_command(prog: str, func, args) -> int:
     except VigfaceError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # the reader of stdout left (`| head`): stop as a tool killed by SIGPIPE
+    except BrokenPipeError:
+        if not _stdout_is_broken():  # another pipe (a worker pool's): not the reader leaving
+            raise
+        # the reader of stdout left (`| head`): stop as a tool killed by SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        return 128 + signal.SIGPIPE
+        return 128 + getattr(signal, "SIGPIPE", 13)  # (Windows has no SIGPIPE)
     except OSError as err:
         line = _os_error_line(err)
         if line is None:
@@ -109,6 +112,14 @@ def run_command(prog: str, func, args) -> int:
         warnings.showwarning = show_warning
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _stdout_is_broken() -> bool:
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        return True
+    return False
 
 
 def _one_line_warnings(prog: str, fallback):

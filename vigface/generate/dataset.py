@@ -33,7 +33,7 @@ from tqdm import tqdm
 from vigface.data.align import ARCFACE_TEMPLATE_112
 from vigface.data.alignment_check import warn_if_not_aligned
 from vigface.data.files import fsync_dir, resolved_paths
-from vigface.data.image_folder import MANIFEST, ImageFolderWriter
+from vigface.data.image_folder import ImageFolderDataset, ImageFolderWriter
 from vigface.data.images import encode_image
 from vigface.data.landmarks_npy import read_landmarks_npy
 from vigface.data.output_folder import process_running, refuse_foreign_output
@@ -469,17 +469,25 @@ class _Generator:
 
     def merged_already(self) -> bool:
         """True for a finished set: shards.jsonl, written last by merge() and removed whenever a
-        shard is made again, names every shard, and the merged files are there. A rerun of a
-        finished command then returns at once instead of merging all its images again."""
+        shard is made again, names every shard, and the merged set opens with all their images.
+        A rerun of a finished command then returns at once instead of merging them all again; a
+        merged set that is cut, or lacks a file, is merged again."""
         listing = self.out / "shards.jsonl"
-        merged = ("train.rec", "train.idx") if self.config.format == "rec" else (MANIFEST,)
-        if not all((self.out / name).is_file() for name in (*merged, "train_landmarks.npy", listing.name)):
+        if not listing.is_file() or not (self.out / "train_landmarks.npy").is_file():
             return False
         try:
-            names = [json.loads(line)["shard"] for line in listing.read_text().splitlines()]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            return False  # damaged: merge again
-        return names == [self.shard_dir(k).name for k in range(self.num_shards)]
+            rows = [json.loads(line) for line in listing.read_text().splitlines()]
+            names, images = [row["shard"] for row in rows], sum(int(row["images"]) for row in rows)
+            if self.config.format == "rec":
+                merged = FaceRecordDataset(self.out / "train.rec")
+                found = len(merged)
+                merged.close()
+            else:
+                folder = ImageFolderDataset(self.out)  # refuses a folder marked unfinished
+                found = len(folder) if folder.manifest_path is not None else -1  # the manifest is an output
+        except (ValueError, KeyError, TypeError, OSError, VigfaceError):
+            return False  # missing or damaged: merge again
+        return names == [self.shard_dir(k).name for k in range(self.num_shards)] and found == images
 
     def merge(self) -> None:
         """Shards -> train.rec (or an image folder) + landmarks + shards.jsonl, each by atomic rename."""
