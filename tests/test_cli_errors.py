@@ -291,6 +291,13 @@ def test_a_reader_that_leaves_the_pipe_early_is_no_traceback():
         f'{sys.executable} -c "{code}" | head -1', shell=True, capture_output=True, text=True, timeout=60
     )
     assert done.stdout.startswith("line line") and done.stderr == "", done.stderr[-2000:]
+    # a broken pipe that is not stdout's (a worker pool's) is not taken for the reader leaving
+    code = (
+        "import sys; from vigface.cli.common import run_command; "
+        "sys.exit(run_command('prog', lambda a: (_ for _ in ()).throw(BrokenPipeError(32, 'pool')), None))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "BrokenPipeError: [Errno 32] pool" in done.stderr
 
 
 def test_embed_npy_writer_matches_np_save_even_when_empty(tmp_path):

@@ -115,11 +115,15 @@ def run_command(prog: str, func, args) -> int:
 
 
 def _stdout_is_broken() -> bool:
+    """Whether stdout is a pipe whose reader has gone (its write end then polls as an error)."""
     try:
-        sys.stdout.flush()
-    except (BrokenPipeError, ValueError):
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() (Windows) or no descriptor: assume so
         return True
-    return False
 
 
 def _one_line_warnings(prog: str, fallback):
