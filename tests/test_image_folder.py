@@ -194,3 +194,22 @@ def test_not_a_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataFormatError, match="no manifest.jsonl and no"):
         ImageFolderDataset(tmp_path / "empty")
+
+
+def test_a_folder_another_live_process_writes_is_refused(tmp_path):
+    """A second writer (a second align into the folder a first is still writing) mixed its images
+    with the first's; a stopped writer's folder may be written again."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / UNFINISHED).write_text(f"written by process {os.getppid()}; no {MANIFEST} yet\n")  # alive
+    with pytest.raises(VigfaceError, match=f"process {os.getppid()} is writing this folder"):
+        ImageFolderWriter(folder)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (folder / UNFINISHED).write_text(f"written by process {gone.stdout.strip()}; no {MANIFEST} yet\n")
+    write_image_folder(folder, [image(0)], [0])
+    assert len(ImageFolderDataset(folder)) == 1 and not (folder / UNFINISHED).exists()

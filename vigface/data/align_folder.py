@@ -120,7 +120,7 @@ def _check_output(out: Path, out_format: str, overwrite: bool) -> None:
             if not overwrite:
                 raise VigfaceError(f"{out / MANIFEST}: already exists; pass --overwrite to replace it")
         elif (out / UNFINISHED).is_file():
-            pass  # a stopped run's output (or another writer's): the rerun writes it again, in full
+            pass  # a stopped run's output: the rerun writes it again, in full (a live writer is refused)
         elif out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()) and not overwrite:
             raise VigfaceError(
                 f"{out}: not empty and holds no {MANIFEST} (not an aligned folder); choose an empty or new "

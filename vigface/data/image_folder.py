@@ -71,6 +71,11 @@ class ImageFolderWriter:
             raise VigfaceError(
                 f"{self.manifest_path} already exists; pass overwrite=True to replace the folder"
             )
+        writing = live_writer(self.root)
+        if writing is not None and writing != os.getpid():  # two writers would mix their images
+            raise VigfaceError(
+                f"{self.root}: process {writing} is writing this folder; let it finish, or stop it"
+            )
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / UNFINISHED).write_text(f"written by process {os.getpid()}; no {MANIFEST} yet\n")
         self.manifest_path.unlink(missing_ok=True)  # overwrite: the old one lists the old images
@@ -159,6 +164,21 @@ class ImageFolderWriter:
             self.close()
         else:
             self.abort()
+
+
+def live_writer(root: str | os.PathLike) -> int | None:
+    """The process named by root's UNFINISHED mark while it still runs; None without a mark, or when
+    the writer has gone (a stopped run: the folder may be written again)."""
+    try:
+        found = re.search(r"process (\d+)", (Path(root) / UNFINISHED).read_text())
+    except (OSError, UnicodeDecodeError):
+        return None
+    if found is None:
+        return None
+    from vigface.data.output_folder import process_running
+
+    pid = int(found.group(1))
+    return pid if process_running(pid) else None
 
 
 def write_image_folder(
