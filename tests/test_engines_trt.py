@@ -296,10 +296,22 @@ def test_vigface_export_trt_takes_an_onnx_graph_only_of_this_model(model_dir, tm
     garbage.write_text("garbage")
     assert export_cli.main([*trt, str(garbage)]) == 2
     err = capsys.readouterr().err
-    assert "garbage.onnx: --onnx: not a graph of this denoiser that onnxruntime can run" in err
+    assert "garbage.onnx: --onnx: not an ONNX model" in err
     assert "Traceback" not in err and not installed.exists()  # nothing written for a refused graph
+    assert export_cli.main([*trt, str(garbage), "--trust-onnx"]) == 2  # trust does not take garbage
+    assert "not an ONNX model" in capsys.readouterr().err
+    lonely = tmp_path / "lonely.onnx"  # a graph onnxruntime cannot run as the denoiser (no inputs of it)
+    lonely.write_bytes(_identity_graph())
+    assert export_cli.main([*trt, str(lonely)]) == 2
+    err = capsys.readouterr().err
+    assert "lonely.onnx: --onnx: onnxruntime cannot run it as this denoiser" in err and "--trust-onnx" in err
+    assert not installed.exists()
     assert export_cli.main([*trt, str(tmp_path / "missing.onnx")]) == 2
     assert "missing.onnx: --onnx: no such file" in capsys.readouterr().err
+    code = export_cli.main([*trt, str(bare), "--trust-onnx"])  # taken unchecked, and said so
+    assert "taken on --trust-onnx, not checked against the model" in capsys.readouterr().err
+    assert installed.read_bytes() == bare.read_bytes()
+    installed.unlink()
     own = tmp_path / "own.onnx"  # this model's graph, without a sidecar: taken
     assert export_cli.main(["--model", str(model_dir), "--out", str(own), "--exporter", "legacy"]) == 0
     (tmp_path / "own.onnx.json").unlink()
@@ -307,3 +319,16 @@ def test_vigface_export_trt_takes_an_onnx_graph_only_of_this_model(model_dir, tm
     assert installed.read_bytes() == own.read_bytes()
     if not HAS_TRT:
         assert code == 2 and "TensorRT is not installed" in capsys.readouterr().err
+
+
+def _identity_graph() -> bytes:
+    """A valid ONNX model that is not a denoiser: y = Identity(x)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 from vigface.cli.common import check_output_file, positive_int, run_command
 from vigface.data.files import write_atomically
-from vigface.errors import BackendUnavailableError, DataFormatError, VigfaceError
+from vigface.errors import BackendUnavailableError, DataFormatError, VigfaceError, VigfaceWarning
 
 PROG = "vigface-export"
 # |onnxruntime - torch| allowed for a float32 graph; measured ~1e-6 on the tiny model.
@@ -43,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=positive_int, default=DEFAULT_OPSET)
     p.add_argument("--exporter", choices=EXPORTERS, default="auto", help="auto: dynamo, else TorchScript")
     p.add_argument("--onnx", help="trt: build from this ONNX graph (e.g. one with fp8 Q/DQ nodes)")
+    p.add_argument(
+        "--trust-onnx",
+        action="store_true",
+        help="trt: take an --onnx graph without a vigface sidecar unchecked (for one onnxruntime's CPU "
+        "cannot run: bf16, TensorRT plugins); by default it must agree with the model in onnxruntime",
+    )
     p.add_argument("--typing", choices=TYPINGS, default="auto", help="trt: builder flags or strong typing")
     p.add_argument("--min-batch", type=positive_int, default=1, help="trt profile, images per batch")
     p.add_argument("--opt-batch", type=positive_int, default=64, help="trt profile, images per batch")
@@ -62,6 +69,8 @@ def _export(args: argparse.Namespace) -> int:
         raise VigfaceError("--precision: the onnx export is float32; reduced precision is for --format trt")
     if args.onnx and args.format != "trt":
         raise VigfaceError("--onnx is an input of --format trt")
+    if args.trust_onnx and not args.onnx:
+        raise VigfaceError("--trust-onnx goes with --onnx GRAPH")
     name = "denoiser.onnx" if args.format == "onnx" else "denoiser.plan"
     check_output_file("--out", args.out, f" (e.g. its {name})")  # before the export, not at its rename
     sampler = FaceSampler.load(args.model, "cpu", "eager")
@@ -79,7 +88,7 @@ def _export(args: argparse.Namespace) -> int:
         except BackendUnavailableError:
             pass  # reported by the build, after the ONNX graph is written and checked
     if args.onnx:
-        onnx_bytes, checked = _onnx_input(Path(args.onnx), denoiser, model_sha)
+        onnx_bytes, checked = _onnx_input(Path(args.onnx), denoiser, model_sha, args.trust_onnx)
         exporter = f"file {args.onnx}"
     else:
         strong = args.format == "trt" and args.precision in ("bf16", "fp16") and typing == "strong"
@@ -123,11 +132,12 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _onnx_input(path: Path, denoiser, model_sha: str) -> tuple[bytes, float | None]:
-    """The graph given with --onnx and its max |onnxruntime - torch|, refused unless it computes
-    this model: a graph vigface-export wrote must name this model in its sidecar; any other
-    graph must run in onnxruntime and agree with the model. (Any file used to be taken, then
-    written as the model's own graph under a sidecar naming this model.)"""
+def _onnx_input(path: Path, denoiser, model_sha: str, trust: bool) -> tuple[bytes, float | None]:
+    """The graph given with --onnx and its max |onnxruntime - torch|, refused unless it is this
+    model's: a graph vigface-export wrote must name this model in its sidecar; any other graph must
+    run in onnxruntime and agree with the model, or be taken on --trust-onnx (unchecked, said so).
+    (Any file used to be taken, then written as the model's own graph under a sidecar naming this
+    model, so vigface-gen --engine onnx ran another model's weights.)"""
     from vigface.engines.export import onnxruntime_errors
     from vigface.engines.sidecar import read_sidecar, sidecar_path
 
@@ -143,14 +153,27 @@ def _onnx_input(path: Path, denoiser, model_sha: str) -> tuple[bytes, float | No
                 f"this model's graph with vigface-export --model M (then --format trt --onnx it)"
             )
         return data, facts.get("onnxruntime_max_abs_diff")
+    _check_parses_as_onnx(path, data)
+    if trust:
+        warnings.warn(
+            VigfaceWarning(f"--onnx {path}: taken on --trust-onnx, not checked against the model"),
+            stacklevel=2,
+        )
+        return data, None
+    advice = (
+        "for a graph onnxruntime's CPU cannot run (bf16, TensorRT plugins) that you know is this "
+        "model's, pass --trust-onnx"
+    )
     try:
         max_abs, relative = onnxruntime_errors(data, denoiser)
-    except BackendUnavailableError:
-        raise
-    except Exception as exc:  # onnxruntime's own error types: not a graph, other inputs, ...
+    except BackendUnavailableError as exc:
+        raise BackendUnavailableError(
+            f"--onnx {path}: cannot be checked against the model: {exc}; {advice}"
+        ) from None
+    except Exception as exc:  # onnxruntime's own error types: another graph, unsupported ops or types
         why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise DataFormatError(
-            path, f"--onnx: not a graph of this denoiser that onnxruntime can run ({why})"
+            path, f"--onnx: onnxruntime cannot run it as this denoiser ({why}); {advice}"
         ) from None
     if not relative <= FOREIGN_ONNX_TOLERANCE:
         raise DataFormatError(
@@ -160,6 +183,18 @@ def _onnx_input(path: Path, denoiser, model_sha: str) -> tuple[bytes, float | No
             f"reduced-precision graph of the same weights)",
         )
     return data, max_abs
+
+
+def _check_parses_as_onnx(path: Path, data: bytes) -> None:
+    """Refuse bytes that are no ONNX model at all (when the onnx package is here to tell)."""
+    try:
+        import onnx
+    except ImportError:
+        return
+    try:
+        onnx.load_model_from_string(data)
+    except Exception as exc:  # protobuf's DecodeError and kin
+        raise DataFormatError(path, f"--onnx: not an ONNX model ({type(exc).__name__})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
