@@ -115,6 +115,10 @@ class FaceSampler:
 
     def initial_noise(self, seeds: list[int]) -> torch.Tensor:
         s = self.config.image_size
+        if not all(isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) for seed in seeds):
+            raise VigfaceError(f"seeds must be integers (one per image), got {list(seeds)[:4]}")
+        if not all(0 <= seed < 2**64 for seed in seeds):  # what torch.Generator.manual_seed takes
+            raise VigfaceError(f"seeds must be in [0, 2**64), got {[int(x) for x in seeds][:4]}")
         return torch.stack(
             [torch.randn(3, s, s, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
         )
@@ -133,6 +137,13 @@ class FaceSampler:
         """uint8 (N, S, S, 3) faces for conditions (N, d), pose images (N, 5, S, S), guidance w (N,)."""
         if sampler not in SAMPLERS:
             raise VigfaceError(f"sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+        cond = torch.as_tensor(cond)
+        if cond.dim() != 2 or len(seeds) != cond.shape[0]:
+            raise VigfaceError(
+                f"cond must be (N, d) with one seed per row, got {tuple(cond.shape)} and {len(seeds)} seeds"
+            )
+        if cond.shape[0] == 0:
+            return np.zeros((0, self.config.image_size, self.config.image_size, 3), dtype=np.uint8)
         x0 = self.engine.sample(cond, pose, w, sampler=sampler, steps=steps, x_T=self.initial_noise(seeds))
         images = ((x0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1).cpu().numpy()

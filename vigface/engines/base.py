@@ -93,7 +93,9 @@ class Engine:
     def prepare(self, cond, pose, w, x_T, generator):
         """Validated float32 inputs on the engine's device, plus the [cond; uncond] condition and pose."""
         cfg = self.config
-        n = cond.shape[0]
+        cond = torch.as_tensor(cond)  # (a NumPy array failed on .dim())
+        pose = None if pose is None else torch.as_tensor(pose)
+        n = cond.shape[0] if cond.dim() else 0
         if cond.dim() != 2 or cond.shape[1] != cfg.cond_dim:
             raise VigfaceError(f"cond must have shape (N, {cfg.cond_dim}), got {tuple(cond.shape)}")
         if cfg.pose and (pose is None or pose.shape != (n, 5, cfg.image_size, cfg.image_size)):
@@ -105,6 +107,10 @@ class Engine:
         w = w.expand(n) if w.dim() == 0 else w
         if w.shape != (n,):
             raise VigfaceError(f"w must be a float or have shape ({n},), got {tuple(w.shape)}")
+        for name, value in (("cond", cond), ("pose", pose), ("w", w)):
+            if value is not None and not bool(torch.isfinite(torch.as_tensor(value)).all()):
+                # NaN passes the final clamp and casts to 0: every image came out black, without a word
+                raise VigfaceError(f"{name} holds NaN or infinite values")
         shape = (n, 3, cfg.image_size, cfg.image_size)
         if x_T is None:
             x_T = torch.randn(shape, generator=generator)

@@ -108,7 +108,10 @@ def embed_images(
 
 
 def _batches(images, batch_size: int):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise VigfaceError(f"embed: batch_size must be a positive integer, got {batch_size!r}")
     if isinstance(images, np.ndarray):
+        _check_batch(images)
         for lo in range(0, len(images), batch_size):
             yield images[lo : lo + batch_size]
         return
@@ -130,4 +133,15 @@ def _stack(images: list) -> np.ndarray:
                 f"embed: images must be uint8 arrays of one shape, got {image.shape} {image.dtype} and "
                 f"{shape}; align them to one size first (vigface data align)"
             )
-    return np.stack(images)
+    return _check_batch(np.stack(images))
+
+
+def _check_batch(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) RGB, or a clear error: a float array in [0, 1] was embedded as a nearly black
+    image, and CHW or grayscale arrays failed inside the network."""
+    if len(images) and (images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3):
+        raise VigfaceError(
+            f"embed: images must be uint8 (N, H, W, 3) RGB arrays (0-255), got {images.dtype} "
+            f"{tuple(images.shape)}"
+        )
+    return images

@@ -19,6 +19,7 @@ from vigface.data.loaders.corrupt import CorruptImages
 from vigface.data.loaders.normalise import flip_mask, resize_to
 from vigface.data.loaders.order import rank_batches, steps_per_epoch
 from vigface.data.loaders.source import FaceSource
+from vigface.errors import VigfaceError
 
 # What to do about images of several sizes (unaligned photos), named in every loader's error.
 ALIGN_HINT = (
@@ -106,6 +107,11 @@ class FaceLoader:
 
     def epoch(self, epoch: int, first_step: int = 0) -> Iterator[Batch]:
         o = self.options
+        if not 0 <= epoch or not 0 <= first_step <= self.steps_per_epoch:  # -3 gave 3 extra batches
+            raise VigfaceError(
+                f"loader: epoch must be >= 0 and first_step in [0, {self.steps_per_epoch}], "
+                f"got {epoch} and {first_step}"
+            )
         self.corrupt.start_epoch()
         delivered = 0
         for produced in self._produce(self.jobs(epoch, first_step)):

@@ -99,6 +99,10 @@ def make_loader(
         if dtype not in DTYPES:
             raise VigfaceError(f"make_loader: dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:  # int8 held only -1, 0, 1
+        raise VigfaceError(
+            f"make_loader: dtype must be a floating-point type (images in [-1, 1]), got {dtype!r}"
+        )
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):

@@ -1,0 +1,79 @@
+"""The Python API refuses bad input in one clear error (found by a probe of the public functions),
+where it used to return a silently wrong result or fail deep inside torch / NumPy."""
+
+import numpy as np
+import pytest
+import torch
+
+from vigface.assets import tiny_model_dir
+from vigface.data.loaders import make_loader
+from vigface.diffusion.sampling import FaceSampler
+from vigface.errors import VigfaceError
+from vigface.eval.verification import verify_scores
+from vigface.fr.embed import embed_images, load_backbone
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    return FaceSampler.load(tiny_model_dir())
+
+
+def test_sampler_refuses_nan_inputs_and_bad_seeds(sampler):
+    """NaN in cond, pose or w made every image black (NaN passes the clamp and casts to 0); float
+    seeds were truncated (0.7 gave seed 0's face); a seed count other than the batch named x_T."""
+    cond = torch.nn.functional.normalize(
+        torch.randn(2, 128, generator=torch.Generator().manual_seed(0)), dim=1
+    )
+    pose, w = torch.zeros(2, 5, 32, 32), torch.ones(2)
+    nan = float("nan")
+    for args, message in (
+        ((torch.full((2, 128), nan), pose, w, [0, 1]), "cond holds NaN or infinite values"),
+        ((cond, torch.full((2, 5, 32, 32), nan), w, [0, 1]), "pose holds NaN or infinite values"),
+        ((cond, pose, torch.tensor([1.0, float("inf")]), [0, 1]), "w holds NaN or infinite values"),
+        ((cond, pose, w, [0.7, 1]), r"seeds must be integers"),
+        ((cond, pose, w, [2**64, 0]), r"seeds must be in \[0, 2\*\*64\)"),
+        ((cond, pose, w, [0]), r"one seed per row, got \(2, 128\) and 1 seeds"),
+    ):
+        with pytest.raises(VigfaceError, match=message):
+            sampler.sample(*args, steps=2)
+    # NumPy inputs are taken (they failed on .dim()), and an empty batch gives no images
+    images = sampler.sample(cond.numpy(), pose.numpy(), np.ones(2), [0, 1], steps=2)
+    assert np.array_equal(images, sampler.sample(cond, pose, w, [0, 1], steps=2))
+    empty = sampler.sample(torch.zeros(0, 128), torch.zeros(0, 5, 32, 32), torch.ones(0), [], steps=2)
+    assert empty.shape == (0, 32, 32, 3) and empty.dtype == np.uint8
+
+
+def test_embed_images_takes_uint8_rgb_only():
+    """A float array in [0, 1] was embedded as a near-black image (cosine ~0 to the right embedding);
+    batch_size -1 returned no embeddings; CHW or grayscale failed inside the network."""
+    model, _ = load_backbone(tiny_model_dir() / "fr")
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    assert embed_images(model, images).shape[0] == 4
+    for bad in (images.astype(np.float32) / 255, images.transpose(0, 3, 1, 2), images[..., 0]):
+        with pytest.raises(VigfaceError, match=r"images must be uint8 \(N, H, W, 3\) RGB"):
+            embed_images(model, bad)
+    for size in (-1, 0, 2.5):
+        with pytest.raises(VigfaceError, match="batch_size must be a positive integer"):
+            embed_images(model, images, batch_size=size)
+    assert embed_images(model, images[:0]).shape == (0, 128)
+
+
+def test_verify_scores_refuses_labels_that_are_not_booleans():
+    """issame was cast to bool: "no", 2 / 5 and 0.3 all meant "same", for an accuracy of 1.0."""
+    scores = np.linspace(-1, 1, 40)
+    truth = scores > 0
+    assert verify_scores(scores, truth) == verify_scores(scores, truth.astype(int))  # 0 / 1 are taken
+    for bad in (np.array(["no"] * 40), np.where(truth, 2, 5), np.full(40, 0.3)):
+        with pytest.raises(VigfaceError, match="issame must be booleans or 0 / 1"):
+            verify_scores(scores, bad)
+
+
+def test_loader_refuses_an_integer_dtype_and_steps_outside_the_epoch(small_toy):
+    """dtype torch.int8 gave images of -1, 0 and 1 only; first_step -3 gave 3 batches too many."""
+    with pytest.raises(VigfaceError, match="dtype must be a floating-point type"):
+        make_loader(small_toy / "train.rec", 8, workers=0, dtype=torch.int8)
+    loader = make_loader(small_toy / "train.rec", 8, workers=0)
+    for epoch, first in ((0, -3), (0, loader.steps_per_epoch + 1), (-1, 0)):
+        with pytest.raises(VigfaceError, match="epoch must be >= 0 and first_step in"):
+            next(iter(loader.epoch(epoch, first)))
+    assert len(list(loader.epoch(0, loader.steps_per_epoch))) == 0  # resuming at an epoch's end
