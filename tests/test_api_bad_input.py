@@ -77,3 +77,21 @@ def test_loader_refuses_an_integer_dtype_and_steps_outside_the_epoch(small_toy):
         with pytest.raises(VigfaceError, match="epoch must be >= 0 and first_step in"):
             next(iter(loader.epoch(epoch, first)))
     assert len(list(loader.epoch(0, loader.steps_per_epoch))) == 0  # resuming at an epoch's end
+
+
+def test_generation_config_refuses_non_integers_unknown_devices_and_huge_images():
+    """steps / per_id 2.5 failed deep inside generation, "5" compared as a string, device "gpu" ran
+    on the CPU without a word, output_size 10**6 asked for 120 GB."""
+    from vigface.generate.dataset import GenerationConfig
+
+    for change, message in (
+        ({"steps": 2.5}, "--steps must be an integer, got 2.5"),
+        ({"per_id": 2.5}, "--per-id must be an integer"),
+        ({"steps": "5"}, "--steps must be an integer, got '5'"),
+        ({"device": "gpu"}, "--device 'gpu' is unknown"),
+        ({"device": "cuda:1"}, "--device 'cuda:1' is unknown"),
+        ({"output_size": 10**6}, "--output-size must be at most 2048"),
+    ):
+        with pytest.raises(VigfaceError, match=message):
+            GenerationConfig(model="m", out="o", **change)
+    GenerationConfig(model="m", out="o", steps=np.int64(5), device="cpu")  # NumPy integers are integers

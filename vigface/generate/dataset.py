@@ -107,12 +107,20 @@ class GenerationConfig:
             bad("kernels", f"{self.kernels!r} is unknown; choose one of {', '.join(KERNELS)}")
         if self.format not in ("rec", "folder"):
             bad("format", f"{self.format!r} is unknown; choose rec or folder")
+        for name in ("steps", "batch_size", "shard_size", "output_size", "num_ids", "per_id", "seed"):
+            value = getattr(self, name)  # 2.5 failed deep inside; "5" compared as a string
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+                bad(name, f"must be an integer, got {value!r}")
         for name in ("steps", "batch_size", "shard_size", "output_size"):
             if getattr(self, name) < 1:
                 bad(name, f"must be at least 1, got {getattr(self, name)}")
         for name in ("num_ids", "per_id"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.output_size > 2048:  # 10**6 asked for 120 GB
+            bad("output_size", f"must be at most 2048, got {self.output_size}")
+        if self.device not in ("auto", "cpu", "cuda"):  # "gpu" (or "cuda:1") ran on the CPU
+            bad("device", f"{self.device!r} is unknown; choose auto, cpu or cuda (the GPU is LOCAL_RANK's)")
         if not 1 <= self.quality <= 100:
             bad("quality", f"must be a JPEG quality in [1, 100], got {self.quality}")
         # the per-image seed mixes (seed, prototype * 1,000,003 + image) into 32 bits (_job_seed)
