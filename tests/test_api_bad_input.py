@@ -95,3 +95,41 @@ def test_generation_config_refuses_non_integers_unknown_devices_and_huge_images(
         with pytest.raises(VigfaceError, match=message):
             GenerationConfig(model="m", out="o", **change)
     GenerationConfig(model="m", out="o", steps=np.int64(5), device="cpu")  # NumPy integers are integers
+
+
+def test_writers_readers_and_verification_refuse_out_of_range_arguments(tmp_path):
+    """The writers took JPEG quality -5 / 1000; an empty image failed inside PIL; an image folder's
+    index past its end was a bare IndexError; n_folds 0 failed inside NumPy and 2.5 was taken."""
+    from vigface.data.image_folder import ImageFolderDataset, ImageFolderWriter, write_image_folder
+    from vigface.data.recordio import FaceRecordWriter
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    for quality in (-5, 0, 1000, 2.5):
+        with pytest.raises(VigfaceError, match="JPEG quality must be an integer in 1..100"):
+            with FaceRecordWriter(tmp_path / f"q{quality}", quality=quality) as writer:
+                writer.add(image, 0)
+        with pytest.raises(VigfaceError, match="JPEG quality must be an integer in 1..100"):
+            ImageFolderWriter(tmp_path / f"f{quality}", quality=quality).add(image, 0)
+    with pytest.raises(VigfaceError, match=r"got shape \(0, 0, 3\)"):
+        with FaceRecordWriter(tmp_path / "empty") as writer:
+            writer.add(np.zeros((0, 0, 3), np.uint8), 0)
+    write_image_folder(tmp_path / "ok", [image], [0])
+    with pytest.raises(IndexError, match="index 5 out of range for 1 images of"):
+        ImageFolderDataset(tmp_path / "ok")[5]
+    with pytest.raises(TypeError):
+        ImageFolderDataset(tmp_path / "ok")[0.0]
+    scores, truth = np.linspace(-1, 1, 40), np.linspace(-1, 1, 40) > 0
+    for folds in (0, 1, 2.5):
+        with pytest.raises(VigfaceError, match="n_folds must be an integer >= 2"):
+            verify_scores(scores, truth, n_folds=folds)
+
+
+def test_loaders_of_models_name_a_device_torch_does_not_know():
+    """FaceSampler.load(device="gpu0") and load_backbone(device="gpu") failed inside torch."""
+    with pytest.raises(VigfaceError, match="device 'gpu0' is not a torch device"):
+        FaceSampler.load(tiny_model_dir(), device="gpu0")
+    with pytest.raises(VigfaceError, match="device 'gpu' is not a torch device"):
+        load_backbone(tiny_model_dir() / "fr", device="gpu")
+    assert (
+        next(load_backbone(tiny_model_dir() / "fr", torch.device("cpu"))[0].parameters()).device.type == "cpu"
+    )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import re
 from collections.abc import Iterable
@@ -314,6 +315,10 @@ class ImageFolderDataset:
 
     def path(self, i: int) -> Path:
         """Absolute path of image i."""
+        i = operator.index(i)  # as FaceRecordDataset: a float index is a TypeError naming the type
+        n = len(self.paths)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} images of {self.root}")
         return self.root / self.paths[i]
 
     def encoded(self, i: int) -> bytes:

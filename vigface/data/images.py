@@ -72,8 +72,11 @@ def encode_image(image: np.ndarray, fmt: str = "jpeg", quality: int = 95) -> byt
         raise VigfaceError(f"encode_image: expected a uint8 image, got dtype {image.dtype}")
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
-    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))) or image.size == 0:
         raise VigfaceError(f"encode_image: expected an HxW, HxWx3 or HxWx4 image, got shape {image.shape}")
+    if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 1 <= quality <= 100:
+        # PIL took -5 and 1000 without a word (the writers pass their quality here)
+        raise VigfaceError(f"encode_image: JPEG quality must be an integer in 1..100, got {quality!r}")
     fmt = fmt.lower()
     pil = Image.fromarray(np.ascontiguousarray(image))
     out = io.BytesIO()

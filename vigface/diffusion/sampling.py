@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from vigface.device import resolve_device
 from vigface.diffusion.denoiser import Denoiser, DenoiserConfig
 from vigface.diffusion.schedule import NoiseSchedule
 from vigface.engines import ENGINES, create_engine
@@ -79,6 +80,7 @@ class FaceSampler:
             raise BackendUnavailableError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
         if kernels not in KERNELS:
             raise VigfaceError(f"kernels {kernels!r} is unknown; choose one of {', '.join(KERNELS)}")
+        device = resolve_device(device)  # "gpu" or a missing CUDA: one line, not torch's traceback
         model_dir = Path(model_dir)
         meta_path, weights = model_dir / "denoiser.json", model_dir / "denoiser.safetensors"
         if not meta_path.is_file() or not weights.is_file():

@@ -80,6 +80,8 @@ def verify_scores(scores: np.ndarray, issame: np.ndarray, n_folds: int = 10) -> 
         raise VigfaceError(
             f"verification: scores {scores.shape} and issame {issame.shape} must be equal 1-D shapes"
         )
+    if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
+        raise VigfaceError(f"verification: n_folds must be an integer >= 2, got {n_folds!r}")
     if len(scores) < n_folds:
         raise VigfaceError(f"verification: {len(scores)} pairs cannot be split into {n_folds} folds")
     if not np.all(np.isfinite(scores)):

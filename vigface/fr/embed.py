@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from vigface.device import resolve_device
 from vigface.errors import DataFormatError, VigfaceError
 from vigface.fr.iresnet import BackboneConfig, IResNet, build_backbone
 
@@ -56,7 +57,7 @@ def load_backbone(model_dir: str | os.PathLike, device: str | torch.device = "cp
             weights_path,
             f"does not match {config.arch} (missing {missing[:3]}..., unexpected {unexpected[:3]}...)",
         )
-    return model.to(device).eval(), meta
+    return model.to(resolve_device(device)).eval(), meta
 
 
 def to_input(images_u8: torch.Tensor, input_size: int) -> torch.Tensor:
