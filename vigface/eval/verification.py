@@ -36,15 +36,7 @@ def best_threshold(scores: np.ndarray, issame: np.ndarray) -> tuple[float, float
     Ties in accuracy go to the highest threshold, so the result does not depend on pair order.
     """
     scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(issame)
-    if labels.dtype != bool and not (
-        np.issubdtype(labels.dtype, np.number) and np.isin(labels, (0, 1)).all()
-    ):
-        # np.asarray(..., dtype=bool) read "no", 2 / 5 and 0.3 all as "same": accuracy 1.0
-        raise VigfaceError(
-            f"verification: issame must be booleans or 0 / 1, got {labels.dtype} {labels.ravel()[:4]}"
-        )
-    issame = labels.astype(bool)
+    issame = _same_flags(issame)
     n = len(scores)
     order = np.argsort(-scores, kind="stable")
     s, y = scores[order], issame[order]
@@ -64,18 +56,23 @@ def best_threshold(scores: np.ndarray, issame: np.ndarray) -> tuple[float, float
     return float(thr), float(correct[best] / max(n, 1))
 
 
-def verify_scores(scores: np.ndarray, issame: np.ndarray, n_folds: int = 10) -> VerificationResult:
-    """10-fold accuracy of similarity `scores` (higher = more alike) against `issame`."""
-    scores = np.asarray(scores, dtype=np.float64)
+def _same_flags(issame) -> np.ndarray:
+    """issame as bool, refusing anything but booleans or 0 / 1: np.asarray(..., dtype=bool) read
+    "no", 2 / 5 and 0.3 all as "same", for an accuracy of 1.0."""
     labels = np.asarray(issame)
     if labels.dtype != bool and not (
         np.issubdtype(labels.dtype, np.number) and np.isin(labels, (0, 1)).all()
     ):
-        # np.asarray(..., dtype=bool) read "no", 2 / 5 and 0.3 all as "same": accuracy 1.0
         raise VigfaceError(
             f"verification: issame must be booleans or 0 / 1, got {labels.dtype} {labels.ravel()[:4]}"
         )
-    issame = labels.astype(bool)
+    return labels.astype(bool)
+
+
+def verify_scores(scores: np.ndarray, issame: np.ndarray, n_folds: int = 10) -> VerificationResult:
+    """10-fold accuracy of similarity `scores` (higher = more alike) against `issame`."""
+    scores = np.asarray(scores, dtype=np.float64)
+    issame = _same_flags(issame)
     if scores.shape != issame.shape or scores.ndim != 1:
         raise VigfaceError(
             f"verification: scores {scores.shape} and issame {issame.shape} must be equal 1-D shapes"
