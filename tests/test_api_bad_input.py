@@ -133,3 +133,27 @@ def test_loaders_of_models_name_a_device_torch_does_not_know():
     assert (
         next(load_backbone(tiny_model_dir() / "fr", torch.device("cpu"))[0].parameters()).device.type == "cpu"
     )
+
+
+def test_training_configs_built_from_python_check_their_field_types():
+    """FRTrainConfig(batch_size=2.5) or ("8") and DiffusionTrainConfig(steps=2.5) were taken and
+    failed deep inside training; the CLI already checked --config files this way."""
+    from vigface.diffusion.config import DiffusionTrainConfig
+    from vigface.fr.config import FRTrainConfig
+
+    for build, message in (
+        (lambda: FRTrainConfig(data="d", out="o", batch_size=2.5), "batch_size must be of type int, got 2.5"),
+        (lambda: FRTrainConfig(data="d", out="o", batch_size="8"), "batch_size must be of type int, got '8'"),
+        (lambda: FRTrainConfig(data="d", out="o", lr_steps=["a"]), "lr_steps must be of type list"),
+        (
+            lambda: DiffusionTrainConfig(data="d", fr_model="f", out="o", steps=2.5),
+            "steps must be of type int",
+        ),
+        (
+            lambda: DiffusionTrainConfig(data="d", fr_model="f", out="o", extra="x"),
+            "extra must be of type dict",
+        ),
+    ):
+        with pytest.raises(VigfaceError, match=message):
+            build()
+    FRTrainConfig(data="d", out="o", batch_size=np.int64(8), lr_steps=[1, 2.5])  # ints are floats too

@@ -16,6 +16,7 @@ import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from vigface.config_types import matches, type_name
 from vigface.data.files import INPUT_PATH_FIELDS, resolved_paths
 from vigface.errors import Terminated, VigfaceError, VigfaceWarning
 
@@ -241,25 +242,6 @@ def config_parser(
     return parser
 
 
-def _matches(value, hint) -> bool:
-    """Whether a JSON value fits a config field's type hint (int | None, list[float], bool, ...)."""
-    if isinstance(hint, types.UnionType):
-        return any(_matches(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if typing.get_origin(hint) is list:
-        return isinstance(value, list) and all(_matches(v, typing.get_args(hint)[0]) for v in value)
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint in (str, dict):
-        return isinstance(value, hint)
-    return True  # a type this check does not know: the config's own validation decides
-
-
 def _read_config_json(config_cls, path: Path, what: str) -> dict:
     """A JSON object of config fields, each of its field's type (a string "false" for a bool field
     would otherwise be stored as given and read as true)."""
@@ -272,15 +254,11 @@ def _read_config_json(config_cls, path: Path, what: str) -> dict:
         raise VigfaceError(f"{what} {path}: must be a JSON object of config fields, got a JSON {kind}")
     hints = typing.get_type_hints(config_cls)
     for name, value in values.items():
-        if name in hints and not _matches(value, hints[name]):
+        if name in hints and not matches(value, hints[name]):
             raise VigfaceError(
-                f"{what} {path}: {name} must be of type {_type_name(hints[name])}, got {json.dumps(value)}"
+                f"{what} {path}: {name} must be of type {type_name(hints[name])}, got {json.dumps(value)}"
             )
     return values
-
-
-def _type_name(hint) -> str:
-    return str(hint).replace("typing.", "") if not isinstance(hint, type) else hint.__name__
 
 
 def config_from_args(config_cls, args: argparse.Namespace, prog: str, required: tuple) -> tuple:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+from vigface.config_types import check_field_types
 from vigface.data.files import setting_changed
 from vigface.diffusion.denoiser import ARCHS, DENOISER_SIZES, PREDICTIONS, DenoiserConfig
 from vigface.diffusion.schedule import SCHEDULES, NoiseSchedule
@@ -74,6 +75,8 @@ class DiffusionTrainConfig:
     def __post_init__(self):
         def bad(name, why):
             raise VigfaceError(f"diffusion config: {name} {why}")
+
+        check_field_types(self, "diffusion config")  # from Python, batch_size 2.5 or "8" failed deep inside
 
         if self.size not in DENOISER_SIZES:
             bad("size", f"{self.size!r} is unknown; choose one of {', '.join(DENOISER_SIZES)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+from vigface.config_types import check_field_types
 from vigface.data.files import setting_changed
 from vigface.errors import VigfaceError
 from vigface.fr.iresnet import ARCHS, BackboneConfig
@@ -92,6 +93,8 @@ class FRTrainConfig:
     def __post_init__(self):
         def bad(name, why):
             raise VigfaceError(f"training config: {name} {why}")
+
+        check_field_types(self, "training config")  # from Python, batch_size 2.5 or "8" failed deep inside
 
         if self.arch not in ARCHS:
             bad("arch", f"{self.arch!r} is unknown; choose one of {', '.join(ARCHS)}")
