@@ -25,6 +25,7 @@ import numpy as np
 
 from vigface.data.files import fsync_dir
 from vigface.data.images import decode_image, encode_image, sniff_image_format
+from vigface.data.output_folder import process_running
 from vigface.errors import DataFormatError, VigfaceError
 
 MANIFEST = "manifest.jsonl"
@@ -176,8 +177,6 @@ def live_writer(root: str | os.PathLike) -> int | None:
         return None
     if found is None:
         return None
-    from vigface.data.output_folder import process_running
-
     pid = int(found.group(1))
     return pid if process_running(pid) else None
 

@@ -78,11 +78,6 @@ def sweep_folder_name(w: float) -> str:
     return f"w{w:g}"
 
 
-# What vigface-gen writes into its folder: a sweep deletes a folder of its w only when it holds
-# nothing else (it deleted whatever stood at <work>/w<value>, a user's files included).
-GENERATED = ("shards", "generation.json", "train.rec", "train.idx", "train_landmarks.npy", "shards.jsonl")
-
-
 def _generate(config: SweepConfig, w: float, out: Path) -> LabelledSet:
     from vigface.generate.dataset import GenerationConfig, generate_dataset
 
@@ -108,6 +103,7 @@ def cfg_sweep(config: SweepConfig, fr_model=None, samples: dict | None = None) -
     taken before the generated sets are deleted."""
     from vigface.diffusion.model_folder import DENOISER_META, fr_model_dir
     from vigface.fr.embed import embed_images, load_backbone
+    from vigface.generate.dataset import OUTPUT_ENTRIES
 
     device = resolve_device(config.device)
     if fr_model is None:
@@ -128,7 +124,8 @@ def cfg_sweep(config: SweepConfig, fr_model=None, samples: dict | None = None) -
     }
     for w in config.ws:
         out = Path(config.work) / sweep_folder_name(w)
-        refuse_foreign_output(out, own=GENERATED, what="cfg-sweep", flag="--work")
+        # only a set generated there is deleted (whatever stood at <work>/w<value> was, a user's files too)
+        refuse_foreign_output(out, own=OUTPUT_ENTRIES, what="cfg-sweep", flag="--work")
         shutil.rmtree(out, ignore_errors=True)  # a sweep is cheap to redo; never mix settings
         gen = _generate(config, w, out)
         emb = embed_images(fr_model, gen.images, device=device)

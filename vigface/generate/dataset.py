@@ -60,6 +60,16 @@ from vigface.run_lock import FolderLock
 # The paper's datasets: (identities, images per identity).
 PRESETS = {"S": (10_000, 50), "B": (60_000, 20), "L": (120_000, 50)}
 KINDS = ("real", "virtual", "both")
+# What a rec-format generation writes into its --out (see the module doc): callers that clear a
+# generated set (cfg-sweep) delete a folder only when it holds nothing else.
+OUTPUT_ENTRIES = (
+    "shards",
+    "generation.json",
+    "train.rec",
+    "train.idx",
+    "train_landmarks.npy",
+    "shards.jsonl",
+)
 
 
 @dataclass(frozen=True)
