@@ -157,3 +157,42 @@ def test_training_configs_built_from_python_check_their_field_types():
         with pytest.raises(VigfaceError, match=message):
             build()
     FRTrainConfig(data="d", out="o", batch_size=np.int64(8), lr_steps=[1, 2.5])  # ints are floats too
+
+
+def test_training_configs_refuse_values_outside_their_range():
+    """Each of these was taken: dropout 1.5 failed inside nn.Dropout, a NaN lr_decay or lr step
+    trained on silently, patch 0 or heads 0 raised ZeroDivisionError, a negative patch or width 0
+    failed deep inside the model, and 10**9 timesteps built 8 GB schedule tables."""
+    from vigface.diffusion.config import DiffusionTrainConfig
+    from vigface.diffusion.denoiser import DenoiserConfig
+    from vigface.fr.config import FRTrainConfig
+
+    nan = float("nan")
+    for fields, message in (
+        ({"dropout": 1.5}, r"dropout must be in \[0, 1\), got 1.5"),
+        ({"lr_decay": nan}, "lr_decay must be a finite number > 0, got nan"),
+        ({"lr_steps": [4.0, -1.0]}, "lr_steps must be finite epochs >= 0, got -1.0"),
+        ({"lr_steps": [nan]}, "lr_steps must be finite epochs >= 0, got nan"),
+    ):
+        with pytest.raises(VigfaceError, match=message):
+            FRTrainConfig(data="d", out="o", **fields)
+    for fields, message in (
+        ({"patch": 0}, "patch must be at least 1, got 0"),
+        ({"patch": -4}, "patch must be at least 1, got -4"),
+        ({"image_size": 0}, "image_size must be at least 1, got 0"),
+        ({"timesteps": 10**9}, "at most 100000 steps, got 1000000000"),
+        ({"timesteps": 1}, "at least 2 steps, got 1"),
+    ):
+        with pytest.raises(VigfaceError, match=message):
+            DiffusionTrainConfig(data="d", fr_model="f", out="o", size="tiny", **fields)
+    for fields, message in (
+        ({"heads": 0}, "heads must be at least 1, got 0"),
+        ({"width": 0}, "width must be at least 1, got 0"),
+        ({"depth": -1}, "depth must be at least 1, got -1"),
+        ({"cond_dim": 0}, "cond_dim must be at least 1, got 0"),
+        ({"mlp_ratio": nan}, "mlp_ratio must be a finite number > 0, got nan"),
+    ):
+        with pytest.raises(VigfaceError, match=message):
+            DenoiserConfig(**fields)
+    FRTrainConfig(data="d", out="o", dropout=0.4, lr_steps=[0, 3.5])  # the edges that stay allowed
+    DiffusionTrainConfig(data="d", fr_model="f", out="o", size="tiny", timesteps=2)

@@ -110,6 +110,7 @@ class DiffusionTrainConfig:
         if not 0 <= self.ema_decay < 1:
             bad("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         self.denoiser_config()
+        self.noise_schedule()  # T: 2 .. MAX_TIMESTEPS
 
     def denoiser_config(self) -> DenoiserConfig:
         overrides = {

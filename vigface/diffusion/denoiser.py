@@ -84,6 +84,11 @@ class DenoiserConfig:
             bad(f"adaln {self.adaln!r} is unknown; choose one of {', '.join(ADALN)}")
         if self.mlp not in MLP:
             bad(f"mlp {self.mlp!r} is unknown; choose one of {', '.join(MLP)}")
+        for name in ("image_size", "patch", "width", "depth", "heads", "cond_dim"):
+            if getattr(self, name) < 1:  # 0 divided by zero below; a negative patch tiled nothing
+                bad(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0):
+            bad(f"mlp_ratio must be a finite number > 0, got {self.mlp_ratio}")
         if self.image_size % self.patch:
             bad(f"image_size {self.image_size} is not a multiple of patch {self.patch}")
         if self.width % self.heads:

@@ -20,6 +20,7 @@ import torch
 from vigface.errors import VigfaceError
 
 SCHEDULES = ("cosine", "linear")
+MAX_TIMESTEPS = 100_000  # the paper trains with T = 1000
 
 
 def cosine_alphas_cumprod(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
@@ -48,6 +49,8 @@ class NoiseSchedule:
             )
         if self.num_steps < 2:
             raise VigfaceError(f"noise schedule needs at least 2 steps, got {self.num_steps}")
+        if self.num_steps > MAX_TIMESTEPS:  # its float64 tables are built per call: 8 GB at 10**9
+            raise VigfaceError(f"noise schedule has at most {MAX_TIMESTEPS} steps, got {self.num_steps}")
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:

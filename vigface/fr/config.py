@@ -136,6 +136,11 @@ class FRTrainConfig:
                 "landmarks (--landmarks)",
                 "is read only with --no-aligned (aligning on the fly); aligned data needs none",
             )
+        if not (math.isfinite(self.lr_decay) and self.lr_decay > 0):
+            bad("lr_decay", f"must be a finite number > 0, got {self.lr_decay}")
+        for epoch in self.lr_steps:  # a NaN step never fired; a negative one decayed the lr from step 0
+            if not (math.isfinite(epoch) and epoch >= 0):
+                bad("lr_steps", f"must be finite epochs >= 0, got {epoch}")
         if not 0 < self.sigma_alpha <= 1:
             bad("sigma_alpha", f"must be in (0, 1], got {self.sigma_alpha}")
         self.lr_steps = sorted(float(s) for s in self.lr_steps)
