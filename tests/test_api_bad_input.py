@@ -196,3 +196,40 @@ def test_training_configs_refuse_values_outside_their_range():
             DenoiserConfig(**fields)
     FRTrainConfig(data="d", out="o", dropout=0.4, lr_steps=[0, 3.5])  # the edges that stay allowed
     DiffusionTrainConfig(data="d", fr_model="f", out="o", size="tiny", timesteps=2)
+
+
+def test_metric_functions_refuse_input_that_made_nan_or_failed_inside_numpy():
+    """A NaN quality score made DIV NaN; an all-zero embedding made SEP 0 / 0 = NaN; a set without
+    genuine pairs gave a NaN mean; bins 0, max_pairs -1 and scores longer than issame failed
+    inside NumPy (an IndexError for the last)."""
+    from vigface.eval.metrics import class_diversity, class_separability, dataset_metrics
+    from vigface.eval.similarity import genuine_imposter, histogram, mean_genuine_imposter
+    from vigface.eval.verification import best_threshold
+
+    rng = np.random.default_rng(0)
+    e = rng.normal(size=(6, 4))
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    with pytest.raises(VigfaceError, match="quality scores contain NaN"):
+        class_diversity([0.5, np.nan, 0.4, 0.2, 0.1, 0.3], labels)
+    with pytest.raises(VigfaceError, match="no quality scores"):
+        class_diversity([], [])
+    zero = e.copy()
+    zero[3] = 0
+    with pytest.raises(VigfaceError, match="embedding row 3 is all zeros"):
+        class_separability(zero, labels)
+    with pytest.raises(VigfaceError, match="no genuine pairs"):
+        mean_genuine_imposter(e[:3], [0, 1, 2])
+    with pytest.raises(VigfaceError, match="no imposter pairs"):
+        mean_genuine_imposter(e[:3], [7, 7, 7])
+    with pytest.raises(VigfaceError, match="bins must be an integer >= 1, got 0"):
+        histogram([0.1, 0.2], bins=0)
+    with pytest.raises(VigfaceError, match="value_range must be finite"):
+        histogram([0.1, 0.2], value_range=(1.0, -1.0))
+    with pytest.raises(VigfaceError, match="max_pairs must be an integer >= 1, got -1"):
+        genuine_imposter(e, labels, max_pairs=-1)
+    with pytest.raises(VigfaceError, match=r"scores \(5,\) and issame \(3,\)"):
+        best_threshold(np.linspace(0, 1, 5), [True, False, True])
+    # what stays allowed: a real dataset's metrics, and a one-pair-per-kind set
+    assert np.isfinite(dataset_metrics(e, labels, quality=np.linspace(0, 1, 6))["div"])
+    genuine, imposter = mean_genuine_imposter(e[:3], [0, 0, 1])
+    assert genuine == pytest.approx(e[0] @ e[1] / np.linalg.norm(e[0]) / np.linalg.norm(e[1]))

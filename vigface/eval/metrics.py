@@ -31,7 +31,10 @@ def _prepare(embeddings, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise VigfaceError("metrics: no embeddings")
     if not np.all(np.isfinite(e)):
         raise VigfaceError("metrics: embeddings contain NaN or inf")
-    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    norms = np.linalg.norm(e, axis=1, keepdims=True)
+    if not norms.all():  # it has no direction: its cosines came out 0, and SEP 0 / 0 = NaN
+        raise VigfaceError(f"metrics: embedding row {int(np.argmin(norms))} is all zeros")
+    e = e / norms
     classes, index = np.unique(labels, return_inverse=True)
     return e, index, classes
 
@@ -55,6 +58,10 @@ def class_diversity(quality, labels) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels)
     if q.ndim != 1 or labels.shape != q.shape:
         raise VigfaceError(f"metrics: need N quality scores and N labels, got {q.shape} and {labels.shape}")
+    if not len(q):
+        raise VigfaceError("metrics: no quality scores")
+    if not np.all(np.isfinite(q)):  # a NaN score made its class's DIV, and the average, NaN
+        raise VigfaceError("metrics: quality scores contain NaN or inf")
     classes, index = np.unique(labels, return_inverse=True)
     n = np.bincount(index, minlength=len(classes))
     mean = np.bincount(index, weights=q, minlength=len(classes)) / n

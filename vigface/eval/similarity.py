@@ -93,6 +93,8 @@ def genuine_imposter(
     """
     e = _unit(embeddings)
     labels = np.asarray(labels)
+    if isinstance(max_pairs, bool) or not isinstance(max_pairs, (int, np.integer)) or max_pairs < 1:
+        raise VigfaceError(f"similarity: max_pairs must be an integer >= 1, got {max_pairs!r}")
     if labels.shape != (len(e),):
         raise VigfaceError(f"similarity: {len(e)} embeddings but labels of shape {labels.shape}")
     labels = np.unique(labels, return_inverse=True)[1].reshape(-1)  # any label type -> 0..C-1
@@ -122,12 +124,21 @@ def genuine_imposter(
 def mean_genuine_imposter(embeddings, labels) -> tuple[float, float]:
     """(mean genuine cosine, mean imposter cosine): the same-id / different-id figures of the notes."""
     genuine, imposter = genuine_imposter(embeddings, labels)
+    if not len(genuine):  # the mean of no pairs was NaN, with only a RuntimeWarning
+        raise VigfaceError("similarity: no genuine pairs (every identity has a single image)")
+    if not len(imposter):
+        raise VigfaceError("similarity: no imposter pairs (all images have one identity)")
     return float(genuine.mean()), float(imposter.mean())
 
 
 def histogram(values, bins: int = HIST_BINS, value_range: tuple[float, float] = HIST_RANGE) -> np.ndarray:
     """Bin frequencies summing to 1 (values outside the range land in the end bins)."""
     v = np.asarray(values, dtype=np.float64)
+    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
+        raise VigfaceError(f"similarity: bins must be an integer >= 1, got {bins!r}")
+    lo, hi = value_range
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise VigfaceError(f"similarity: value_range must be finite with low < high, got {value_range}")
     if not len(v):
         raise VigfaceError("similarity: cannot make a histogram of no values")
     if np.isnan(v).any():  # np.histogram would drop them silently

@@ -37,6 +37,7 @@ def best_threshold(scores: np.ndarray, issame: np.ndarray) -> tuple[float, float
     """
     scores = np.asarray(scores, dtype=np.float64)
     issame = _same_flags(issame)
+    _check_pair_shapes(scores, issame)
     n = len(scores)
     order = np.argsort(-scores, kind="stable")
     s, y = scores[order], issame[order]
@@ -69,14 +70,18 @@ def _same_flags(issame) -> np.ndarray:
     return labels.astype(bool)
 
 
-def verify_scores(scores: np.ndarray, issame: np.ndarray, n_folds: int = 10) -> VerificationResult:
-    """10-fold accuracy of similarity `scores` (higher = more alike) against `issame`."""
-    scores = np.asarray(scores, dtype=np.float64)
-    issame = _same_flags(issame)
+def _check_pair_shapes(scores: np.ndarray, issame: np.ndarray) -> None:
     if scores.shape != issame.shape or scores.ndim != 1:
         raise VigfaceError(
             f"verification: scores {scores.shape} and issame {issame.shape} must be equal 1-D shapes"
         )
+
+
+def verify_scores(scores: np.ndarray, issame: np.ndarray, n_folds: int = 10) -> VerificationResult:
+    """10-fold accuracy of similarity `scores` (higher = more alike) against `issame`."""
+    scores = np.asarray(scores, dtype=np.float64)
+    issame = _same_flags(issame)
+    _check_pair_shapes(scores, issame)
     if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
         raise VigfaceError(f"verification: n_folds must be an integer >= 2, got {n_folds!r}")
     if len(scores) < n_folds:
