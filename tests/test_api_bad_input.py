@@ -77,6 +77,10 @@ def test_loader_refuses_an_integer_dtype_and_steps_outside_the_epoch(small_toy):
         with pytest.raises(VigfaceError, match="epoch must be >= 0 and first_step in"):
             next(iter(loader.epoch(epoch, first)))
     assert len(list(loader.epoch(0, loader.steps_per_epoch))) == 0  # resuming at an epoch's end
+    big = make_loader(small_toy / "train.rec", 10**6, workers=0)  # drop_last: no batch at all
+    with pytest.raises(VigfaceError, match="fewer than one global batch"):
+        next(iter(big.epoch(0)))
+    assert len(list(make_loader(small_toy / "train.rec", 10**6, workers=0, drop_last=False).epoch(0))) == 1
 
 
 def test_generation_config_refuses_non_integers_unknown_devices_and_huge_images():

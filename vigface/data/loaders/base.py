@@ -107,6 +107,11 @@ class FaceLoader:
 
     def epoch(self, epoch: int, first_step: int = 0) -> Iterator[Batch]:
         o = self.options
+        if self.steps_per_epoch == 0:  # an epoch of no batches ended at once, without a word
+            raise VigfaceError(
+                f"{self.source.path}: {len(self.source)} images, fewer than one global batch "
+                f"({o.batch_size} x {o.world_size} ranks) with drop_last; the loader has nothing to give"
+            )
         if not 0 <= epoch or not 0 <= first_step <= self.steps_per_epoch:  # -3 gave 3 extra batches
             raise VigfaceError(
                 f"loader: epoch must be >= 0 and first_step in [0, {self.steps_per_epoch}], "
