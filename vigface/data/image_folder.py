@@ -26,6 +26,7 @@ import numpy as np
 from vigface.data.files import fsync_dir
 from vigface.data.images import decode_image, encode_image, sniff_image_format
 from vigface.data.output_folder import process_running
+from vigface.data.recordio import MAX_LABEL
 from vigface.errors import DataFormatError, VigfaceError
 
 MANIFEST = "manifest.jsonl"
@@ -95,8 +96,8 @@ class ImageFolderWriter:
         """Store one image (JPEG/PNG bytes, or a uint8 HWC RGB array to encode); returns its relative path."""
         if self._done:
             raise VigfaceError(f"{self.root}: add() after close()/abort()")
-        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or label < 0:
-            raise VigfaceError(f"label must be a non-negative integer, got {label!r}")
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < MAX_LABEL:
+            raise VigfaceError(f"label must be an integer in [0, 2**24), got {label!r}")
         label = int(label)
         identity = f"{label:06d}" if identity is None else _check_identity(identity)
         if self._label_of.setdefault(identity, label) != label:
@@ -266,8 +267,8 @@ class ImageFolderDataset:
         if rel.startswith("/") or "\\" in rel or ".." in parts or not parts:
             raise ValueError(f'"path" {rel!r} must be a relative path inside the folder')
         label = entry.get("label")
-        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
-            raise ValueError(f'"label" must be a non-negative integer, got {label!r}')
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < MAX_LABEL:
+            raise ValueError(f'"label" must be an integer in [0, 2**24), got {label!r}')
         identity = entry.get("identity", parts[0])
         if not isinstance(identity, str):
             raise ValueError(f'"identity" must be a string, got {identity!r}')

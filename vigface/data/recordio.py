@@ -50,6 +50,9 @@ _IR = struct.Struct("<IfQQ")  # mxnet's "IfQQ" with native alignment is the same
 IR_HEADER_SIZE = _IR.size
 # Keys and labels travel as float32 in InsightFace header/identity records: exact below 2**24.
 _MAX_FLOAT32_INT = 1 << 24
+# Class labels of every dataset format stay below it: an image folder must merge into a .rec, and
+# a label of 10**9 sized the FR head at 10**9 classes.
+MAX_LABEL = _MAX_FLOAT32_INT
 _MAX_IDX_LINE = 256  # "key\toffset\n" needs at most ~40 bytes
 
 
