@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vigface.data.files import usual_permissions, write_atomically
+from vigface.data.files import sort_safetensors_metadata, usual_permissions, write_atomically
 
 
 def test_replaces_the_whole_file_and_leaves_no_temporary(tmp_path):
@@ -60,3 +60,41 @@ def test_usual_permissions_are_what_open_gives(tmp_path):
         assert os.umask(0o077) == 0o077  # and the umask is as it was
     finally:
         os.umask(old)
+
+
+def _safetensors_header(path) -> bytes:
+    data = Path(path).read_bytes()
+    return data[8 : 8 + int.from_bytes(data[:8], "little")]
+
+
+def test_safetensors_metadata_is_written_in_sorted_key_order(tmp_path):
+    """safetensors keeps metadata in a hash map: two saves of the same embeddings differed in bytes.
+    Six keys: the chance that a save is already sorted is 1 / 720."""
+    import json
+
+    import numpy as np
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    metadata = {k: f"value of {k} é" for k in ("source", "backbone_sha256", "b", "zeta", "alpha", "m")}
+    tensors = {"embeddings": np.arange(12, dtype=np.float32).reshape(3, 4), "labels": np.arange(3)}
+    path = tmp_path / "e.safetensors"
+    save_file(tensors, path, metadata=metadata)
+    size = path.stat().st_size
+    sort_safetensors_metadata(path)
+    header = _safetensors_header(path)
+    stored = json.loads(header)["__metadata__"]
+    assert list(stored) == sorted(metadata) and stored == metadata
+    assert header.decode().rstrip(" ") == json.dumps(
+        json.loads(header), separators=(",", ":"), ensure_ascii=False
+    )  # compact JSON, padded with spaces only
+    assert path.stat().st_size == size
+    loaded = load_file(path)
+    assert all(np.array_equal(loaded[k], tensors[k]) for k in tensors)
+    with safe_open(path, "np") as f:
+        assert f.metadata() == metadata
+    plain = tmp_path / "plain.safetensors"  # no metadata: left alone
+    save_file(tensors, plain)
+    before = plain.read_bytes()
+    sort_safetensors_metadata(plain)
+    assert plain.read_bytes() == before

@@ -173,6 +173,9 @@ def test_embed_cli_matches_embed_images(uninterrupted, small_toy, tmp_path):
     tensors = load_file(rec_out)
     assert tensors["embeddings"].shape == (320, 32) and tensors["labels"].max().item() == 39
     assert rec_out.stat().st_mode & 0o777 == target.stat().st_mode & 0o777  # as the .npy's
+    raw = rec_out.read_bytes()  # metadata in sorted order: the same bytes from every run
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    assert list(header["__metadata__"]) == ["backbone_sha256", "source"]
 
 
 def test_cli_errors_are_one_line(small_toy, tmp_path, capsys):

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vigface.cli.common import check_output_file, positive_int, run_command
-from vigface.data.files import usual_permissions
+from vigface.data.files import sort_safetensors_metadata, usual_permissions
 from vigface.device import resolve_device
 from vigface.errors import VigfaceError
 
@@ -69,6 +69,7 @@ def _embed(args: argparse.Namespace) -> int:
             save_file(
                 tensors, tmp, metadata={"backbone_sha256": meta.get("sha256", ""), "source": str(args.input)}
             )
+            sort_safetensors_metadata(tmp)
             usual_permissions(tmp)
         os.replace(tmp, out)
     finally:

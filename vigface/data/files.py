@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -29,6 +30,25 @@ def usual_permissions(path: str | os.PathLike) -> None:
     mask = os.umask(0)  # the only way to read the umask; set back at once
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
+
+
+def sort_safetensors_metadata(path: str | os.PathLike) -> None:
+    """Rewrite a .safetensors header in place with its metadata keys sorted.
+
+    safetensors keeps the metadata in a hash map, so two saves of the same tensors and metadata
+    (two keys or more) differed in bytes, run to run. The header's length does not change: the same
+    compact JSON, only reordered, padded with spaces as safetensors pads it."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # not the JSON safetensors wrote; leave its (valid) header as it is
+            return
+        f.seek(8)
+        f.write(text.ljust(size, b" "))
 
 
 def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
