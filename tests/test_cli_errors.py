@@ -190,6 +190,12 @@ def test_cfg_sweep_deletes_only_its_own_generated_sets(small_toy, tmp_path, caps
     assert (work / "w1" / "train.rec").is_file()
     assert eval_cli.main([*sweep, "--w", "1"]) == 0  # its own earlier set is replaced
     assert not (work / "w1").exists() and "Traceback" not in capsys.readouterr().err
+    # a user's own vigface-gen set there is not the sweep's to delete
+    assert eval_cli.main([*sweep, "--w", "1", "--keep-images"]) == 0
+    (work / "w1" / ".cfg-sweep").unlink()
+    assert eval_cli.main([*sweep, "--w", "1"]) == 2
+    assert "holds a generated set that cfg-sweep did not make (no .cfg-sweep mark)" in capsys.readouterr().err
+    assert (work / "w1" / "train.rec").is_file()
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here")

@@ -29,6 +29,7 @@ from vigface.eval.plots import grid_rows
 from vigface.eval.similarity import distribution_iou, genuine_imposter, histogram, summary
 
 PAPER_W = {"real": 0.5, "virtual": 2.5}
+SWEEP_MARK = ".cfg-sweep"  # in each w folder the sweep made, and so may delete
 KINDS = ("real", "virtual")
 
 
@@ -78,6 +79,21 @@ def sweep_folder_name(w: float) -> str:
     return f"w{w:g}"
 
 
+def _replace_sweep_folder(out: Path, own: tuple[str, ...]) -> None:
+    """Empty <work>/w<value> for a new set, marked as the sweep's (SWEEP_MARK). Only a folder the
+    sweep made is deleted: whatever stood there was, a user's files and their own vigface-gen
+    set too."""
+    refuse_foreign_output(out, own=own, what="cfg-sweep", flag="--work")
+    if out.is_dir() and any(out.iterdir()) and not (out / SWEEP_MARK).is_file():
+        raise VigfaceError(
+            f"{out}: holds a generated set that cfg-sweep did not make (no {SWEEP_MARK} mark); choose "
+            "another folder for --work, or delete it yourself (nothing was changed)"
+        )
+    shutil.rmtree(out, ignore_errors=True)  # a sweep is cheap to redo; never mix settings
+    out.mkdir(parents=True)
+    (out / SWEEP_MARK).write_text("made by vigface-eval cfg-sweep; it deletes and remakes this folder\n")
+
+
 def _generate(config: SweepConfig, w: float, out: Path) -> LabelledSet:
     from vigface.generate.dataset import GenerationConfig, generate_dataset
 
@@ -124,9 +140,7 @@ def cfg_sweep(config: SweepConfig, fr_model=None, samples: dict | None = None) -
     }
     for w in config.ws:
         out = Path(config.work) / sweep_folder_name(w)
-        # only a set generated there is deleted (whatever stood at <work>/w<value> was, a user's files too)
-        refuse_foreign_output(out, own=OUTPUT_ENTRIES, what="cfg-sweep", flag="--work")
-        shutil.rmtree(out, ignore_errors=True)  # a sweep is cheap to redo; never mix settings
+        _replace_sweep_folder(out, OUTPUT_ENTRIES)
         gen = _generate(config, w, out)
         emb = embed_images(fr_model, gen.images, device=device)
         for kind in KINDS:
