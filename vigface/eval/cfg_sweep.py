@@ -83,6 +83,8 @@ def _replace_sweep_folder(out: Path, own: tuple[str, ...]) -> None:
     """Empty <work>/w<value> for a new set, marked as the sweep's (SWEEP_MARK). Only a folder the
     sweep made is deleted: whatever stood there was, a user's files and their own vigface-gen
     set too."""
+    if out.exists() and not out.is_dir():
+        raise VigfaceError(f"{out}: is a file; cfg-sweep writes a folder there (choose another --work)")
     refuse_foreign_output(out, own=own, what="cfg-sweep", flag="--work")
     if out.is_dir() and any(out.iterdir()) and not (out / SWEEP_MARK).is_file():
         raise VigfaceError(
