@@ -138,3 +138,67 @@ def test_the_export_prints_nothing_about_torchvision():
     )
     assert done.returncode == 0 and done.stdout.strip() == "dynamo", done.stderr[-2000:]
     assert "torchvision" not in done.stderr
+
+
+def test_vigface_export_records_what_it_wrote_and_refuses_options_it_ignored(model_dir, tmp_path, capsys):  # noqa: F811
+    """--opset 17 wrote an opset-18 graph (the dynamo exporter's least) under a sidecar saying 17;
+    TensorRT options went unchecked until after the export (a bad profile) or were ignored without a
+    word (--format onnx); a kill -9's temporaries stayed for good."""
+    from vigface.engines.export import graph_opset
+
+    out = tmp_path / "d.onnx"
+    stale = [tmp_path / ".d.onnx.99999999.tmp", tmp_path / ".d.onnx.json.99999998.tmp"]  # no such pids
+    for path in stale:
+        path.write_bytes(b"half a graph")
+    assert export_cli.main(["--model", str(model_dir), "--opset", "17", "--out", str(out)]) == 0
+    assert "ONNX (legacy exporter, opset 17)" in capsys.readouterr().out  # auto: dynamo cannot do 17
+    sidecar = json.loads((tmp_path / "d.onnx.json").read_text())
+    assert graph_opset(out.read_bytes()) == sidecar["opset"] == 17 and sidecar["dtype"] == "float32"
+    assert not any(path.exists() for path in stale)
+    model = ["--model", str(model_dir), "--out", str(tmp_path / "x.plan")]
+    for args, message in (
+        (["--opset", "17", "--exporter", "dynamo"], "the dynamo exporter writes opset 18 or above, not 17"),
+        (["--min-batch", "8", "--device", "cuda:7"], "--min-batch, --device: TensorRT build options"),
+        (["--format", "trt", "--min-batch", "8", "--opt-batch", "4"], "profile (8, 4, 64) must satisfy"),
+        (["--format", "trt", "--workspace-gib", "-3"], "workspace must be a finite number of GiB"),
+    ):
+        assert export_cli.main([*model, *args]) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and "ONNX (" not in captured.out  # refused before exporting
+    assert export_cli.main(["--model", str(model_dir), "--format", "trt", "--out", str(out)]) == 2
+    assert "a TensorRT plan is not an ONNX graph; name it .plan" in capsys.readouterr().err
+    assert not (tmp_path / "x.plan").exists() and not (tmp_path / "x.trt.onnx").exists()
+
+
+def test_onnx_engine_refuses_a_damaged_or_reduced_precision_graph_in_one_line(model_dir, tmp_path, capsys):  # noqa: F811
+    """A cut denoiser.onnx crashed vigface-gen with onnxruntime's InvalidProtobuf traceback; a bf16
+    graph (a TensorRT input) with a sidecar naming the model with NotImplemented; --kernels fast was
+    refused as another model, with advice (re-export) that could not help."""
+    import shutil
+
+    from vigface.cli import gen as gen_cli
+    from vigface.diffusion.sampling import FaceSampler
+    from vigface.errors import DataFormatError
+
+    model = tmp_path / "m"
+    shutil.copytree(model_dir, model, ignore=shutil.ignore_patterns("engines"))
+    assert export_cli.main(["--model", str(model), "--exporter", "legacy"]) == 0
+    graph = model / "engines" / "denoiser.onnx"
+    whole = graph.read_bytes()
+    graph.write_bytes(whole[: len(whole) // 3])
+    gen = ["--model", str(model), "--engine", "onnx", "--ids", "virtual", "--num-ids", "1", "--per-id", "2",
+           "--steps", "2", "--quiet"]  # fmt: skip
+    capsys.readouterr()
+    assert gen_cli.main([*gen, "--out", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err
+    assert "denoiser.onnx: onnxruntime cannot load it" in err and "Traceback" not in err
+    graph.write_bytes(whole)
+    sidecar = graph.with_name("denoiser.onnx.json")
+    facts = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**facts, "dtype": "bfloat16"}))
+    with pytest.raises(DataFormatError, match="a bfloat16 graph .* the onnx engine runs float32 graphs"):
+        FaceSampler.load(model, engine="onnx")
+    sidecar.write_text(json.dumps(facts))
+    with pytest.raises(VigfaceError, match="--kernels fast is for the eager, compile and cudagraph engines"):
+        FaceSampler.load(model, engine="onnx", kernels="fast")
+    assert FaceSampler.load(model, engine="onnx").engine.exporter == "legacy"  # the intact graph loads

@@ -43,12 +43,33 @@ def test_vigface_export_trt_writes_the_checked_onnx_then_reports_missing_tensorr
     assert code == 2
     captured = capsys.readouterr()
     assert "TensorRT is not installed" in captured.err
-    onnx = model_dir / "engines" / "denoiser.onnx"  # ... and the error says where the graph is
+    onnx = model_dir / "engines" / "denoiser.trt.onnx"  # ... and the error says where the graph is
     assert f"The ONNX graph is written ({onnx}); build the engine from it" in captured.err
     assert f"--format trt --onnx {onnx}" in captured.err and captured.err.count("error:") == 1
     assert "onnxruntime vs torch max |diff|" in captured.out  # the TensorRT input was checked first
     assert onnx.is_file()
     assert not (model_dir / "engines" / "denoiser.plan").exists()
+
+
+@pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here")
+def test_a_bf16_trt_export_leaves_the_onnx_engines_graph_alone(model_dir, tmp_path, capsys):  # noqa: F811
+    """The TensorRT path wrote its graph to <plan>.onnx, for the default plan the onnx engine's own
+    denoiser.onnx: a strongly typed bf16 graph replaced it, and vigface-gen --engine onnx died in
+    onnxruntime (NotImplemented: Add)."""
+    pytest.importorskip("onnxruntime")
+    model = tmp_path / "m"
+    shutil.copytree(model_dir, model, ignore=shutil.ignore_patterns("engines"))
+    assert export_cli.main(["--model", str(model), "--exporter", "legacy"]) == 0
+    fp32 = (model / "engines" / "denoiser.onnx").read_bytes()
+    args = ["--model", str(model), "--format", "trt", "--precision", "bf16", "--typing", "strong"]
+    assert export_cli.main([*args, "--exporter", "legacy"]) == 2  # TensorRT is missing here
+    assert "TensorRT is not installed" in capsys.readouterr().err
+    assert (model / "engines" / "denoiser.onnx").read_bytes() == fp32
+    trt_graph = json.loads((model / "engines" / "denoiser.trt.onnx.json").read_text())
+    assert trt_graph["dtype"] == "bfloat16"
+    from vigface.diffusion.sampling import FaceSampler
+
+    assert FaceSampler.load(model, engine="onnx").engine.exporter == "legacy"  # still its fp32 graph
 
 
 def test_vigface_export_to_a_folder_is_refused_before_exporting(model_dir, tmp_path, capsys):  # noqa: F811
@@ -282,7 +303,7 @@ def test_vigface_export_trt_takes_an_onnx_graph_only_of_this_model(model_dir, tm
     save_file(weights, str(other / "denoiser.safetensors"))
     graph = tmp_path / "other.onnx"
     assert export_cli.main(["--model", str(other), "--out", str(graph), "--exporter", "legacy"]) == 0
-    installed = model_dir / "engines" / "denoiser.onnx"
+    installed = model_dir / "engines" / "denoiser.trt.onnx"
     installed.unlink(missing_ok=True)
     trt = ["--model", str(model_dir), "--format", "trt", "--onnx"]
     capsys.readouterr()

@@ -2,7 +2,8 @@
 
     vigface-export --model runs/dm                          # runs/dm/engines/denoiser.onnx (+ .json sidecar)
     vigface-export --model runs/dm --format trt --precision bf16 --opt-batch 64 --max-batch 64
-                                                            # runs/dm/engines/denoiser.plan (+ .json sidecar)
+                                                            # runs/dm/engines/denoiser.plan (+ .json sidecar),
+                                                            # built from runs/dm/engines/denoiser.trt.onnx
 
 The ONNX graph (opset >= 17, dynamic batch, timestep and condition as inputs) is always compared
 with the PyTorch model in onnxruntime before anything is written. `vigface-gen --engine onnx|trt`
@@ -21,6 +22,7 @@ import torch
 
 from vigface.cli.common import check_output_file, positive_int, run_command
 from vigface.data.files import write_atomically
+from vigface.data.output_folder import remove_stale_temporaries
 from vigface.errors import BackendUnavailableError, DataFormatError, VigfaceError, VigfaceWarning
 
 PROG = "vigface-export"
@@ -30,6 +32,11 @@ ONNX_TOLERANCE = 1e-3
 # one quantised elsewhere). Measured on the shipped tiny model's graph: against its weights rounded
 # to bf16 0.12 %; against the same weights halved, i.e. another model, 165 %.
 FOREIGN_ONNX_TOLERANCE = 0.15
+# Options of --format trt alone, with their defaults.
+TRT_DEFAULTS = {
+    "typing": "auto", "min_batch": 1, "opt_batch": 64, "max_batch": 64, "workspace_gib": 8.0,
+    "timing_cache": None, "device": "cuda",
+}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,20 +57,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="trt: take an --onnx graph without a vigface sidecar unchecked (for one onnxruntime's CPU "
         "cannot run: bf16, TensorRT plugins); by default it must agree with the model in onnxruntime",
     )
-    p.add_argument("--typing", choices=TYPINGS, default="auto", help="trt: builder flags or strong typing")
-    p.add_argument("--min-batch", type=positive_int, default=1, help="trt profile, images per batch")
-    p.add_argument("--opt-batch", type=positive_int, default=64, help="trt profile, images per batch")
-    p.add_argument("--max-batch", type=positive_int, default=64, help="trt profile, images per batch")
-    p.add_argument("--workspace-gib", type=float, default=8.0, help="trt builder memory-pool limit")
+    p.add_argument("--typing", choices=TYPINGS, help="trt: builder flags or strong typing (default auto)")
+    p.add_argument("--min-batch", type=positive_int, help="trt profile, images per batch (default 1)")
+    p.add_argument("--opt-batch", type=positive_int, help="trt profile, images per batch (default 64)")
+    p.add_argument("--max-batch", type=positive_int, help="trt profile, images per batch (default 64)")
+    p.add_argument("--workspace-gib", type=float, help="trt builder memory-pool limit (default 8)")
     p.add_argument("--timing-cache", help="trt timing cache file (read if present, then updated)")
-    p.add_argument("--device", default="cuda", help="trt: the GPU to build for")
+    p.add_argument("--device", help="trt: the GPU to build for (default cuda)")
     return p
+
+
+def _trt_options(args: argparse.Namespace) -> None:
+    """Refuse TensorRT options with --format onnx (they were ignored without a word), fill in their
+    defaults for trt, and check the profile and memory pool before the export, not after it."""
+    given = [name for name in TRT_DEFAULTS if getattr(args, name) is not None]
+    if args.format == "onnx":
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise VigfaceError(f"{flags}: TensorRT build options; they go with --format trt")
+        return
+    for name, value in TRT_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    from vigface.engines.trt import check_build_options
+
+    check_build_options(((args.min_batch, args.opt_batch, args.max_batch),), args.workspace_gib)
+    if args.out and Path(args.out).suffix == ".onnx":  # the graph beside it would be the plan itself
+        raise VigfaceError(f"--out {args.out}: a TensorRT plan is not an ONNX graph; name it .plan")
+
+
+def trt_graph_path(plan: Path) -> Path:
+    """Where the ONNX graph a plan is built from goes: beside the plan, under a name of its own. (It
+    went to <plan>.onnx, for the default plan the onnx engine's denoiser.onnx, which a bf16 graph
+    then replaced: --engine onnx failed on it.)"""
+    return plan.with_suffix(".trt.onnx")
 
 
 def _export(args: argparse.Namespace) -> int:
     from vigface.diffusion.sampling import FaceSampler, engine_artifacts
-    from vigface.engines.export import export_onnx, onnxruntime_max_error, state_sha256
-    from vigface.engines.sidecar import write_sidecar
+    from vigface.engines.export import export_onnx, graph_opset, onnxruntime_max_error, state_sha256
+    from vigface.engines.sidecar import sidecar_path, write_sidecar
 
     if args.format == "onnx" and args.precision != "fp32":
         raise VigfaceError("--precision: the onnx export is float32; reduced precision is for --format trt")
@@ -71,6 +104,7 @@ def _export(args: argparse.Namespace) -> int:
         raise VigfaceError("--onnx is an input of --format trt")
     if args.trust_onnx and not args.onnx:
         raise VigfaceError("--trust-onnx goes with --onnx GRAPH")
+    _trt_options(args)
     name = "denoiser.onnx" if args.format == "onnx" else "denoiser.plan"
     check_output_file("--out", args.out, f" (e.g. its {name})")  # before the export, not at its rename
     sampler = FaceSampler.load(args.model, "cpu", "eager")
@@ -88,12 +122,13 @@ def _export(args: argparse.Namespace) -> int:
         except BackendUnavailableError:
             pass  # reported by the build, after the ONNX graph is written and checked
     if args.onnx:
-        onnx_bytes, checked = _onnx_input(Path(args.onnx), denoiser, model_sha, args.trust_onnx)
+        onnx_bytes, checked, graph_dtype = _onnx_input(Path(args.onnx), denoiser, model_sha, args.trust_onnx)
         exporter = f"file {args.onnx}"
     else:
         strong = args.format == "trt" and args.precision in ("bf16", "fp16") and typing == "strong"
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.precision] if strong else torch.float32
         onnx_bytes, exporter = export_onnx(denoiser, opset=args.opset, exporter=args.exporter, dtype=dtype)
+        graph_dtype = str(dtype).removeprefix("torch.")
         checked = None
         if dtype == torch.float32:
             checked = onnxruntime_max_error(onnx_bytes, denoiser)
@@ -104,12 +139,16 @@ def _export(args: argparse.Namespace) -> int:
                 )
         diff = "not checked (reduced-precision graph)" if checked is None else f"{checked:.2e}"
         print(f"ONNX ({exporter} exporter, opset {args.opset}): onnxruntime vs torch max |diff| = {diff}")
-    onnx_path = out if args.format == "onnx" else out.with_suffix(".onnx")
+    onnx_path = out if args.format == "onnx" else trt_graph_path(out)
+    # what a kill -9 of an earlier export left (every other way out removes its own temporaries)
+    remove_stale_temporaries(
+        out.parent, own={n for p in (out, onnx_path) for n in (p.name, sidecar_path(p).name)}
+    )
     write_atomically(onnx_path, onnx_bytes)
     write_sidecar(
         onnx_path,
-        {"model_sha256": model_sha, "exporter": exporter, "opset": args.opset, "torch": torch.__version__,
-         "onnxruntime_max_abs_diff": checked},
+        {"model_sha256": model_sha, "exporter": exporter, "opset": graph_opset(onnx_bytes) or args.opset,
+         "dtype": graph_dtype, "torch": torch.__version__, "onnxruntime_max_abs_diff": checked},
     )  # fmt: skip
     print(f"wrote {onnx_path}")
     if args.format == "onnx":
@@ -132,8 +171,9 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _onnx_input(path: Path, denoiser, model_sha: str, trust: bool) -> tuple[bytes, float | None]:
-    """The graph given with --onnx and its max |onnxruntime - torch|, refused unless it is this
+def _onnx_input(path: Path, denoiser, model_sha: str, trust: bool) -> tuple[bytes, float | None, str | None]:
+    """The graph given with --onnx, its max |onnxruntime - torch| and its dtype (when a vigface
+    sidecar records it), refused unless it is this
     model's: a graph vigface-export wrote must name this model in its sidecar; any other graph must
     run in onnxruntime and agree with the model, or be taken on --trust-onnx (unchecked, said so).
     (Any file used to be taken, then written as the model's own graph under a sidecar naming this
@@ -144,6 +184,7 @@ def _onnx_input(path: Path, denoiser, model_sha: str, trust: bool) -> tuple[byte
     if not path.is_file():
         raise DataFormatError(path, "--onnx: no such file")
     data = path.read_bytes()
+    _check_parses_as_onnx(path, data)  # a cut graph beside its sidecar was taken too
     if sidecar_path(path).is_file():
         facts = read_sidecar(path)
         if facts.get("model_sha256") != model_sha:
@@ -152,14 +193,13 @@ def _onnx_input(path: Path, denoiser, model_sha: str, trust: bool) -> tuple[byte
                 f"{str(facts.get('model_sha256'))[:12]}..., this model's {model_sha[:12]}...); export "
                 f"this model's graph with vigface-export --model M (then --format trt --onnx it)"
             )
-        return data, facts.get("onnxruntime_max_abs_diff")
-    _check_parses_as_onnx(path, data)
+        return data, facts.get("onnxruntime_max_abs_diff"), facts.get("dtype")
     if trust:
         warnings.warn(
             VigfaceWarning(f"--onnx {path}: taken on --trust-onnx, not checked against the model"),
             stacklevel=2,
         )
-        return data, None
+        return data, None, None
     advice = (
         "for a graph onnxruntime's CPU cannot run (bf16, TensorRT plugins) that you know is this "
         "model's, pass --trust-onnx"
@@ -182,7 +222,7 @@ def _onnx_input(path: Path, denoiser, model_sha: str, trust: bool) -> tuple[byte
             f"{relative:.1%} RMS (relative; up to {FOREIGN_ONNX_TOLERANCE:.0%} is taken, for a "
             f"reduced-precision graph of the same weights)",
         )
-    return data, max_abs
+    return data, max_abs, None
 
 
 def _check_parses_as_onnx(path: Path, data: bytes) -> None:

@@ -80,6 +80,11 @@ class FaceSampler:
             raise BackendUnavailableError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
         if kernels not in KERNELS:
             raise VigfaceError(f"kernels {kernels!r} is unknown; choose one of {', '.join(KERNELS)}")
+        if kernels == "fast" and engine in ("onnx", "trt"):  # their graph is fixed when exported
+            raise VigfaceError(
+                f"--kernels fast is for the eager, compile and cudagraph engines; engine {engine!r} runs "
+                "the graph vigface-export wrote, whose sidecar took the fast config for another model"
+            )
         device = resolve_device(device)  # "gpu" or a missing CUDA: one line, not torch's traceback
         model_dir = Path(model_dir)
         meta_path, weights = model_dir / "denoiser.json", model_dir / "denoiser.safetensors"

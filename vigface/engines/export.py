@@ -10,8 +10,8 @@ network whose weights and internal tensors have that type while its inputs and o
 float32 (casts at both ends): the "strongly typed" input TensorRT takes its precision from.
 
 Exporter: torch.onnx.export(dynamo=True) (torch.export + onnxscript) when onnxscript is
-installed, else, or when it fails, the TorchScript-based exporter (dynamo=False). Which one ran is
-returned, so callers can record it.
+installed and the opset is 18 or above, else, or when it fails, the TorchScript-based exporter
+(dynamo=False). Which one ran is returned, so callers can record it.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ log = logging.getLogger("vigface.engines")
 EXPORTERS = ("auto", "dynamo", "legacy")
 MIN_OPSET = 17
 DEFAULT_OPSET = 18
+# torch's dynamo exporter writes opset 18 at least: asked for 17, it wrote 18 (after a logged
+# traceback of the down-conversion it tried) and the sidecar said 17.
+DYNAMO_MIN_OPSET = 18
 
 
 def max_opset() -> int:
@@ -101,15 +104,40 @@ def export_onnx(
     args = example_inputs(denoiser)
     names = input_names(denoiser)
     errors = []
-    if exporter in ("auto", "dynamo"):
+    if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
+        raise VigfaceError(
+            f"the dynamo exporter writes opset {DYNAMO_MIN_OPSET} or above, not {opset}; pass "
+            f"--exporter legacy for opset {opset}"
+        )
+    if exporter == "dynamo" or (exporter == "auto" and opset >= DYNAMO_MIN_OPSET):
         try:
-            return _export_dynamo(net, args, names, opset), "dynamo"
+            graph = _export_dynamo(net, args, names, opset)
         except Exception as exc:  # ImportError without onnxscript, or an op torch.export cannot trace
             if exporter == "dynamo":
                 raise BackendUnavailableError(f"the dynamo ONNX exporter failed: {exc}") from exc
             errors.append(f"dynamo: {type(exc).__name__}: {str(exc)[:200]}")
             log.info("dynamo ONNX export failed (%s); using the TorchScript exporter", errors[-1])
+        else:
+            written = graph_opset(graph)
+            if written in (None, opset):
+                return graph, "dynamo"
+            if exporter == "dynamo":
+                raise VigfaceError(
+                    f"the dynamo exporter writes opset {written}, not the {opset} asked for; pass "
+                    f"--exporter legacy for opset {opset}, or --opset {written}"
+                )
+            log.info("the dynamo exporter wrote opset %s, not %s; using the TorchScript one", written, opset)
     return _export_legacy(net, args, names, opset), "legacy"
+
+
+def graph_opset(onnx_bytes: bytes) -> int | None:
+    """The default-domain opset an ONNX graph declares (None without the onnx package to read it)."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    model = onnx.load_model_from_string(onnx_bytes)
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def _param(module: nn.Module) -> torch.Tensor:

@@ -18,7 +18,7 @@ from vigface.diffusion.schedule import NoiseSchedule
 from vigface.engines.base import Engine, check_precision
 from vigface.engines.export import DEFAULT_OPSET, export_onnx, input_names, state_sha256
 from vigface.engines.sidecar import check_sidecar, read_sidecar
-from vigface.errors import BackendUnavailableError
+from vigface.errors import BackendUnavailableError, DataFormatError
 
 log = logging.getLogger("vigface.engines")
 
@@ -53,6 +53,12 @@ class OnnxEngine(Engine):
         if onnx_path is not None:  # a vigface-export file: only for the weights it was exported from
             facts = read_sidecar(onnx_path)
             check_sidecar(onnx_path, facts, {"model_sha256": state_sha256(denoiser)})
+            if facts.get("dtype", "float32") != "float32":  # a TensorRT input of reduced precision
+                raise DataFormatError(
+                    onnx_path,
+                    f"a {facts['dtype']} graph (a TensorRT build's input); the onnx engine runs float32 "
+                    "graphs: re-export it with vigface-export --model M",
+                )
             model, self.exporter = Path(onnx_path).read_bytes(), facts.get("exporter", "file")
         else:
             model, self.exporter = export_onnx(denoiser, opset=opset, exporter=exporter)
@@ -69,7 +75,14 @@ class OnnxEngine(Engine):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.device.type == "cpu":  # the same CPU budget as torch's, so engines compare fairly
             options.intra_op_num_threads = torch.get_num_threads()
-        self.session = ort.InferenceSession(model, sess_options=options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(model, sess_options=options, providers=providers)
+        except Exception as exc:  # onnxruntime's own errors: a cut file, ops it cannot run
+            why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise DataFormatError(
+                onnx_path or "the exported graph",
+                f"onnxruntime cannot load it ({why}); re-export it with vigface-export --model M",
+            ) from None
         self.names = input_names(denoiser)
 
     def describe(self) -> dict:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -124,6 +125,16 @@ def resolve_typing(trt, precision: str, typing: str) -> str:
     return "strong"
 
 
+def check_build_options(profiles, workspace_gib: float) -> None:
+    """Refuse impossible profiles or memory pools before any work (vigface-export checks them
+    before its export, not after, where TensorRT's absence used to be all it reported)."""
+    for lo, opt, hi in profiles:
+        if not 1 <= lo <= opt <= hi:
+            raise VigfaceError(f"optimisation profile {(lo, opt, hi)} must satisfy 1 <= min <= opt <= max")
+    if not (math.isfinite(workspace_gib) and workspace_gib > 0):
+        raise VigfaceError(f"the builder's workspace must be a finite number of GiB > 0, got {workspace_gib}")
+
+
 def build_trt_engine(
     onnx_bytes: bytes,
     plan: str | Path,
@@ -142,6 +153,7 @@ def build_trt_engine(
 
     config: the DenoiserConfig (input shapes); profiles: (min, opt, max) images per batch.
     """
+    check_build_options(profiles, workspace_gib)
     trt = import_tensorrt()
     check_precision("trt", precision, PRECISIONS)
     typing = resolve_typing(trt, precision, typing)
@@ -155,9 +167,6 @@ def build_trt_engine(
             f"a strongly typed engine takes its precision from the ONNX graph, and this graph has no "
             f"{precision} weights; export it in {precision} (vigface-export --typing strong)"
         )
-    for lo, opt, hi in profiles:
-        if not 1 <= lo <= opt <= hi:
-            raise VigfaceError(f"optimisation profile {(lo, opt, hi)} must satisfy 1 <= min <= opt <= max")
     device = torch.device(device)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
