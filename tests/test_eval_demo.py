@@ -301,8 +301,11 @@ def test_eval_command_line(demo_run, capsys, tmp_path):
     ) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert "real ids" in printed and "virtual ids" in printed and "IoU with real data" in printed
-    assert (tmp_path / "m" / "report.html").is_file()
-    figures = json.loads((tmp_path / "m" / "report.json").read_text())["figures"]
+    page = (tmp_path / "m" / "report.html").read_text()
+    report = json.loads((tmp_path / "m" / "report.json").read_text())
+    iou = report["dataset_metrics"]["virtual ids"]["iou_with_real"]  # on the page too (it was not)
+    assert "genuine IoU" in page and f"{iou['genuine']:.3f}" in page and f"{iou['imposter']:.3f}" in page
+    figures = report["figures"]
     assert {"samples_0", "samples_1", "samples_2"} <= set(figures)  # real data, real ids, virtual ids
     with Image.open(tmp_path / "m" / figures["samples_1"]) as grid:  # a picture of faces, not an empty page
         assert grid.size[0] > 200 and len(np.unique(np.asarray(grid.convert("L")))) > 50

@@ -130,7 +130,22 @@ def _metrics_html(metrics: dict) -> str:
         "score within a class (eqs. 11-12). SEP: mean of cos(own centre) / cos(nearest other centre) "
         "(eqs. 13-14); the ratio is unstable where the nearest other centre's cosine is near 0, so mean "
         "CCS and NNCCS stand beside it. All averaged over classes, measured with the FR model named in the "
-        "config.</p>"
+        "config.</p>" + _iou_with_real_html(metrics)
+    )
+
+
+def _iou_with_real_html(metrics: dict) -> str:
+    """The IoU of each set's genuine / imposter histograms with the real data's (metrics --real);
+    they were printed and stored in report.json, but missing from the page."""
+    rows = [
+        [name, m["iou_with_real"]["genuine"], m["iou_with_real"]["imposter"], m["iou_with_real"]["average"]]
+        for name, m in metrics.items()
+        if "iou_with_real" in m
+    ]
+    if not rows:
+        return ""
+    return "<h3>Similarity distributions against the real data's (IoU, as Table 1)</h3>" + _table(
+        ["dataset", "genuine IoU", "imposter IoU", "average"], rows, digits=3
     )
 
 
