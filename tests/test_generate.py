@@ -282,6 +282,10 @@ def test_a_rerun_matches_the_plan_by_content_not_path_spelling(denoiser_dir, tmp
     assert gen_cli.main([*args, "--w-real", "1.0"]) == 2
     refused = capsys.readouterr().err
     assert "other settings (w_real 0.5 there, 1.0 now); it is finished: choose another --out" in refused
+    # the defaults spelt out are the same settings (--precision fp32 was "precision None there")
+    assert gen_cli.main([*args, "--precision", "fp32", "--kernels", "reference"]) == 0
+    assert gen_cli.main([*args, "--kernels", "fast"]) == 2
+    assert "other settings (kernels 'reference' there, 'fast' now)" in capsys.readouterr().err
     weights = moved / "denoiser.safetensors"
     tensors = load_file(weights)
     name = sorted(tensors)[0]

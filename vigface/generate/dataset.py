@@ -251,6 +251,7 @@ def _stored_image_size(data: str | None) -> int:
 # ships its tiny model elsewhere) or be named another way (relative, absolute), but weights
 # retrained in place are refused rather than mixed with the shards already made.
 _PLAN_PATHS = ("model", "prototypes", "landmarks", "pose")
+FP32_DEFAULT_ENGINES = ("eager", "compile", "cudagraph", "onnx")  # precision None means fp32 there
 _POSE_NAMES = ("dataset", "frontal")
 
 
@@ -275,11 +276,22 @@ def _names_a_file(key: str, value) -> bool:
     return key in _PLAN_PATHS and not (key == "pose" and value in _POSE_NAMES)
 
 
+def _comparable(config: dict) -> dict:
+    """A plan's config with the defaults that mean one computation spelt one way: kernels missing
+    (plans from before the option, and every reference run's) is "reference", and precision None is
+    fp32 for the engines whose default that is. A rerun with --precision fp32 was refused as
+    "precision None there, 'fp32' now"."""
+    config = {"kernels": "reference", **config}
+    if config.get("precision") is None and config.get("engine") in FP32_DEFAULT_ENGINES:
+        config["precision"] = "fp32"
+    return config
+
+
 def _plan_changes(saved, plan: dict) -> list[str]:
     """What differs between a saved plan and this run's, as 'name <there>, <now>' (empty: same)."""
     if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
         return ["its plan is not readable"]
-    before, now = _plan_paths(saved["config"]), plan["config"]
+    before, now = _comparable(_plan_paths(saved["config"])), _comparable(plan["config"])
     hashes = saved.get("inputs_sha256")  # None in plans written before hashes: paths compared then
     if hashes is not None and not isinstance(hashes, dict):
         return ["its plan is not readable"]
