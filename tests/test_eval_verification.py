@@ -159,3 +159,17 @@ def test_bad_inputs():
         verify_scores(np.zeros(5), np.ones(5, bool))
     with pytest.raises(VigfaceError, match="embeddings"):
         verify_embeddings(np.zeros((7, 4)), np.ones(4, bool))
+
+
+def test_peer_rows_are_named_by_method_and_by_method_and_size():
+    """DCFace, CemiFace and Arc2Face are listed at 0.5M and 1.2M images: the name alone took the 0.5M
+    row and the 1.2M one could not be chosen."""
+    from vigface.eval.protocol import PEER_TABLE, peer_average
+
+    dcface = [row for row in PEER_TABLE if row[0] == "DCFace"]
+    assert [row[2].split()[0] for row in dcface] == ["0.5M", "1.2M"]
+    assert peer_average("DCFace") == dcface[0][-1] == peer_average("DCFace 0.5M")
+    assert peer_average("DCFace 1.2M") == dcface[1][-1] == 91.21
+    assert peer_average("CASIA (Real)") == 94.93
+    with pytest.raises(VigfaceError, match="add the size: 'DCFace 1.2M'"):
+        peer_average("DCFace 2M")

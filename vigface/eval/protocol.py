@@ -66,12 +66,16 @@ def peer_rows() -> list[dict]:
 
 
 def peer_average(method: str) -> float:
+    """The five-set average of a PEER_TABLE row named `method`. Some methods have a row per dataset
+    size: the name alone picks the first (0.5M) row, the name and size ("DCFace 1.2M") the other."""
     for row in PEER_TABLE:
-        if row[0] == method:
+        if method in (row[0], f"{row[0]} {row[2].split()[0]}"):
             return row[-1]
-    # some methods have a row per dataset size; a name picks its first (0.5M) row
     names = ", ".join(dict.fromkeys(r[0] for r in PEER_TABLE))
-    raise VigfaceError(f"--real-reference: no peer named {method!r}; choose one of {names}")
+    raise VigfaceError(
+        f"--real-reference: no peer named {method!r}; choose one of {names} (for a method listed at "
+        "several sizes, add the size: 'DCFace 1.2M')"
+    )
 
 
 @dataclass
