@@ -140,6 +140,9 @@ def test_quick_mode_uses_trained_models_without_training_them(demo_run, tmp_path
     assert set(c) == {"real average %", "generated average %", "generated / real", "gap to real (fraction)"}
     assert report["config"]["fr_model"] == str(full_out / "fr_real")
     assert report["config"]["ids"] == TINY.ids  # the FR model's real identities
+    assert not any(key.startswith("dm_") for key in report["config"])  # quick trains no denoiser
+    real = report["verification"]["models"]["real"]["description"]
+    assert real.startswith("stage-1 model the denoiser was trained against") and str(full_out) not in real
     assert report["picked_w"] == {"real": 0.5, "virtual": 2.5, "from_sweep": False}
     with pytest.raises(VigfaceError, match="not a denoiser folder"):
         run_demo(dataclasses.replace(config, model=str(tmp_path)), str(tmp_path / "again"))
@@ -342,7 +345,8 @@ def test_eval_command_line(demo_run, capsys, tmp_path):
     assert eval_cli.main(["verify", str(out / "fr_generated"), *bins, "--real-reference", "Nobody"]) == 2
     printed = capsys.readouterr()
     assert "toy_val" not in printed.out and "no peer named 'Nobody'" in printed.err
-    assert printed.err.count("DCFace") == 1 and "VIGFace(L)" in printed.err
+    names = printed.err.split("choose one of ")[1].split(" (for a method")[0]
+    assert names.count("DCFace") == 1 and "VIGFace(L)" in names  # each method once, sizes aside
 
 
 @pytest.mark.slow  # IR-SE-50's 50 layers: ~25 s on the shared 2-core machine even at width 4, 16 px

@@ -224,15 +224,16 @@ def _has_checkpoint(folder: Path) -> bool:
     return latest_checkpoint(folder) is not None
 
 
-def _describe_fr(fr_dir: Path, what: str) -> str:
-    """One line from a backbone.json: architecture, size, head, epochs, training images."""
+def _describe_fr(fr_dir: Path, what: str, data: str | None = None) -> str:
+    """One line from a backbone.json: architecture, size, head, epochs, training images (`data`
+    names them where the recorded path means nothing here, e.g. a shipped model's)."""
     meta = json.loads((fr_dir / "backbone.json").read_text())
     b, t = meta["backbone"], meta.get("train_config", {})
     return (
         f"{what}: {b['arch']} width {b['width']}, {b['input_size']} px, {b['embedding_dim']}-d, "
         f"{meta.get('margin', {}).get('kind', '?')}, {meta.get('num_real', '?')} real + "
         f"{meta.get('num_virtual', 0)} virtual prototypes, {t.get('epochs', '?')} epochs "
-        f"on {t.get('data', '?')}"
+        f"on {data or t.get('data', '?')}"
     )
 
 
@@ -513,7 +514,11 @@ def _run_demo(config: DemoConfig, out: str, resume: bool, lock: FolderLock) -> d
     mode = "quick: shipped tiny checkpoints" if c.quick else "full: every stage trained here"
     models = {
         "real": {
-            "description": _describe_fr(fr_dir, "stage-1 model trained on real toy data"),
+            "description": _describe_fr(fr_dir, "stage-1 model trained on real toy data")
+            if not c.quick
+            else _describe_fr(  # the path it recorded is that of the machine that trained it
+                fr_dir, "stage-1 model the denoiser was trained against", "its own toy world's real images"
+            ),
             "table": tables["real"],
         },
         "generated": {
@@ -546,7 +551,8 @@ def _run_demo(config: DemoConfig, out: str, resume: bool, lock: FolderLock) -> d
         "prototypes": proto_stats,
         "timings": timings,
         "config": {
-            **asdict(c),
+            # quick trains no denoiser: the dm_ settings did not apply
+            **{k: v for k, v in asdict(c).items() if not (c.quick and k.startswith("dm_"))},
             "model": str(dm_dir),
             "fr_model": str(fr_dir),
             "device": device,
