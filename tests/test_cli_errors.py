@@ -335,3 +335,30 @@ def test_resolve_device_refuses_a_gpu_torch_does_not_see(monkeypatch):
     assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
     with pytest.raises(BackendUnavailableError, match="torch sees no CUDA device"):
         resolve_device("cuda")
+
+
+def test_console_scripts_guard_their_imports_against_ctrl_c(monkeypatch, capsys):
+    """A Ctrl-C while a command imported torch (its first ~2 s) raised KeyboardInterrupt from inside
+    the import, before run_command's handling: a traceback, not "interrupted" and status 130."""
+    import importlib
+    import re
+    from pathlib import Path
+
+    from vigface.cli import entry
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    scripts = pyproject.split("[project.scripts]")[1].split("\n[")[0]
+    targets = re.findall(r'^vigface[\w-]* = "([\w.:]+)"', scripts, flags=re.M)
+    assert len(targets) == 7 and all(target.startswith("vigface.cli.entry:") for target in targets)
+    assert {target.split(":")[1] for target in targets} <= set(vars(entry))
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib, "import_module", interrupted)
+    assert entry.gen(["--help"]) == 130
+    assert capsys.readouterr().err == "vigface-gen: interrupted\n"
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as done:  # otherwise the command itself runs
+        entry.export(["--help"])
+    assert done.value.code == 0 and "vigface-export" in capsys.readouterr().out
