@@ -152,6 +152,27 @@ def test_resuming_a_run_that_is_still_running_is_refused(uninterrupted, small_to
     assert latest_checkpoint(uninterrupted).name == "step_00000040"
 
 
+def test_a_run_that_ends_before_the_lock_is_not_overwritten(
+    uninterrupted, small_toy, fr_model, tmp_path, monkeypatch
+):
+    """The check for checkpoints came before the lock, with the data and models loading between:
+    a run that finished there was overwritten by a new one (tests/test_fr_train.py has --resume)."""
+    out = tmp_path / "raced"
+    acquire = FolderLock.acquire
+
+    def other_run_finishes_first(self, rank=0):
+        shutil.copytree(uninterrupted, out, dirs_exist_ok=True)
+        acquire(self, rank)
+
+    monkeypatch.setattr(FolderLock, "acquire", other_run_finishes_first)
+    with pytest.raises(VigfaceError, match="already holds checkpoints; pass --resume"):
+        train_diffusion(tiny(small_toy, fr_model, out, lr=5e-4))
+    assert (out / "denoiser.safetensors").read_bytes() == (
+        uninterrupted / "denoiser.safetensors"
+    ).read_bytes()
+    assert (out / "config.json").read_bytes() == (uninterrupted / "config.json").read_bytes()
+
+
 def test_errors(small_toy, fr_model, tmp_path, capsys):
     with pytest.raises(VigfaceError, match="landmarks table not found"):
         train_diffusion(tiny(small_toy, fr_model, tmp_path / "a", landmarks=str(tmp_path / "none.npy")))

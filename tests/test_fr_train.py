@@ -474,3 +474,46 @@ def test_sigterm_to_the_process_group_stops_in_one_line(small_toy, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
     assert err.strip().splitlines()[-1] == "vigface-train-fr: terminated" and "Traceback" not in err
+
+
+def test_a_run_that_ends_between_the_checks_and_the_lock_is_neither_overwritten_nor_misread(
+    uninterrupted, small_toy, tmp_path, monkeypatch
+):
+    """The trainers looked for checkpoints before taking the folder's lock, and loaded data and
+    models in between (seconds): a run that finished there was overwritten by a new run (exit 0
+    for both), and a --resume picked a checkpoint the ending run then pruned."""
+    finished, _ = uninterrupted
+    out = tmp_path / "raced"
+    acquire = FolderLock.acquire
+
+    def other_run_finishes_first(self, rank=0):
+        shutil.copytree(finished, out, dirs_exist_ok=True)  # while this run was loading
+        acquire(self, rank)
+
+    monkeypatch.setattr(FolderLock, "acquire", other_run_finishes_first)
+    with pytest.raises(VigfaceError, match="already holds checkpoints; pass --resume"):
+        train_fr(tiny_config(small_toy, out, lr=0.01))
+    assert final_state(out).keys() == final_state(finished).keys()
+    assert_same_state(final_state(out), final_state(finished))  # the finished run is intact
+    assert (
+        json.loads((out / "config.json").read_text())["lr"]
+        == json.loads((finished / "config.json").read_text())["lr"]
+    )
+
+    # --resume: the run it continues saves one more checkpoint and prunes the one picked early
+    resumed = tmp_path / "resumed"
+    shutil.copytree(finished, resumed)
+    steps = sorted(p.name for p in (resumed / "checkpoints").glob("step_*"))
+    last, before = steps[-1], steps[-2]
+    shutil.rmtree(resumed / "checkpoints" / last)
+    (resumed / "checkpoints" / "latest").write_text(before + "\n")
+
+    def the_run_saves_and_prunes(self, rank=0):
+        shutil.copytree(finished / "checkpoints" / last, resumed / "checkpoints" / last)
+        (resumed / "checkpoints" / "latest").write_text(last + "\n")
+        shutil.rmtree(resumed / "checkpoints" / before)
+        acquire(self, rank)
+
+    monkeypatch.setattr(FolderLock, "acquire", the_run_saves_and_prunes)
+    summary = train_fr(tiny_config(small_toy, resumed), resume=True)
+    assert summary["step"] == int(last.removeprefix("step_")) == 40

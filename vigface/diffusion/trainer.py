@@ -90,7 +90,7 @@ class _Run:
         self.out = Path(c.out)
         self.rank, self.world_size, self.device = setup_distributed(c.device)
         self.is_main = self.rank == 0
-        checkpoint = resume_point(self.out, resume)
+        resume_point(self.out, resume)  # fail fast, before the data and models load
         # image_size=None: f(x0) is taken at the stored resolution; batch_inputs resizes for the denoiser.
         self.loader = make_loader(
             c.data, c.batch_size, loader=c.loader, rank=self.rank, world_size=self.world_size,
@@ -126,6 +126,9 @@ class _Run:
         self.last_checkpoint: Path | None = None
         self.out.mkdir(parents=True, exist_ok=True)
         lock.acquire(self.rank)  # before anything is written or read back
+        # Again, now that no other run can write here: a run that ended between the check above
+        # and the lock was overwritten by a new run, or pruned the checkpoint picked for --resume.
+        checkpoint = resume_point(self.out, resume)
         if resume:
             self._load(checkpoint)
         elif self.is_main:

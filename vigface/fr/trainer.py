@@ -99,7 +99,7 @@ class _Run:
                 ),
                 stacklevel=2,
             )
-        checkpoint = resume_point(self.out, resume)
+        resume_point(self.out, resume)  # fail fast, before the data and models load
         # Decoding, flips and normalisation: vigface.data.loaders (the "torch" loader computes
         # exactly what the former DataLoader + prepare_batch did; --loader dali decodes in DALI).
         self.channels_last = (
@@ -161,6 +161,9 @@ class _Run:
             read_bin(path)  # leaves nothing behind and stops all ranks alike (rank 0 decodes below)
         self.out.mkdir(parents=True, exist_ok=True)
         lock.acquire(self.rank)  # before anything is written or read back
+        # Again, now that no other run can write here: a run that ended between the check above
+        # and the lock was overwritten by a new run, or pruned the checkpoint picked for --resume.
+        checkpoint = resume_point(self.out, resume)
         if resume:
             self._load(checkpoint)
         elif self.is_main:
