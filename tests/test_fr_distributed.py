@@ -64,3 +64,42 @@ def test_two_gloo_ranks_match_one_process(tmp_path, kind):
         assert torch.allclose(got["prototypes"], single["prototypes"], atol=1e-6, rtol=1e-4)
         assert torch.allclose(got["sigma"], single["sigma"], atol=1e-6)
         assert torch.allclose(got["adaface_mean"], single["adaface_mean"], atol=1e-5)
+
+
+def test_a_rank_whose_launcher_died_ends_with_a_warning_not_a_traceback():
+    """kill -9 of torchrun's launcher leaves its ranks running (torchrun's behaviour); they wrote
+    their outputs, then each died in finish_distributed's store.add with DistNetworkError and a C++
+    frame dump, exit 1. The store here is hosted by a child process, killed as the launcher was."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    from datetime import timedelta
+
+    from vigface.errors import VigfaceWarning
+    from vigface.fr.distributed import finish_distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    host = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, torch.distributed as d; "
+         "s = d.TCPStore('127.0.0.1', int(sys.argv[1]), None, True); print('up', flush=True); time.sleep(600)",
+         str(port)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert host.stdout.readline().strip() == "up"
+        store = dist.TCPStore("127.0.0.1", port, None, False, timeout=timedelta(seconds=20))
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        host.kill()
+        host.wait()
+        time.sleep(0.2)
+        start = time.monotonic()
+        with pytest.warns(VigfaceWarning, match="rendezvous store does not answer"):
+            finish_distributed()
+        assert not dist.is_initialized() and time.monotonic() - start < 15
+    finally:
+        host.kill()
+        if dist.is_initialized():
+            dist.destroy_process_group()
