@@ -83,9 +83,8 @@ def test_a_rank_whose_launcher_died_ends_with_a_warning_not_a_traceback():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     host = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time, torch.distributed as d; "
-         "s = d.TCPStore('127.0.0.1', int(sys.argv[1]), None, True); print('up', flush=True); time.sleep(600)",
-         str(port)],
+        [sys.executable, "-c", "import sys, time, torch.distributed as d; s = d.TCPStore('127.0.0.1', "
+         "int(sys.argv[1]), None, True); print('up', flush=True); time.sleep(600)", str(port)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
