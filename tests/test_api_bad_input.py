@@ -184,8 +184,8 @@ def test_training_configs_refuse_values_outside_their_range():
         ({"patch": 0}, "patch must be at least 1, got 0"),
         ({"patch": -4}, "patch must be at least 1, got -4"),
         ({"image_size": 0}, "image_size must be at least 1, got 0"),
-        ({"timesteps": 10**9}, "at most 100000 steps, got 1000000000"),
-        ({"timesteps": 1}, "at least 2 steps, got 1"),
+        ({"timesteps": 10**9}, r"diffusion config: timesteps must be in 2..100000, got 1000000000"),
+        ({"timesteps": 1}, r"timesteps must be in 2..100000, got 1"),
     ):
         with pytest.raises(VigfaceError, match=message):
             DiffusionTrainConfig(data="d", fr_model="f", out="o", size="tiny", **fields)

@@ -194,11 +194,12 @@ def test_cfg_sweep_deletes_only_its_own_generated_sets(small_toy, tmp_path, caps
     assert eval_cli.main([*sweep, "--w", "1", "--keep-images"]) == 0
     (work / "w1" / ".cfg-sweep").unlink()
     assert eval_cli.main([*sweep, "--w", "1"]) == 2
-    assert "holds a generated set that cfg-sweep did not make (no .cfg-sweep mark)" in capsys.readouterr().err
+    assert "w1: has no .cfg-sweep mark (a vigface-gen set" in capsys.readouterr().err
     assert (work / "w1" / "train.rec").is_file()
     (work / "w2").write_text("a file where a w folder goes")
-    assert eval_cli.main([*sweep, "--w", "2"]) == 2
+    assert eval_cli.main([*sweep, "--w", "0.25", "2"]) == 2  # refused before w 0.25 is generated
     assert "w2: is a file; cfg-sweep writes a folder there" in capsys.readouterr().err
+    assert not (work / "w0.25").exists()
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here")

@@ -198,7 +198,9 @@ def test_onnx_engine_refuses_a_damaged_or_reduced_precision_graph_in_one_line(mo
     sidecar.write_text(json.dumps({**facts, "dtype": "bfloat16"}))
     with pytest.raises(DataFormatError, match="a bfloat16 graph .* the onnx engine runs float32 graphs"):
         FaceSampler.load(model, engine="onnx")
+    sidecar.write_text(json.dumps({**facts, "dtype": None}))  # an --onnx input of unknown dtype: taken
+    assert FaceSampler.load(model, engine="onnx").engine.exporter == "legacy"
     sidecar.write_text(json.dumps(facts))
-    with pytest.raises(VigfaceError, match="--kernels fast is for the eager, compile and cudagraph engines"):
+    with pytest.raises(VigfaceError, match="kernels 'fast' .--kernels fast. does not apply to engine 'onnx'"):
         FaceSampler.load(model, engine="onnx", kernels="fast")
     assert FaceSampler.load(model, engine="onnx").engine.exporter == "legacy"  # the intact graph loads

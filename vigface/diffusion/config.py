@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from vigface.config_types import check_field_types
 from vigface.data.files import setting_changed
 from vigface.diffusion.denoiser import ARCHS, DENOISER_SIZES, PREDICTIONS, DenoiserConfig
-from vigface.diffusion.schedule import SCHEDULES, NoiseSchedule
+from vigface.diffusion.schedule import MAX_TIMESTEPS, SCHEDULES, NoiseSchedule
 from vigface.errors import VigfaceError
 
 LR_DECAYS = ("none", "cosine")
@@ -109,8 +109,9 @@ class DiffusionTrainConfig:
             bad("drop_prob", f"must be in [0, 1), got {self.drop_prob}")
         if not 0 <= self.ema_decay < 1:
             bad("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if not 2 <= self.timesteps <= MAX_TIMESTEPS:  # 10**9 built 8 GB schedule tables
+            bad("timesteps", f"must be in 2..{MAX_TIMESTEPS}, got {self.timesteps}")
         self.denoiser_config()
-        self.noise_schedule()  # T: 2 .. MAX_TIMESTEPS
 
     def denoiser_config(self) -> DenoiserConfig:
         overrides = {

@@ -82,8 +82,8 @@ class FaceSampler:
             raise VigfaceError(f"kernels {kernels!r} is unknown; choose one of {', '.join(KERNELS)}")
         if kernels == "fast" and engine in ("onnx", "trt"):  # their graph is fixed when exported
             raise VigfaceError(
-                f"--kernels fast is for the eager, compile and cudagraph engines; engine {engine!r} runs "
-                "the graph vigface-export wrote, whose sidecar took the fast config for another model"
+                f"kernels 'fast' (--kernels fast) does not apply to engine {engine!r}: its graph is fixed "
+                "when exported, with the reference kernels; use it with eager, compile or cudagraph"
             )
         device = resolve_device(device)  # "gpu" or a missing CUDA: one line, not torch's traceback
         model_dir = Path(model_dir)

@@ -53,7 +53,7 @@ class OnnxEngine(Engine):
         if onnx_path is not None:  # a vigface-export file: only for the weights it was exported from
             facts = read_sidecar(onnx_path)
             check_sidecar(onnx_path, facts, {"model_sha256": state_sha256(denoiser)})
-            if facts.get("dtype", "float32") != "float32":  # a TensorRT input of reduced precision
+            if facts.get("dtype") not in (None, "float32"):  # a TensorRT input of reduced precision
                 raise DataFormatError(
                     onnx_path,
                     f"a {facts['dtype']} graph (a TensorRT build's input); the onnx engine runs float32 "
@@ -77,11 +77,14 @@ class OnnxEngine(Engine):
             options.intra_op_num_threads = torch.get_num_threads()
         try:
             self.session = ort.InferenceSession(model, sess_options=options, providers=providers)
-        except Exception as exc:  # onnxruntime's own errors: a cut file, ops it cannot run
+        except Exception as exc:  # onnxruntime's own: a cut file, ops it cannot run, CUDA libraries
             why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            if onnx_path is None:  # exported in this process: no file to blame
+                raise BackendUnavailableError(
+                    f"engine 'onnx': onnxruntime cannot run this model's graph ({why})"
+                ) from None
             raise DataFormatError(
-                onnx_path or "the exported graph",
-                f"onnxruntime cannot load it ({why}); re-export it with vigface-export --model M",
+                onnx_path, f"onnxruntime cannot load it ({why}); if the file is damaged, export it again"
             ) from None
         self.names = input_names(denoiser)
 

@@ -79,21 +79,29 @@ def sweep_folder_name(w: float) -> str:
     return f"w{w:g}"
 
 
-def _replace_sweep_folder(out: Path, own: tuple[str, ...]) -> None:
-    """Empty <work>/w<value> for a new set, marked as the sweep's (SWEEP_MARK). Only a folder the
-    sweep made is deleted: whatever stood there was, a user's files and their own vigface-gen
-    set too."""
+def _check_sweep_folder(out: Path, own: tuple[str, ...]) -> None:
+    """Refuse a <work>/w<value> the sweep may not replace: only a folder it made (SWEEP_MARK) is
+    deleted. Before the mark, whatever stood there was deleted, a user's own vigface-gen set too."""
     if out.exists() and not out.is_dir():
         raise VigfaceError(f"{out}: is a file; cfg-sweep writes a folder there (choose another --work)")
     refuse_foreign_output(out, own=own, what="cfg-sweep", flag="--work")
     if out.is_dir() and any(out.iterdir()) and not (out / SWEEP_MARK).is_file():
         raise VigfaceError(
-            f"{out}: holds a generated set that cfg-sweep did not make (no {SWEEP_MARK} mark); choose "
-            "another folder for --work, or delete it yourself (nothing was changed)"
+            f"{out}: has no {SWEEP_MARK} mark (a vigface-gen set, or one a sweep wrote before the mark "
+            "existed), so cfg-sweep does not delete it; choose another --work, or delete it yourself "
+            "(nothing was changed)"
         )
-    shutil.rmtree(out, ignore_errors=True)  # a sweep is cheap to redo; never mix settings
-    out.mkdir(parents=True)
-    (out / SWEEP_MARK).write_text("made by vigface-eval cfg-sweep; it deletes and remakes this folder\n")
+
+
+def _replace_sweep_folder(out: Path) -> None:
+    """Empty <work>/w<value> (checked by _check_sweep_folder) for a new set, marked as the sweep's."""
+    try:
+        if out.exists():
+            shutil.rmtree(out)  # a sweep is cheap to redo; never mix settings
+        out.mkdir(parents=True)
+        (out / SWEEP_MARK).write_text("made by vigface-eval cfg-sweep; it deletes and remakes this folder\n")
+    except OSError as exc:
+        raise VigfaceError(f"{out}: cannot be emptied for the new set ({exc.strerror or exc})") from None
 
 
 def _generate(config: SweepConfig, w: float, out: Path) -> LabelledSet:
@@ -127,6 +135,8 @@ def cfg_sweep(config: SweepConfig, fr_model=None, samples: dict | None = None) -
     if fr_model is None:
         meta = json.loads((Path(config.model) / DENOISER_META).read_text())
         fr_model, _ = load_backbone(fr_model_dir(config.model, meta), device)
+    for w in config.ws:  # every folder before any work (a refused second w came after the first)
+        _check_sweep_folder(Path(config.work) / sweep_folder_name(w), OUTPUT_ENTRIES)
     check_dataset_alignment(config.real, "--real")
     real = read_labelled_set(config.real, max_ids=config.real_max_ids)
     real_emb = embed_images(fr_model, real.images, device=device)
@@ -142,7 +152,7 @@ def cfg_sweep(config: SweepConfig, fr_model=None, samples: dict | None = None) -
     }
     for w in config.ws:
         out = Path(config.work) / sweep_folder_name(w)
-        _replace_sweep_folder(out, OUTPUT_ENTRIES)
+        _replace_sweep_folder(out)
         gen = _generate(config, w, out)
         emb = embed_images(fr_model, gen.images, device=device)
         for kind in KINDS:

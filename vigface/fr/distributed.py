@@ -64,7 +64,7 @@ def finish_distributed() -> None:
         warnings.warn(
             VigfaceWarning(
                 f"rank {dist.get_rank()}: the torchrun launcher's rendezvous store does not answer ({why}); "
-                "this rank's work is done and written, so it ends without the other ranks' check-in"
+                "this rank has finished its part, so it goes on without the other ranks' check-in"
             ),
             stacklevel=2,
         )

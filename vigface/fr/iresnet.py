@@ -51,7 +51,8 @@ class BackboneConfig:
                 raise VigfaceError(f"backbone {name} must be positive, got {getattr(self, name)}")
         if self.input_size < 16:
             raise VigfaceError(f"backbone input_size {self.input_size} is below 16 (four stride-2 stages)")
-        if self.dropout is not None and not 0 <= self.dropout < 1:  # nn.Dropout raised deep in training
+        # p > 1 failed inside nn.Dropout; p = 1 zeroes the whole embedding
+        if self.dropout is not None and not 0 <= self.dropout < 1:
             raise VigfaceError(f"backbone dropout must be in [0, 1), got {self.dropout}")
 
     def to_dict(self) -> dict:

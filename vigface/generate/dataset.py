@@ -251,7 +251,9 @@ def _stored_image_size(data: str | None) -> int:
 # ships its tiny model elsewhere) or be named another way (relative, absolute), but weights
 # retrained in place are refused rather than mixed with the shards already made.
 _PLAN_PATHS = ("model", "prototypes", "landmarks", "pose")
-FP32_DEFAULT_ENGINES = ("eager", "compile", "cudagraph", "onnx")  # precision None means fp32 there
+# precision None means fp32 there (their classes' default precision in vigface/engines/; trt's
+# None means the plan's own)
+FP32_DEFAULT_ENGINES = ("eager", "compile", "cudagraph", "onnx")
 _POSE_NAMES = ("dataset", "frontal")
 
 
