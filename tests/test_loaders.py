@@ -687,3 +687,23 @@ def test_images_of_several_sizes_name_the_way_out(tmp_path):
         VigfaceError, match=r"differ in shape.*; align them to one size first \(vigface data align\)"
     ):
         next(iter(loader))
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_sixteen_bit_grayscale_pngs_decode_to_their_eight_bit_values(tmp_path, loader):
+    """PIL's convert("RGB") clipped 16-bit samples at 255: a 16-bit grayscale PNG came out solid
+    white from the torch loader (DALI scaled it; the two differed by up to 243 levels)."""
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    gray = render_aligned(seed=0, identity=1, index=0)[0][..., 1]  # an 8-bit face, one channel
+    wide = io.BytesIO()
+    Image.fromarray(gray.astype(np.uint16) * 257).save(wide, format="PNG")  # the same face in 16 bits
+    assert Image.open(io.BytesIO(wide.getvalue())).mode.startswith("I")
+    write_image_folder(tmp_path / "f", [wide.getvalue(), wide.getvalue()], [0, 1])
+    image, _ = ImageFolderDataset(tmp_path / "f")[0]
+    assert np.array_equal(image, np.repeat(gray[..., None], 3, axis=2))
+    (batch,) = _epoch(
+        make_loader(tmp_path / "f", 2, loader=loader, image_size=None, shuffle=False, workers=0)
+    )
+    levels = (batch.images[0].permute(1, 2, 0).numpy() + 1) * 127.5
+    assert np.abs(levels - gray[..., None]).max() <= 1.01

@@ -91,6 +91,11 @@ def encode_image(image: np.ndarray, fmt: str = "jpeg", quality: int = 95) -> byt
     return out.getvalue()
 
 
+# PIL's modes for 16-bit grayscale PNG / TIFF samples ("I": older Pillow's 16-bit PNG): scaled by
+# 1/257 to 8 bits, as DALI and OpenCV's IMREAD_COLOR decode them
+_WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
 def decode_image(
     data: bytes | bytearray | memoryview,
     path: str | os.PathLike = "<bytes>",
@@ -109,6 +114,10 @@ def decode_image(
             pil.load()
             if pil.getexif().get(_EXIF_ORIENTATION, 1) != 1:
                 pil = ImageOps.exif_transpose(pil)  # upright, as OpenCV and DALI decode it
+            if pil.mode in _WIDE_GRAY_MODES:
+                # 16-bit samples: convert("RGB") clipped every one above 255, a white image
+                gray = np.round(np.asarray(pil, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8)
+                return np.repeat(gray[..., None], 3, axis=2)
             if pil.mode != "RGB":
                 pil = pil.convert("RGB")
             return np.array(pil, dtype=np.uint8)  # a writable copy
