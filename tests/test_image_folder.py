@@ -103,6 +103,9 @@ def test_write_image_folder_helper(tmp_path):
         ('{"label": 0}', '"path" must be'),
         ('{"path": "a/1.jpg", "label": 0, "landmarks": [[1, 2]]}', '"landmarks" must be 5'),
         ('{"path": "a/1.jpg", "label": 0, "landmarks": [[1, NaN]]}', '"landmarks" must be 5'),
+        # one identity, one label, as the writer keeps them (a second label was trained as its own class)
+        ('{"path": "a/1.jpg", "label": 7}', "line 2: identity 'a' has label 7 here, 0 before"),
+        ('{"path": "b/0.jpg", "label": 0}', "line 2: label 0 is identity 'b' here, 'a' before"),
     ],
 )
 def test_bad_manifest_line(tmp_path, line, match):
@@ -215,3 +218,19 @@ def test_a_folder_another_live_process_writes_is_refused(tmp_path):
     (folder / UNFINISHED).write_text(f"written by process {gone.stdout.strip()}; no {MANIFEST} yet\n")
     write_image_folder(folder, [image(0)], [0])
     assert len(ImageFolderDataset(folder)) == 1 and not (folder / UNFINISHED).exists()
+
+
+def test_an_identity_folder_without_images_is_refused(tmp_path):
+    """Without a manifest it took a label no image had: a class without images (num_classes 5 for
+    4 people); torchvision's ImageFolder refuses such a folder too."""
+    root = tmp_path / "f"
+    for identity in ("a", "c"):
+        (root / identity).mkdir(parents=True)
+        (root / identity / "0.jpg").write_bytes(encode_image(image(0), "jpeg"))
+    (root / "b").mkdir()
+    (root / "b" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataFormatError, match=r"f/b: identity folder without .* images; remove or fill it"):
+        ImageFolderDataset(root)
+    (root / "b" / "notes.txt").unlink()
+    (root / "b").rmdir()
+    assert ImageFolderDataset(root).labels.tolist() == [0, 1]

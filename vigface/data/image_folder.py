@@ -8,7 +8,8 @@ Each manifest line is one JSON object:
 position in that order, as torchvision's ImageFolder labels them when the root holds no hidden
 folders (skipped here, counted there). Images are the files directly in each identity folder (no
 subfolders), in natural order (2.jpg before 10.jpg; torchvision sorts by name), with the
-extensions the decoder takes: .jpg/.jpeg/.png/.bmp/.webp/.tif/.tiff.
+extensions the decoder takes: .jpg/.jpeg/.png/.bmp/.webp/.tif/.tiff. An identity folder without
+such images is refused, as torchvision refuses it (it would be a class without images).
 """
 
 from __future__ import annotations
@@ -240,6 +241,8 @@ class ImageFolderDataset:
     def _read_manifest(self, labels: list, points: list) -> None:
         path = self.manifest_path
         offset = 0
+        label_of: dict[str, int] = {}
+        identity_of: dict[int, str] = {}
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 here, offset = offset, offset + len(raw)
@@ -248,6 +251,16 @@ class ImageFolderDataset:
                 try:
                     entry = json.loads(raw.decode("utf-8"))
                     rel, label, identity, lm = self._check_entry(entry)
+                    # one identity, one label (as the writer keeps them): a second label for an
+                    # identity was trained as a class of its own
+                    if label_of.setdefault(identity, label) != label:
+                        raise ValueError(
+                            f"identity {identity!r} has label {label} here, {label_of[identity]} before"
+                        )
+                    if identity_of.setdefault(label, identity) != identity:
+                        raise ValueError(
+                            f"label {label} is identity {identity!r} here, {identity_of[label]!r} before"
+                        )
                 except (ValueError, TypeError) as exc:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
                     raise DataFormatError(path, f"line {lineno}: {exc}", here) from None
                 self.paths.append(rel)
@@ -296,6 +309,13 @@ class ImageFolderDataset:
                 for p in (self.root / identity).iterdir()
                 if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
             ]
+            if (
+                not names
+            ):  # its label would be a class without images (torchvision's ImageFolder refuses it too)
+                raise DataFormatError(
+                    self.root / identity,
+                    f"identity folder without {'/'.join(IMAGE_EXTENSIONS)} images; remove or fill it",
+                )
             for name in sorted(names, key=_natural_key):
                 self.paths.append(f"{identity}/{name}")
                 labels.append(label)
