@@ -707,3 +707,26 @@ def test_sixteen_bit_grayscale_pngs_decode_to_their_eight_bit_values(tmp_path, l
     )
     levels = (batch.images[0].permute(1, 2, 0).numpy() + 1) * 127.5
     assert np.abs(levels - gray[..., None]).max() <= 1.01
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_landmarks_in_another_frame_are_refused_not_warped_into_black_crops(wild_rec, tmp_path, loader):
+    """--no-aligned with landmarks shifted, scaled or x/y-swapped trained on black squares without a
+    word (the warp fills outside the image); `vigface data align` wrote them too."""
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    table = np.load(wild_rec.with_name("train_landmarks.npy"))
+    for name, wrong in (("shifted", table - 1000), ("scaled", table * 10), ("swapped", table[..., ::-1])):
+        path = tmp_path / f"{name}.npy"
+        np.save(path, np.ascontiguousarray(wrong))
+        with pytest.raises(VigfaceError, match="put the aligned crops mostly outside their images"):
+            make_loader(wild_rec, 4, loader=loader, aligned=False, landmarks=path, workers=0)
+    near_border = table.copy()  # faces pushed towards a corner keep most of their crop: taken
+    near_border[:3] += 30
+    border = tmp_path / "border.npy"
+    np.save(border, near_border)
+    (batch, *_) = _epoch(make_loader(wild_rec, 4, loader=loader, aligned=False, landmarks=border, workers=0))
+    assert batch.images.shape[0] == 4
+    assert main(["data", "align", "--images", str(wild_rec), "--landmarks", str(tmp_path / "swapped.npy"),
+                 "--out", str(tmp_path / "aligned" / "train.rec")]) == 2  # fmt: skip
+    assert not (tmp_path / "aligned" / "train.rec").exists()

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vigface.data.align import align_faces, transform_points
+from vigface.data.alignment_check import check_landmarks_fit
 from vigface.data.files import write_atomically
 from vigface.data.image_folder import MANIFEST, UNFINISHED, ImageFolderDataset, ImageFolderWriter
 from vigface.data.landmarks_npy import read_landmarks_npy
@@ -201,6 +202,7 @@ def align_image_folder(
     _check_output(Path(out), out_format, overwrite)
     ds = _AlignInput(images, landmarks)
     points = ds.points
+    check_landmarks_fit(points, ds, f"--landmarks {landmarks}" if landmarks else f"the landmarks of {images}")
     # RecordIO wants each identity's images contiguous: a stable sort by label keeps file order.
     order = np.argsort(ds.labels, kind="stable") if out_format == "rec" else np.arange(len(ds))
     out = Path(out)

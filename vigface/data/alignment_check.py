@@ -73,3 +73,58 @@ def check_dataset_alignment(path_or_source, what: str, name: str | os.PathLike |
     if name is None:
         name = source.path if isinstance(path_or_source, FaceSource) else path_or_source
     return warn_if_not_aligned(table, image.shape[0], f"{what} {Path(name)}")
+
+
+# ---- unaligned images: do their landmarks fit them? ---------------------------------------------
+
+CROP_INSIDE_LIMIT = 0.5  # median fraction of an aligned crop that comes from inside its image
+FIT_SAMPLE = 64  # images decoded for the check
+
+
+def crop_inside_fraction(landmarks: np.ndarray, image_hw: np.ndarray, grid: int = 8) -> np.ndarray:
+    """(N,) fraction of each 112-px aligned crop (a grid x grid sample of its pixels) that the
+    similarity to the template maps from inside its (H, W) image; NaN where the landmarks admit
+    no similarity. A face near the border keeps most of its crop; landmarks in another frame
+    (scaled, shifted, x and y swapped) put it outside, where the warp fills black."""
+    from vigface.data.align import estimate_similarity, invert_affine
+
+    points = np.asarray(landmarks, dtype=np.float64).reshape(-1, 5, 2)
+    fraction = np.full(len(points), np.nan)
+    centres = (np.arange(grid) + 0.5) * (112.0 / grid) - 0.5
+    xs, ys = np.meshgrid(centres, centres)
+    crop = np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size)])  # (3, grid^2), aligned frame
+    for n, row in enumerate(points):
+        try:
+            back = invert_affine(estimate_similarity(row, backend="numpy")).astype(np.float64)
+        except (VigfaceError, ValueError):  # NaN or degenerate: the loaders skip and name such rows
+            continue
+        x, y = back @ crop
+        h, w = image_hw[n]
+        fraction[n] = np.mean((x >= -0.5) & (x <= w - 0.5) & (y >= -0.5) & (y <= h - 0.5))
+    return fraction
+
+
+def check_landmarks_fit(landmarks: np.ndarray, dataset, what: str) -> None:
+    """Refuse unaligned images whose landmarks put most aligned crops outside the images: training
+    (--no-aligned) and `vigface data align` turned them into black squares without a word.
+    `landmarks`: (N, 5, 2) in the images' frames; `dataset[i]` -> (image, label). Checks
+    FIT_SAMPLE images spread over the set."""
+    n = len(landmarks)
+    if n == 0:
+        return
+    rows = np.unique(np.linspace(0, n - 1, min(n, FIT_SAMPLE)).round().astype(np.int64))
+    shapes = []
+    for i in rows:
+        try:
+            shapes.append(dataset[int(i)][0].shape[:2])
+        except (VigfaceError, OSError):  # a corrupt image: the loaders name it; not this check's
+            shapes.append((np.nan, np.nan))
+    fraction = crop_inside_fraction(np.asarray(landmarks)[rows], np.asarray(shapes, dtype=np.float64))
+    fraction = fraction[np.isfinite(fraction)]
+    if len(fraction) and np.median(fraction) < CROP_INSIDE_LIMIT:
+        raise VigfaceError(
+            f"{what}: these landmarks put the aligned crops mostly outside their images (median "
+            f"{100 * np.median(fraction):.0f} % of a crop inside, over {len(fraction)} sampled images; a "
+            "face near the border keeps most of it): are they in another frame (scaled, shifted, or x "
+            "and y swapped)? The crops would be black"
+        )

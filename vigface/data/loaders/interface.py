@@ -115,6 +115,10 @@ def make_loader(
         source = FaceSource(source, landmarks=landmarks, need_landmarks=not aligned)
     elif not aligned and source.landmarks is None:
         raise VigfaceError("make_loader: aligned=False needs a FaceSource opened with landmarks")
+    if not aligned:  # landmarks in another frame: black crops, trained on without a word
+        from vigface.data.alignment_check import check_landmarks_fit
+
+        check_landmarks_fit(source.landmarks, source.dataset, f"the landmarks of {source.path}")
     options = LoaderOptions(
         batch_size=batch_size, device=device, rank=rank, world_size=world_size, shuffle=bool(shuffle),
         seed=int(seed), drop_last=bool(drop_last), aligned=bool(aligned), image_size=image_size,
