@@ -12,7 +12,7 @@ from PIL import Image
 
 from vigface.cli import eval as eval_cli
 from vigface.cli import main as vigface_cli
-from vigface.data.verification_bin import load_verification_pairs
+from vigface.data.verification_bin import load_verification_pairs, read_bin, write_bin
 from vigface.errors import VigfaceError
 from vigface.eval.demo import FULL, QUICK, DemoConfig, run_demo
 from vigface.eval.labelled_set import read_labelled_set
@@ -402,6 +402,23 @@ def test_protocol_pieces(small_toy, tmp_path, monkeypatch):
     assert recipe == (4, [3], 32, 7, "iresnet18", "arcface")
     with pytest.raises(VigfaceError, match="does not exist"):
         ProtocolConfig(data="d.rec", out="o", bins=[str(tmp_path / "missing.bin")])
+    # ... and what the evaluation after the training refused (a bad --real-model, two bins of one name,
+    # a set too small for 10 folds) is refused before it, as is a folder given as a .bin
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "lfw.bin").write_bytes(bin_path.read_bytes())
+    few = tmp_path / "few.bin"
+    images, issame = read_bin(bin_path)
+    write_bin(few, images[:8], issame[:4])
+    for fields, message in (
+        ({"bins": [str(bin_path), str(tmp_path / "other" / "lfw.bin")]}, "share the name 'lfw'; rename one"),
+        ({"bins": [str(few)]}, "holds 4 pairs, fewer than the 10 folds"),
+        ({"bins": [str(tmp_path / "other")]}, "is a folder, not a verification .bin"),
+        ({"bins": [str(bin_path)], "real_model": str(tmp_path)}, "--real-model .*: not a trained backbone"),
+    ):
+        with pytest.raises(VigfaceError, match=message):
+            ProtocolConfig(data="d.rec", out="o", **fields)
+    # checkpoints as the trainer's default: a Ctrl-C kept nothing (save_every was 10**9)
+    assert train_config(ProtocolConfig(data="d.rec", out="o", bins=[str(bin_path)])).save_every == 1000
     with pytest.raises(VigfaceError, match="no peer"):
         ProtocolConfig(data="d.rec", out="o", bins=[str(bin_path)], real_reference="Nobody")
     five = {"average": 90.0, "five_benchmark_average": 90.0}

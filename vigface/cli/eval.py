@@ -204,6 +204,7 @@ def _cmd_protocol(args) -> int:
         input_size=args.input_size, embedding_dim=args.embedding_dim, scale=args.scale,
         batch_size=args.batch_size, epochs=args.epochs, lr_steps=args.lr_steps, max_steps=args.max_steps,
         lr=args.lr, seed=args.seed, workers=args.workers, device=args.device, progress=not args.quiet,
+        save_every=args.save_every,
     )  # fmt: skip
     result = run_protocol(config, resume=args.resume)
     _print_table(f"{args.arch} + {args.margin} on {args.data}", result["ours"])
@@ -339,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="loader processes (default: %(default)s)")
+    p.add_argument(
+        "--save-every",
+        type=positive_int,
+        default=1000,
+        help="steps between checkpoints (default: %(default)s)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     common(p)

@@ -98,19 +98,41 @@ class ProtocolConfig:
     warmup_epochs: float = 0.0
     max_steps: int | None = None
     workers: int = 2
+    # steps between checkpoints (a Ctrl-C keeps the work up to the last; it was 10**9: all was lost)
+    save_every: int = 1000
     seed: int = 0
     device: str = "auto"
     progress: bool = True
 
     def __post_init__(self):
+        # Everything the evaluation after the (long) training needs is checked here, before it.
         if not self.bins:
             raise VigfaceError("protocol: pass at least one verification .bin (--bins)")
+        stems: dict[str, str] = {}
         for path in self.bins:
-            if not Path(path).is_file():
+            if not Path(path).exists():
                 raise VigfaceError(f"protocol: --bins {path} does not exist")
-            read_bin(path)  # parsed now (not decoded): a damaged file stops us before the training
+            if not Path(path).is_file():
+                raise VigfaceError(f"protocol: --bins {path} is a folder, not a verification .bin")
+            _, issame = read_bin(path)  # parsed (not decoded): a damaged file stops us before the training
+            if len(issame) < 10:
+                raise VigfaceError(
+                    f"protocol: --bins {path} holds {len(issame)} pairs, fewer than the 10 folds"
+                )
+            stem = Path(path).stem  # the results are keyed by it
+            if stems.setdefault(stem, str(path)) != str(path):
+                raise VigfaceError(
+                    f"protocol: --bins {stems[stem]} and {path} share the name {stem!r}; rename one"
+                )
         if self.real_model is None:
             peer_average(self.real_reference)  # validates the name
+        else:
+            model = Path(self.real_model)
+            if not (model / "backbone.json").is_file() or not (model / "backbone.safetensors").is_file():
+                raise VigfaceError(
+                    f"protocol: --real-model {model}: not a trained backbone folder "
+                    "(needs backbone.json and backbone.safetensors)"
+                )
 
 
 def lr_steps_for(config: ProtocolConfig) -> list[float]:
@@ -130,7 +152,7 @@ def train_config(config: ProtocolConfig):
         batch_size=config.batch_size, epochs=config.epochs, lr=config.lr, lr_steps=lr_steps_for(config),
         warmup_epochs=config.warmup_epochs, max_steps=config.max_steps, workers=config.workers,
         seed=config.seed, device=config.device, progress=config.progress, num_virtual=0,
-        save_every=10**9,
+        save_every=config.save_every,
     )  # fmt: skip
 
 
