@@ -517,3 +517,23 @@ def test_a_run_that_ends_between_the_checks_and_the_lock_is_neither_overwritten_
     monkeypatch.setattr(FolderLock, "acquire", the_run_saves_and_prunes)
     summary = train_fr(tiny_config(small_toy, resumed), resume=True)
     assert summary["step"] == int(last.removeprefix("step_")) == 40
+
+
+def test_a_new_run_refuses_a_folder_holding_other_files(uninterrupted, small_toy, tmp_path):
+    """A new run (no --resume) wrote into any folder without checkpoints: a trained model copied
+    there (the shipped one, say) had its backbone replaced, the training data's folder got model
+    files mixed in. A folder a run left before its first checkpoint still starts again."""
+    finished, _ = uninterrupted
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("backbone.safetensors", "backbone.json", "prototypes.safetensors"):
+        shutil.copyfile(finished / name, model / name)
+    before = (model / "backbone.safetensors").read_bytes()
+    with pytest.raises(VigfaceError, match="model: holds backbone.json, backbone.safetensors, prototypes"):
+        train_fr(tiny_config(small_toy, model, max_steps=1))
+    assert (model / "backbone.safetensors").read_bytes() == before and not (model / "config.json").exists()
+    stopped = tmp_path / "stopped"  # what a run killed before its first checkpoint leaves
+    (stopped / "checkpoints").mkdir(parents=True)
+    (stopped / "config.json").write_text("{}")
+    (stopped / "metrics.jsonl").write_text("")
+    assert train_fr(tiny_config(small_toy, stopped, max_steps=1))["step"] == 1

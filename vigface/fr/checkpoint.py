@@ -151,6 +151,11 @@ def trim_metrics(path: Path, step: int) -> None:
     write_atomically(path, "".join(line + "\n" for line in kept))  # a full disk must not cut the log
 
 
+# What a new training run's folder may hold already: the start of an earlier run of it that stopped
+# before its first checkpoint (it starts again without --resume).
+NEW_RUN_ENTRIES = ("config.json", "metrics.jsonl", "checkpoints")
+
+
 def resume_point(out: str | os.PathLike, resume: bool) -> Path | None:
     """The checkpoint a run continues from; refuses to resume nothing or to overwrite a run."""
     checkpoint = latest_checkpoint(out)
@@ -163,6 +168,19 @@ def resume_point(out: str | os.PathLike, resume: bool) -> Path | None:
         raise VigfaceError(
             f"{out} already holds checkpoints; pass --resume to continue that run or choose another --out"
         )
+    if not resume:
+        # A new run writes config.json, metrics.jsonl and checkpoints/ (then its model files): a
+        # folder holding anything else, a trained model copied there or the training data, had
+        # its files replaced or mixed with the run's.
+        # (hidden: .lock, the folder lock; .tmp-step_*, a killed save's, removed by the next)
+        names = [p.name for p in Path(out).glob("*") if not p.name.startswith(".")]
+        foreign = sorted(name for name in names if name not in NEW_RUN_ENTRIES)
+        if foreign:
+            shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+            raise VigfaceError(
+                f"{out}: holds {shown}; a new training run starts in an empty folder (or in the start a "
+                "run left before its first checkpoint): choose another --out (nothing was changed)"
+            )
     return checkpoint
 
 
