@@ -22,10 +22,12 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from vigface.data.output_folder import refuse_foreign_output
 from vigface.data.toy_dataset import ToyConfig, make_toy_dataset
 from vigface.diffusion.config import DiffusionTrainConfig
 from vigface.diffusion.model_folder import DENOISER_META, DENOISER_WEIGHTS, POSE_TABLE, PROTOTYPES
 from vigface.diffusion.trainer import train_diffusion
+from vigface.errors import VigfaceError
 from vigface.fr.checkpoint import latest_checkpoint
 from vigface.fr.config import FRTrainConfig
 from vigface.fr.trainer import train_fr
@@ -60,8 +62,20 @@ def train(work: Path) -> None:
         train_diffusion(diffusion_config(work), resume=latest_checkpoint(work / "diffusion") is not None)
 
 
+# What an installed model folder holds: --dest may hold these alone (it is replaced as a whole).
+INSTALLED = (DENOISER_WEIGHTS, DENOISER_META, PROTOTYPES, POSE_TABLE, "fr")
+
+
+def check_dest(dest: Path) -> None:
+    """Refuse a --dest holding anything but an installed model: it was deleted whatever it held."""
+    if dest.exists() and not dest.is_dir():
+        raise SystemExit(f"make_tiny_model: --dest {dest} is a file; give a folder")
+    refuse_foreign_output(dest, own=INSTALLED, what="make_tiny_model --install", flag="--dest")
+
+
 def install(work: Path, dest: Path) -> None:
     """Copy the trained pair into `dest` (replaced as a whole, through a temporary folder)."""
+    check_dest(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "fr").mkdir(parents=True)
@@ -89,6 +103,15 @@ def main() -> None:
     ap.add_argument("--dest", default=str(Path(__file__).resolve().parents[1] / "vigface/assets/tiny_model"))
     args = ap.parse_args()
     work = Path(args.work)
+    if work.exists() and not work.is_dir():
+        ap.error(f"--work {work}: is a file; give a folder")
+    if args.install:  # before the ~1.5 h training, not after it
+        try:
+            check_dest(Path(args.dest))
+        except VigfaceError as err:
+            ap.error(str(err))
+    elif args.dest != ap.get_default("dest"):
+        ap.error("--dest goes with --install")
     train(work)
     if args.install:
         install(work, Path(args.dest))
