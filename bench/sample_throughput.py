@@ -32,11 +32,13 @@ from pathlib import Path
 
 import torch
 
+from vigface.cli.common import positive_int
 from vigface.diffusion.denoiser import ARCHS, DENOISER_SIZES, Denoiser, DenoiserConfig
 from vigface.diffusion.schedule import NoiseSchedule
 from vigface.engines import create_engine
 from vigface.engines.base import FAST_BACKENDS, denoiser_with
 from vigface.engines.compile import compile_options
+from vigface.engines.fused_update import SAMPLERS
 from vigface.errors import VigfaceError
 
 GPU_ONLY = ("cudagraph", "trt")
@@ -145,11 +147,36 @@ def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> flo
 
 
 def parse_samplers(text: str) -> list[tuple[str, int]]:
+    """ "ddim:100,dpm++:20" -> [("ddim", 100), ("dpm++", 20)]; ValueError names a bad item."""
     out = []
     for item in text.split(","):
         name, _, steps = item.partition(":")
+        if name not in SAMPLERS or not steps.isdigit() or not 1 <= int(steps) <= 1000:
+            raise ValueError(
+                f"{item!r}: expected NAME:STEPS with NAME one of {', '.join(SAMPLERS)} and 1..1000 steps"
+            )
         out.append((name, int(steps)))
     return out
+
+
+def check_args(ap: argparse.ArgumentParser, args, device: torch.device) -> None:
+    """One argparse error for what used to end in a KeyError, ValueError or ZeroDivisionError deep
+    inside the run, or in a baseline that matched no row (no speed-up columns, no word)."""
+    try:
+        parse_samplers(args.samplers)
+    except ValueError as err:
+        ap.error(f"--samplers {err}")
+    labels = args.engines.split(",")
+    for label in labels:
+        name, _, kernels = label.partition("+")
+        if name not in DEFAULT_PRECISIONS[device.type]:
+            ap.error(f"--engines {label!r}: choose among {', '.join(DEFAULT_PRECISIONS[device.type])}")
+    engine = args.baseline.partition(":")[0]
+    if engine not in labels:
+        ap.error(f"--baseline {args.baseline!r}: its engine is not among --engines {args.engines}")
+    # the baseline runs first, so every other row gets its speed-up and drift (a row measured
+    # before it had none)
+    args.engines = ",".join([engine] + [label for label in labels if label != engine])
 
 
 def to_uint8(x0: torch.Tensor) -> torch.Tensor:
@@ -329,8 +356,8 @@ def main() -> None:
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default: the engine's)")
     ap.add_argument("--samplers", default="ddim:100,dpm++:20,dpm++logsnr:15", help="name:steps,...")
     ap.add_argument("--precisions", default=None, help="for every engine (default: per engine and device)")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--batch", type=positive_int, default=64)
+    ap.add_argument("--repeats", type=positive_int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--trt-plan", default=None, help="a vigface-export --format trt plan for the trt rows")
     ap.add_argument(
@@ -342,6 +369,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.baseline is None:
         args.baseline = "eager:bf16" if device.type == "cuda" else "eager:fp32"
+    check_args(ap, args, device)
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     floor = None

@@ -41,3 +41,29 @@ def test_floor_counts_attention_flops():
     tokens = (s // config.patch) ** 2
     attention = config.depth * 4 * tokens * tokens * config.width
     assert bench.forward_flops(args) == sum(without_attention.values()) + attention
+
+
+def test_bad_arguments_are_one_argparse_error_and_the_baseline_runs_first(monkeypatch, capsys):
+    """--engines bogus (KeyError), --samplers ddim:0 / ddim / bogus:2 (VigfaceError, ValueError),
+    --batch 0 (ZeroDivisionError) ended in tracebacks; a misspelt --baseline gave no speed-up
+    columns without a word, and a baseline listed after another engine gave that one none."""
+    import sys
+
+    import pytest
+
+    bench = _load_script()
+    for argv, message in (
+        (["--engines", "bogus"], "--engines 'bogus': choose among eager"),
+        (["--samplers", "ddim:0"], "--samplers 'ddim:0': expected NAME:STEPS"),
+        (["--samplers", "ddim"], "--samplers 'ddim': expected NAME:STEPS"),
+        (["--samplers", "bogus:2"], "--samplers 'bogus:2'"),
+        (["--batch", "0"], "--batch: '0' must be at least 1"),
+        (["--baseline", "egaer:fp32"], "--baseline 'egaer:fp32': its engine is not among --engines"),
+    ):
+        monkeypatch.setattr(sys, "argv", ["sample_throughput.py", "--size", "tiny", *argv])
+        with pytest.raises(SystemExit) as stop:
+            bench.main()
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    args = SimpleNamespace(samplers="ddim:2", engines="onnx,eager", baseline="eager:fp32")
+    bench.check_args(None, args, torch.device("cpu"))
+    assert args.engines == "eager,onnx"
