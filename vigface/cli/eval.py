@@ -211,6 +211,8 @@ def _cmd_protocol(args) -> int:
     gap = result["gap"]
     if gap["gap_to_real"] is not None:
         print(f"Gap-to-Real vs {gap['reference']}: {100 * gap['gap_to_real']:.2f} %")
+    else:  # (protocol printed nothing here, where verify says why)
+        print(f"Gap-to-Real vs {gap['reference']}: - ({gap['why']})")
     if result["real_model_recipe_differs"]:
         print(
             "note: --real-model was trained with another recipe ("

@@ -195,9 +195,14 @@ def _check_folder(out: Path, resume: bool) -> None:
         refuse_foreign_output(out, own=DEMO_ENTRIES, what="vigface demo")
 
 
+RESUMABLE_CHANGES = ("progress", "device", "workers")
+
+
 def _settings(c: DemoConfig) -> dict:
-    """What a resumed run must share with the run it continues (progress bars aside), as JSON has it."""
-    return json.loads(json.dumps({k: v for k, v in asdict(c).items() if k != "progress"}))
+    """What a resumed run must share with the run it continues, as JSON has it: not the progress
+    bars, the device (--resume --device cpu of an 'auto' run was refused; the trainers take a
+    device change) or the loader processes (the same batches either way)."""
+    return json.loads(json.dumps({k: v for k, v in asdict(c).items() if k not in RESUMABLE_CHANGES}))
 
 
 def _start_or_match_plan(out: Path, c: DemoConfig, resume: bool) -> None:
