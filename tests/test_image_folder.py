@@ -137,8 +137,12 @@ def test_missing_and_corrupt_images(tmp_path):
         DataFormatError, match=r"000000/1.jpg: missing image \(listed in .*manifest.jsonl line 2\)"
     ):
         ds[1]
-    with pytest.raises(DataFormatError, match="000001/0.jpg: image payload .* not a decodable image"):
+    with pytest.raises(DataFormatError, match="000001/0.jpg: image payload .* not a decodable image") as info:
         ds[2]
+    assert "BytesIO" not in str(info.value)  # PIL named its in-memory buffer, by address
+    (root / "000001" / "0.jpg").write_bytes(b"neither JPEG nor PNG")
+    with pytest.raises(DataFormatError, match="cannot identify image file$"):
+        ImageFolderDataset(root)[2]
 
 
 def test_writer_refusals(tmp_path):

@@ -579,6 +579,8 @@ def test_nvjpeg_path_skips_what_pil_skips_with_a_cpu_stand_in(corrupt_rec, wild_
     with pytest.warns(CorruptImageWarning, match="skipped 1 corrupt images"):
         b = _epoch(got)
     assert sorted(got.corrupt.skipped) == sorted(ref.corrupt.skipped) == [7]
+    # the reason names the record, as DALI's does (it said "landmarks[0] has NaN ...": row 0 of one)
+    assert ref.corrupt.skipped[7].startswith(f"{ref.source.describe(7)}: landmarks[0] has NaN")
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x.index, y.index) and torch.equal(x.images, y.images)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -123,6 +124,7 @@ def decode_image(
             return np.array(pil, dtype=np.uint8)  # a writable copy
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
         head = bytes(data[:8]).hex()
+        why = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))  # PIL named its buffer
         raise DataFormatError(
-            path, f"{what} ({len(data)} bytes, starting {head}) is not a decodable image: {exc}", offset
+            path, f"{what} ({len(data)} bytes, starting {head}) is not a decodable image: {why}", offset
         ) from None

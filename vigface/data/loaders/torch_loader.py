@@ -53,7 +53,10 @@ class DecodeAlign(torch.utils.data.Dataset):
             image = decode(data, where)
             if not self.aligned:
                 # One thread: the workers are the parallelism.
-                image, _ = align_faces(image, self.source.landmarks[i], self.image_size, num_threads=1)
+                try:
+                    image, _ = align_faces(image, self.source.landmarks[i], self.image_size, num_threads=1)
+                except VigfaceError as err:  # it numbers its one row 0: name the image, as DALI's does
+                    raise VigfaceError(f"{where}: {err}") from None
         except VigfaceError as err:
             return i, None, False, str(err)
         return i, image, False, None
