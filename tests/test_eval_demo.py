@@ -23,6 +23,7 @@ from vigface.eval.protocol import (
     compare_to_real,
     compares_with_peers,
     recipe_differences,
+    run_protocol,
     train_config,
 )
 from vigface.eval.verification import summarise, verify_bins
@@ -418,6 +419,16 @@ def test_protocol_pieces(small_toy, tmp_path, monkeypatch):
     ):
         with pytest.raises(VigfaceError, match=message):
             ProtocolConfig(data="d.rec", out="o", **fields)
+
+    # --resume --epochs N: the refusal named lr_steps, a field the user never set
+    def refuses_lr_steps(config, *, resume=False):
+        raise VigfaceError("--resume: run was trained with a different configuration (lr_steps: [12] -> [6])")
+
+    monkeypatch.setattr("vigface.fr.trainer.train_fr", refuses_lr_steps)
+    with pytest.raises(VigfaceError, match="lr_steps.*fixed fractions of --epochs, so a resumed run keeps"):
+        run_protocol(
+            ProtocolConfig(data="d.rec", out=str(tmp_path), bins=[str(bin_path)], epochs=13), resume=True
+        )
     # checkpoints as the trainer's default: a Ctrl-C kept nothing (save_every was 10**9)
     assert train_config(ProtocolConfig(data="d.rec", out="o", bins=[str(bin_path)])).save_every == 1000
     with pytest.raises(VigfaceError, match="no peer"):

@@ -228,7 +228,16 @@ def run_protocol(config: ProtocolConfig, *, resume: bool = False) -> dict:
     from vigface.fr.trainer import train_fr
 
     fr = train_config(config)
-    train_fr(fr, resume=resume)
+    try:
+        train_fr(fr, resume=resume)
+    except VigfaceError as err:
+        if resume and config.lr_steps is None and "lr_steps" in str(err):
+            # the lr steps follow --epochs here: name the flag the user changed, not the field
+            raise VigfaceError(
+                f"{err}; without --lr-steps the protocol places them at fixed fractions of --epochs, so a "
+                "resumed run keeps its --epochs (pass the first run's --lr-steps to train longer)"
+            ) from None
+        raise
     ours = evaluate_model(config.out, config.bins, config.device)
     real = evaluate_model(config.real_model, config.bins, config.device) if config.real_model else None
     result = {
