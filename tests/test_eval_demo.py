@@ -228,6 +228,11 @@ def test_an_interrupted_demo_resumes_to_the_uninterrupted_report(demo_run, tmp_p
         run_demo(dataclasses.replace(config, gen_per_id=5), str(out), resume=True)
     with pytest.raises(VigfaceError, match="holds no demo run to continue"):
         run_demo(config, str(tmp_path / "nothing"), resume=True)
+    toy_only = tmp_path / "toy_only"  # a toy set copied in: told to --resume, then that nothing was there
+    shutil.copytree(out / "toy", toy_only / "toy")
+    for resume in (False, True):
+        with pytest.raises(VigfaceError, match="holds toy/toy.json but no demo.json: not a demo run"):
+            run_demo(config, str(toy_only), resume=resume)
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     for content in (b"\xbe\x00 not text", b'{"demo_config": 5}'):

@@ -184,6 +184,11 @@ def _check_folder(out: Path, resume: bool) -> None:
             f"demo: {out} holds a finished demo run (report.html); choose another --out or delete it"
         )
     started = (out / DEMO_PLAN).exists() or (out / "toy" / "toy.json").exists()
+    if started and not (out / DEMO_PLAN).is_file():  # (it was told to --resume, then that there was nothing)
+        raise VigfaceError(
+            f"demo: {out} holds toy/toy.json but no {DEMO_PLAN}: not a demo run that can be continued; "
+            "choose another --out or delete it"
+        )
     if started and not resume:
         raise VigfaceError(
             f"demo: {out} already holds a demo run; pass --resume to continue it, or choose another --out "
