@@ -1,22 +1,16 @@
 """bench/sample_throughput.py's compute floor: the FLOPs it charges a denoiser forward."""
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from script_module import load_script
 from torch.utils.flop_counter import FlopCounterMode
 
 from vigface.diffusion.denoiser import Denoiser
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "sample_throughput.py"
-
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("sample_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/sample_throughput.py")
 
 
 def test_floor_counts_attention_flops():

@@ -1,24 +1,20 @@
 """scripts/make_tiny_model.py: its install step replaces only a model folder."""
 
-import importlib.util
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from script_module import ROOT, load_script
 
 from vigface.assets import tiny_model_dir
 from vigface.errors import VigfaceError
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_tiny_model.py"
+SCRIPT = ROOT / "scripts" / "make_tiny_model.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("make_tiny_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/make_tiny_model.py")
 
 
 def test_install_destination_must_be_a_model_folder(tmp_path):
