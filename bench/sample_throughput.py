@@ -171,12 +171,16 @@ def check_args(ap: argparse.ArgumentParser, args, device: torch.device) -> None:
         name, _, kernels = label.partition("+")
         if name not in DEFAULT_PRECISIONS[device.type]:
             ap.error(f"--engines {label!r}: choose among {', '.join(DEFAULT_PRECISIONS[device.type])}")
-    engine = args.baseline.partition(":")[0]
-    if engine not in labels:
+    engine, _, precision = args.baseline.partition(":")
+    if engine in labels:
+        offered = (args.precisions or DEFAULT_PRECISIONS[device.type][engine.partition("+")[0]]).split(",")
+        if precision not in offered and args.baseline_given:
+            ap.error(f"--baseline {args.baseline!r}: {engine} runs {', '.join(offered)} here")
+        # the baseline runs first, so every other row gets its speed-up and drift (a row measured
+        # before it had none)
+        args.engines = ",".join([engine] + [label for label in labels if label != engine])
+    elif args.baseline_given:  # a default baseline not measured leaves the columns out, as before
         ap.error(f"--baseline {args.baseline!r}: its engine is not among --engines {args.engines}")
-    # the baseline runs first, so every other row gets its speed-up and drift (a row measured
-    # before it had none)
-    args.engines = ",".join([engine] + [label for label in labels if label != engine])
 
 
 def to_uint8(x0: torch.Tensor) -> torch.Tensor:
@@ -238,6 +242,8 @@ def measure(args, device: torch.device, floor: dict | None, rows: list, saved=la
     for label in args.engines.split(","):
         name, _, kernels = label.partition("+")
         precisions = (args.precisions or defaults[name]).split(",")
+        # the baseline's precision first, so the engine's other rows get a speed-up too
+        precisions.sort(key=lambda p: f"{label}:{p}" != args.baseline)
         for precision in precisions:
             base = {"engine": label, "precision": precision}
             if name in GPU_ONLY and device.type != "cuda":
@@ -367,9 +373,11 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.baseline_given = args.baseline is not None
     if args.baseline is None:
         args.baseline = "eager:bf16" if device.type == "cuda" else "eager:fp32"
     check_args(ap, args, device)
+    del args.baseline_given  # (not a setting of the results)
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     floor = None

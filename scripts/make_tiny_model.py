@@ -64,6 +64,7 @@ def train(work: Path) -> None:
 
 # What an installed model folder holds: --dest may hold these alone (it is replaced as a whole).
 INSTALLED = (DENOISER_WEIGHTS, DENOISER_META, PROTOTYPES, POSE_TABLE, "fr")
+FR_FILES = ("backbone.safetensors", "backbone.json", "prototypes.safetensors")
 
 
 def check_dest(dest: Path) -> None:
@@ -71,6 +72,12 @@ def check_dest(dest: Path) -> None:
     if dest.exists() and not dest.is_dir():
         raise SystemExit(f"make_tiny_model: --dest {dest} is a file; give a folder")
     refuse_foreign_output(dest, own=INSTALLED, what="make_tiny_model --install", flag="--dest")
+    # install() deletes the folder as a whole: hidden entries and fr/'s files count too
+    refuse_foreign_output(dest / "fr", own=FR_FILES, what="make_tiny_model --install", flag="--dest")
+    for folder in (dest, dest / "fr"):
+        hidden = sorted(p.name for p in folder.glob(".*")) if folder.is_dir() else []
+        if hidden:
+            raise VigfaceError(f"--dest {folder}: holds {', '.join(hidden)}; give an installed model")
 
 
 def install(work: Path, dest: Path) -> None:
@@ -88,7 +95,7 @@ def install(work: Path, dest: Path) -> None:
     (tmp / DENOISER_META).write_text(json.dumps(meta, indent=2) + "\n")
     for name in (PROTOTYPES, POSE_TABLE):
         shutil.copyfile(diffusion / name, tmp / name)
-    for name in ("backbone.safetensors", "backbone.json", "prototypes.safetensors"):
+    for name in FR_FILES:
         shutil.copyfile(fr / name, tmp / "fr" / name)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)

@@ -58,6 +58,16 @@ def test_bad_arguments_are_one_argparse_error_and_the_baseline_runs_first(monkey
         with pytest.raises(SystemExit) as stop:
             bench.main()
         assert stop.value.code == 2 and message in capsys.readouterr().err
-    args = SimpleNamespace(samplers="ddim:2", engines="onnx,eager", baseline="eager:fp32")
+    args = SimpleNamespace(samplers="ddim:2", engines="onnx,eager", baseline="eager:fp32", precisions=None)
+    for given in (True, False):
+        args.baseline_given = given
+        bench.check_args(None, args, torch.device("cpu"))
+        assert args.engines == "eager,onnx"
+    # a default baseline whose engine is not measured drops the columns (--engines trt ran before)
+    args = SimpleNamespace(samplers="ddim:2", engines="trt", baseline="eager:fp32", precisions=None)
+    args.baseline_given = False
     bench.check_args(None, args, torch.device("cpu"))
-    assert args.engines == "eager,onnx"
+    monkeypatch.setattr(sys, "argv", ["sample_throughput.py", "--size", "tiny", "--baseline", "eager:bf16"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--baseline 'eager:bf16': eager runs fp32 here" in capsys.readouterr().err

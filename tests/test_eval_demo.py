@@ -458,3 +458,15 @@ def test_protocol_pieces(small_toy, tmp_path, monkeypatch):
     ours = train_config(ProtocolConfig(data="d.rec", out="o", bins=[str(bin_path)], epochs=4)).to_dict()
     assert recipe_differences(real, ours) == ["arch iresnet18 there, irse50 here"]
     assert recipe_differences(tmp_path / "no_such_model", ours) == []
+
+
+def test_a_plan_written_before_device_and_workers_were_resumable_still_resumes(tmp_path):
+    """demo.json files written before d8392c6 hold device and workers; --resume compared them with
+    settings that no longer carry them, and refused every such run."""
+    from vigface.eval.demo import DEMO_PLAN, _start_or_match_plan
+
+    older = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(TINY))).items() if k != "progress"}
+    (tmp_path / DEMO_PLAN).write_text(json.dumps({"demo_config": older}))
+    _start_or_match_plan(tmp_path, dataclasses.replace(TINY, device="cpu"), resume=True)  # no refusal
+    with pytest.raises(VigfaceError, match="other settings .gen_steps"):
+        _start_or_match_plan(tmp_path, dataclasses.replace(TINY, gen_steps=TINY.gen_steps + 1), resume=True)

@@ -519,10 +519,10 @@ def test_a_run_that_ends_between_the_checks_and_the_lock_is_neither_overwritten_
     assert summary["step"] == int(last.removeprefix("step_")) == 40
 
 
-def test_a_new_run_refuses_a_folder_holding_other_files(uninterrupted, small_toy, tmp_path):
+def test_a_new_run_refuses_a_folder_holding_a_model_or_a_dataset(uninterrupted, small_toy, tmp_path):
     """A new run (no --resume) wrote into any folder without checkpoints: a trained model copied
     there (the shipped one, say) had its backbone replaced, the training data's folder got model
-    files mixed in. A folder a run left before its first checkpoint still starts again."""
+    files mixed in. A folder a run left before its first checkpoint, or a log, is no reason."""
     finished, _ = uninterrupted
     model = tmp_path / "model"
     model.mkdir()
@@ -532,8 +532,14 @@ def test_a_new_run_refuses_a_folder_holding_other_files(uninterrupted, small_toy
     with pytest.raises(VigfaceError, match="model: holds backbone.json, backbone.safetensors, prototypes"):
         train_fr(tiny_config(small_toy, model, max_steps=1))
     assert (model / "backbone.safetensors").read_bytes() == before and not (model / "config.json").exists()
-    stopped = tmp_path / "stopped"  # what a run killed before its first checkpoint leaves
+    data = tmp_path / "data"  # the training data's own folder
+    shutil.copytree(small_toy, data)
+    with pytest.raises(VigfaceError, match="data: holds .*train.idx, train.rec"):
+        train_fr(tiny_config(small_toy, data, max_steps=1))
+    stopped = tmp_path / "stopped"  # what a run killed before its first checkpoint leaves, and a log
     (stopped / "checkpoints").mkdir(parents=True)
     (stopped / "config.json").write_text("{}")
     (stopped / "metrics.jsonl").write_text("")
+    (stopped / "train.log").write_text("the shell's tee of the first try")
     assert train_fr(tiny_config(small_toy, stopped, max_steps=1))["step"] == 1
+    assert (stopped / "train.log").read_text() == "the shell's tee of the first try"

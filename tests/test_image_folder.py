@@ -104,8 +104,14 @@ def test_write_image_folder_helper(tmp_path):
         ('{"path": "a/1.jpg", "label": 0, "landmarks": [[1, 2]]}', '"landmarks" must be 5'),
         ('{"path": "a/1.jpg", "label": 0, "landmarks": [[1, NaN]]}', '"landmarks" must be 5'),
         # one identity, one label, as the writer keeps them (a second label was trained as its own class)
-        ('{"path": "a/1.jpg", "label": 7}', "line 2: identity 'a' has label 7 here, 0 before"),
-        ('{"path": "b/0.jpg", "label": 0}', "line 2: label 0 is identity 'b' here, 'a' before"),
+        (
+            '{"path": "a/1.jpg", "label": 7, "identity": "a"}',
+            "line 2: identity 'a' has label 7 here, 0 before",
+        ),
+        (
+            '{"path": "b/0.jpg", "label": 0, "identity": "b"}',
+            "line 2: label 0 is identity 'b' here, 'a' before",
+        ),
     ],
 )
 def test_bad_manifest_line(tmp_path, line, match):
@@ -238,3 +244,18 @@ def test_an_identity_folder_without_images_is_refused(tmp_path):
     (root / "b" / "notes.txt").unlink()
     (root / "b").rmdir()
     assert ImageFolderDataset(root).labels.tolist() == [0, 1]
+
+
+def test_a_hand_written_manifest_of_flat_paths_and_labels_loads(tmp_path):
+    """Lines without "identity" (flat paths, labels alone) are not held to one identity per label."""
+    root = tmp_path / "flat"
+    root.mkdir()
+    for name in ("0001.jpg", "0002.jpg", "0003.jpg"):
+        (root / name).write_bytes(encode_image(image(0), "jpeg"))
+    lines = [
+        '{"path": "0001.jpg", "label": 0}',
+        '{"path": "0002.jpg", "label": 0}',
+        '{"path": "0003.jpg", "label": 1}',
+    ]
+    (root / MANIFEST).write_text("\n".join(lines) + "\n")
+    assert ImageFolderDataset(root).labels.tolist() == [0, 0, 1]

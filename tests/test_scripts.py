@@ -30,6 +30,13 @@ def test_install_destination_must_be_a_model_folder(tmp_path):
     shipped = tmp_path / "shipped"  # an installed model (the one in the package) may be replaced
     shutil.copytree(tiny_model_dir(), shipped)
     script.check_dest(shipped)
+    (shipped / "fr" / "my_notes.txt").write_text("also deleted as a whole")  # fr/ and hidden entries count
+    with pytest.raises(VigfaceError, match="holds my_notes.txt"):
+        script.check_dest(shipped)
+    (shipped / "fr" / "my_notes.txt").unlink()
+    (shipped / ".git").mkdir()
+    with pytest.raises(VigfaceError, match="holds .git"):
+        script.check_dest(shipped)
     script.check_dest(tmp_path / "new")
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--work", str(tmp_path / "work"), "--install", "--dest", str(victim)],

@@ -252,15 +252,17 @@ class ImageFolderDataset:
                     entry = json.loads(raw.decode("utf-8"))
                     rel, label, identity, lm = self._check_entry(entry)
                     # one identity, one label (as the writer keeps them): a second label for an
-                    # identity was trained as a class of its own
-                    if label_of.setdefault(identity, label) != label:
-                        raise ValueError(
-                            f"identity {identity!r} has label {label} here, {label_of[identity]} before"
-                        )
-                    if identity_of.setdefault(label, identity) != identity:
-                        raise ValueError(
-                            f"label {label} is identity {identity!r} here, {identity_of[label]!r} before"
-                        )
+                    # identity was trained as a class of its own. Only where the line names its
+                    # identity: a hand-written manifest may list flat paths with labels alone.
+                    if "identity" in entry:
+                        if label_of.setdefault(identity, label) != label:
+                            raise ValueError(
+                                f"identity {identity!r} has label {label} here, {label_of[identity]} before"
+                            )
+                        if identity_of.setdefault(label, identity) != identity:
+                            raise ValueError(
+                                f"label {label} is identity {identity!r} here, {identity_of[label]!r} before"
+                            )
                 except (ValueError, TypeError) as exc:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
                     raise DataFormatError(path, f"line {lineno}: {exc}", here) from None
                 self.paths.append(rel)

@@ -218,6 +218,8 @@ def _start_or_match_plan(out: Path, c: DemoConfig, resume: bool) -> None:
         return
     try:
         before = json.loads(path.read_text())["demo_config"]
+        # plans written before a setting became resumable still hold it
+        before = {k: v for k, v in before.items() if k not in RESUMABLE_CHANGES}
         differs = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # ValueError: bad JSON or UTF-8
         raise VigfaceError(

@@ -151,9 +151,15 @@ def trim_metrics(path: Path, step: int) -> None:
     write_atomically(path, "".join(line + "\n" for line in kept))  # a full disk must not cut the log
 
 
-# What a new training run's folder may hold already: the start of an earlier run of it that stopped
-# before its first checkpoint (it starts again without --resume).
-NEW_RUN_ENTRIES = ("config.json", "metrics.jsonl", "checkpoints")
+# What a new training run refuses to find in its folder: the files a finished run of either trainer
+# writes (it would replace them: a trained model copied there lost its backbone) and a dataset's
+# (the data's own folder got model files mixed in). Anything else (a log the shell tees there,
+# a SLURM output, notes) stays beside the run.
+REPLACED_BY_A_RUN = (
+    "backbone.safetensors", "backbone.json", "prototypes.safetensors", "prototype_report.json",
+    "denoiser.safetensors", "denoiser.json", "pose_landmarks.npy",
+    "train.rec", "train.idx", "manifest.jsonl", "toy.json", "generation.json",
+)  # fmt: skip
 
 
 def resume_point(out: str | os.PathLike, resume: bool) -> Path | None:
@@ -169,17 +175,11 @@ def resume_point(out: str | os.PathLike, resume: bool) -> Path | None:
             f"{out} already holds checkpoints; pass --resume to continue that run or choose another --out"
         )
     if not resume:
-        # A new run writes config.json, metrics.jsonl and checkpoints/ (then its model files): a
-        # folder holding anything else, a trained model copied there or the training data, had
-        # its files replaced or mixed with the run's.
-        # (hidden: .lock, the folder lock; .tmp-step_*, a killed save's, removed by the next)
-        names = [p.name for p in Path(out).glob("*") if not p.name.startswith(".")]
-        foreign = sorted(name for name in names if name not in NEW_RUN_ENTRIES)
-        if foreign:
-            shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        found = sorted(name for name in REPLACED_BY_A_RUN if (Path(out) / name).exists())
+        if found:
             raise VigfaceError(
-                f"{out}: holds {shown}; a new training run starts in an empty folder (or in the start a "
-                "run left before its first checkpoint): choose another --out (nothing was changed)"
+                f"{out}: holds {', '.join(found)}: a trained model or a dataset, which a new training run "
+                "would replace or mix its files with; choose another --out (nothing was changed)"
             )
     return checkpoint
 

@@ -118,7 +118,8 @@ def make_loader(
     if not aligned:  # landmarks in another frame: black crops, trained on without a word
         from vigface.data.alignment_check import check_landmarks_fit
 
-        check_landmarks_fit(source.landmarks, source.dataset, f"the landmarks of {source.path}")
+        named = f"the landmarks {landmarks}" if landmarks else f"the landmarks of {source.path}"
+        check_landmarks_fit(source.landmarks, source.dataset, named)
     options = LoaderOptions(
         batch_size=batch_size, device=device, rank=rank, world_size=world_size, shuffle=bool(shuffle),
         seed=int(seed), drop_last=bool(drop_last), aligned=bool(aligned), image_size=image_size,
