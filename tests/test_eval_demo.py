@@ -418,6 +418,7 @@ def test_protocol_pieces(small_toy, tmp_path, monkeypatch):
     write_bin(few, images[:8], issame[:4])
     for fields, message in (
         ({"bins": [str(bin_path), str(tmp_path / "other" / "lfw.bin")]}, "share the name 'lfw'; rename one"),
+        ({"bins": [str(bin_path), f"{tmp_path}/./lfw.bin"]}, "names .*lfw.bin twice; give each set once"),
         ({"bins": [str(few)]}, "holds 4 pairs, fewer than the 10 folds"),
         ({"bins": [str(tmp_path / "other")]}, "is a folder, not a verification .bin"),
         ({"bins": [str(bin_path)], "real_model": str(tmp_path)}, "--real-model .*: not a trained backbone"),

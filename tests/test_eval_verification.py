@@ -129,7 +129,7 @@ def test_verify_bin_is_flipped_sum_normalised_cosine(tmp_path):
 
     both = verify_bins(model, [path])
     assert list(both) == ["toy_pairs"] and both["toy_pairs"].accuracy == result.accuracy
-    with pytest.raises(VigfaceError, match="named"):
+    with pytest.raises(VigfaceError, match="is given twice"):
         verify_bins(model, [path, path])
 
 
@@ -173,3 +173,22 @@ def test_peer_rows_are_named_by_method_and_by_method_and_size():
     assert peer_average("CASIA (Real)") == 94.93
     with pytest.raises(VigfaceError, match="add the size: 'DCFace 1.2M'"):
         peer_average("DCFace 2M")
+
+
+def test_verify_bins_refuses_a_repeated_set_before_embedding_any(tmp_path, monkeypatch):
+    """The same .bin under two spellings was refused as 'two .bin files are named ... rename one',
+    and only after the sets before it had been embedded."""
+    import vigface.eval.verification as verification
+
+    embedded = []
+    monkeypatch.setattr(verification, "verify_bin", lambda model, path, **kw: embedded.append(path))
+    (tmp_path / "a").mkdir()
+    for folder in (tmp_path, tmp_path / "a"):
+        (folder / "lfw.bin").write_bytes(b"")
+    with pytest.raises(VigfaceError, match=r"lfw.bin is given twice; give each set once"):
+        verification.verify_bins(None, [tmp_path / "x.bin", tmp_path / "lfw.bin", f"{tmp_path}/a/../lfw.bin"])
+    with pytest.raises(VigfaceError, match=r"are both named 'lfw'; rename one"):
+        verification.verify_bins(None, [tmp_path / "lfw.bin", tmp_path / "a" / "lfw.bin"])
+    assert embedded == []
+    verification.verify_bins(None, [tmp_path / "lfw.bin", tmp_path / "x.bin"])
+    assert embedded == [str(tmp_path / "lfw.bin"), str(tmp_path / "x.bin")]

@@ -120,10 +120,13 @@ class ProtocolConfig:
                     f"protocol: --bins {path} holds {len(issame)} pairs, fewer than the 10 folds"
                 )
             stem = Path(path).stem  # the results are keyed by it
-            if stems.setdefault(stem, str(path)) != str(path):
+            if stem in stems:
+                if Path(stems[stem]).resolve() == Path(path).resolve():
+                    raise VigfaceError(f"protocol: --bins names {path} twice; give each set once")
                 raise VigfaceError(
                     f"protocol: --bins {stems[stem]} and {path} share the name {stem!r}; rename one"
                 )
+            stems[stem] = str(path)
         if self.real_model is None:
             peer_average(self.real_reference)  # validates the name
         else:

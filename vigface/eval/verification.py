@@ -136,13 +136,15 @@ def verify_bin(
 
 def verify_bins(model: torch.nn.Module, paths, **kwargs) -> dict[str, VerificationResult]:
     """{file stem: result} for every .bin in `paths` (in the given order)."""
-    results = {}
-    for path in paths:
-        name = Path(path).stem
-        if name in results:
-            raise VigfaceError(f"verification: two .bin files are named {name!r}; rename one")
-        results[name] = verify_bin(model, path, **kwargs)
-    return results
+    paths = [str(p) for p in paths]
+    stems = [Path(p).stem for p in paths]
+    for i, (stem, path) in enumerate(zip(stems, paths, strict=True)):  # all before the first is embedded
+        if stem in stems[:i]:
+            first = paths[stems.index(stem)]
+            if Path(first).resolve() == Path(path).resolve():
+                raise VigfaceError(f"verification: {path} is given twice; give each set once")
+            raise VigfaceError(f"verification: {first} and {path} are both named {stem!r}; rename one")
+    return {stem: verify_bin(model, path, **kwargs) for stem, path in zip(stems, paths, strict=True)}
 
 
 def gap_to_real(avg_real: float, avg_syn: float) -> float:
