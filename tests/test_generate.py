@@ -21,7 +21,7 @@ from vigface.diffusion.config import DiffusionTrainConfig
 from vigface.diffusion.sampling import FaceSampler
 from vigface.diffusion.trainer import train_diffusion
 from vigface.engines.compile import fast_kernel_options
-from vigface.errors import BackendUnavailableError, VigfaceError
+from vigface.errors import BackendUnavailableError, VigfaceError, VigfaceWarning
 from vigface.generate.dataset import GenerationConfig, _Generator, generate_dataset, remove_stale_shards
 from vigface.run_lock import FolderLock
 
@@ -210,7 +210,8 @@ def test_kernels_flag(denoiser_dir, tmp_path, capsys):
     reference ops on a CPU, so the same bytes here); the plan records it, so a rerun with other
     kernels into the same folder is refused, while a reference run's plan has no such key (plans
     written before the option existed still match)."""
-    sampler = FaceSampler.load(denoiser_dir, kernels="fast")
+    with pytest.warns(VigfaceWarning, match="on the CPU the reference ones run"):  # it said nothing
+        sampler = FaceSampler.load(denoiser_dir, kernels="fast")
     assert (sampler.config.attention, sampler.config.adaln, sampler.config.mlp) == ("auto", "auto", "auto")
     assert gen_cli.main(gen_args(denoiser_dir, tmp_path / "ref")) == 0
     assert gen_cli.main([*gen_args(denoiser_dir, tmp_path / "fast"), "--kernels", "fast"]) == 0

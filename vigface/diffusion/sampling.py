@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ from vigface.diffusion.denoiser import Denoiser, DenoiserConfig
 from vigface.diffusion.schedule import NoiseSchedule
 from vigface.engines import ENGINES, create_engine
 from vigface.engines.fused_update import SAMPLERS
-from vigface.errors import BackendUnavailableError, DataFormatError, VigfaceError
+from vigface.errors import BackendUnavailableError, DataFormatError, VigfaceError, VigfaceWarning
 
 __all__ = ["ENGINES", "KERNELS", "SAMPLERS", "FaceSampler", "engine_artifacts"]
 KERNELS = ("reference", "fast")
@@ -86,6 +87,14 @@ class FaceSampler:
                 "when exported, with the reference kernels; use it with eager, compile or cudagraph"
             )
         device = resolve_device(device)  # "gpu" or a missing CUDA: one line, not torch's traceback
+        if kernels == "fast" and not device.startswith("cuda"):  # the reference paths ran without a word
+            warnings.warn(
+                VigfaceWarning(
+                    "--kernels fast: the fast paths are CUDA kernels; on the CPU the reference ones run "
+                    "(the same images)"
+                ),
+                stacklevel=2,
+            )
         model_dir = Path(model_dir)
         meta_path, weights = model_dir / "denoiser.json", model_dir / "denoiser.safetensors"
         if not meta_path.is_file() or not weights.is_file():
