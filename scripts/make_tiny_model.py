@@ -30,6 +30,7 @@ from vigface.diffusion.trainer import train_diffusion
 from vigface.errors import VigfaceError
 from vigface.fr.checkpoint import latest_checkpoint
 from vigface.fr.config import FRTrainConfig
+from vigface.fr.embed import BACKBONE_META, BACKBONE_WEIGHTS
 from vigface.fr.trainer import train_fr
 
 TOY = ToyConfig(ids=100, per_id=30, seed=0, pairs=1200, val_ids=100)
@@ -64,7 +65,7 @@ def train(work: Path) -> None:
 
 # What an installed model folder holds: --dest may hold these alone (it is replaced as a whole).
 INSTALLED = (DENOISER_WEIGHTS, DENOISER_META, PROTOTYPES, POSE_TABLE, "fr")
-FR_FILES = ("backbone.safetensors", "backbone.json", "prototypes.safetensors")
+FR_FILES = (BACKBONE_WEIGHTS, BACKBONE_META, PROTOTYPES)
 
 
 def check_dest(dest: Path) -> None:

@@ -39,3 +39,10 @@ class Terminated(KeyboardInterrupt):
 
 class VigfaceWarning(UserWarning):
     """Something the user probably did not mean, but that still runs (printed as `<prog>: warning: ...`)."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception from another library (onnxruntime, torch.distributed), cut to
+    `limit` characters, for a one-line message; its type name when it says nothing."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

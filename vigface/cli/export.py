@@ -23,7 +23,7 @@ import torch
 from vigface.cli.common import check_output_file, positive_int, run_command
 from vigface.data.files import write_atomically
 from vigface.data.output_folder import remove_stale_temporaries
-from vigface.errors import BackendUnavailableError, DataFormatError, VigfaceError, VigfaceWarning
+from vigface.errors import BackendUnavailableError, DataFormatError, VigfaceError, VigfaceWarning, first_line
 
 PROG = "vigface-export"
 # |onnxruntime - torch| allowed for a float32 graph; measured ~1e-6 on the tiny model.
@@ -211,7 +211,7 @@ def _onnx_input(path: Path, denoiser, model_sha: str, trust: bool) -> tuple[byte
             f"--onnx {path}: cannot be checked against the model: {exc}; {advice}"
         ) from None
     except Exception as exc:  # onnxruntime's own error types: another graph, unsupported ops or types
-        why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        why = first_line(exc)
         raise DataFormatError(
             path, f"--onnx: onnxruntime cannot run it as this denoiser ({why}); {advice}"
         ) from None

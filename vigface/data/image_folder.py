@@ -311,9 +311,8 @@ class ImageFolderDataset:
                 for p in (self.root / identity).iterdir()
                 if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
             ]
-            if (
-                not names
-            ):  # its label would be a class without images (torchvision's ImageFolder refuses it too)
+            # its label would be a class without images (torchvision's ImageFolder refuses it too)
+            if not names:
                 raise DataFormatError(
                     self.root / identity,
                     f"identity folder without {'/'.join(IMAGE_EXTENSIONS)} images; remove or fill it",

@@ -18,7 +18,7 @@ from vigface.diffusion.schedule import NoiseSchedule
 from vigface.engines.base import Engine, check_precision
 from vigface.engines.export import DEFAULT_OPSET, export_onnx, input_names, state_sha256
 from vigface.engines.sidecar import check_sidecar, read_sidecar
-from vigface.errors import BackendUnavailableError, DataFormatError
+from vigface.errors import BackendUnavailableError, DataFormatError, first_line
 
 log = logging.getLogger("vigface.engines")
 
@@ -78,7 +78,7 @@ class OnnxEngine(Engine):
         try:
             self.session = ort.InferenceSession(model, sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime's own: a cut file, ops it cannot run, CUDA libraries
-            why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            why = first_line(exc)
             if onnx_path is None:  # exported in this process: no file to blame
                 raise BackendUnavailableError(
                     f"engine 'onnx': onnxruntime cannot run this model's graph ({why})"

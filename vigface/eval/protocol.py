@@ -130,12 +130,12 @@ class ProtocolConfig:
         if self.real_model is None:
             peer_average(self.real_reference)  # validates the name
         else:
-            model = Path(self.real_model)
-            if not (model / "backbone.json").is_file() or not (model / "backbone.safetensors").is_file():
-                raise VigfaceError(
-                    f"protocol: --real-model {model}: not a trained backbone folder "
-                    "(needs backbone.json and backbone.safetensors)"
-                )
+            from vigface.fr.embed import check_backbone_folder
+
+            try:
+                check_backbone_folder(self.real_model)
+            except VigfaceError as err:
+                raise VigfaceError(f"protocol: --real-model {err}") from None
 
 
 def lr_steps_for(config: ProtocolConfig) -> list[float]:

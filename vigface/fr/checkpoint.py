@@ -19,7 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vigface.data.files import fsync_dir, usual_permissions, write_atomically
+from vigface.data.image_folder import MANIFEST
+from vigface.diffusion.model_folder import DENOISER_META, DENOISER_WEIGHTS, POSE_TABLE, PROTOTYPES
 from vigface.errors import DataFormatError, VigfaceError
+from vigface.fr.embed import BACKBONE_META, BACKBONE_WEIGHTS
 
 FORMAT_VERSION = 1
 
@@ -156,9 +159,9 @@ def trim_metrics(path: Path, step: int) -> None:
 # (the data's own folder got model files mixed in). Anything else (a log the shell tees there,
 # a SLURM output, notes) stays beside the run.
 REPLACED_BY_A_RUN = (
-    "backbone.safetensors", "backbone.json", "prototypes.safetensors", "prototype_report.json",
-    "denoiser.safetensors", "denoiser.json", "pose_landmarks.npy",
-    "train.rec", "train.idx", "manifest.jsonl", "toy.json", "generation.json",
+    BACKBONE_WEIGHTS, BACKBONE_META, PROTOTYPES, "prototype_report.json",
+    DENOISER_WEIGHTS, DENOISER_META, POSE_TABLE,
+    "train.rec", "train.idx", MANIFEST, "toy.json", "generation.json",
 )  # fmt: skip
 
 

@@ -15,7 +15,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from vigface.errors import BackendUnavailableError, VigfaceWarning
+from vigface.errors import BackendUnavailableError, VigfaceWarning, first_line
 
 
 def world() -> tuple[int, int]:
@@ -60,7 +60,7 @@ def finish_distributed() -> None:
     except dist.DistNetworkError as exc:
         # The store's host, torchrun's agent, is gone (kill -9): the ranks ran on and wrote their
         # outputs, then each ended in a C++ traceback here.
-        why = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        why = first_line(exc, 160)
         warnings.warn(
             VigfaceWarning(
                 f"rank {dist.get_rank()}: the torchrun launcher's rendezvous store does not answer ({why}); "

@@ -33,14 +33,20 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def load_backbone(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[IResNet, dict]:
-    """(backbone in eval mode on `device`, its backbone.json) from a stage-1 output folder."""
+def check_backbone_folder(model_dir: str | os.PathLike) -> None:
+    """Refuse a folder without a stage-1 model's two files (before any long work that ends in it)."""
     model_dir = Path(model_dir)
-    meta_path, weights_path = model_dir / BACKBONE_META, model_dir / BACKBONE_WEIGHTS
-    if not meta_path.is_file() or not weights_path.is_file():
+    if not (model_dir / BACKBONE_META).is_file() or not (model_dir / BACKBONE_WEIGHTS).is_file():
         raise DataFormatError(
             model_dir, f"not a trained backbone folder (needs {BACKBONE_META} and {BACKBONE_WEIGHTS})"
         )
+
+
+def load_backbone(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[IResNet, dict]:
+    """(backbone in eval mode on `device`, its backbone.json) from a stage-1 output folder."""
+    check_backbone_folder(model_dir)
+    model_dir = Path(model_dir)
+    meta_path, weights_path = model_dir / BACKBONE_META, model_dir / BACKBONE_WEIGHTS
     try:
         meta = json.loads(meta_path.read_text())
         config = BackboneConfig(**meta["backbone"])
