@@ -452,6 +452,9 @@ def test_protocol_pieces(small_toy, tmp_path, monkeypatch):
     # The peers' rows compare only on the five benchmarks, whatever folder they are in.
     assert compares_with_peers([f"/d/{n}.bin" for n in ("calfw", "lfw", "cfp_fp", "cplfw", "agedb_30")])
     assert not compares_with_peers([str(bin_path)]) and not compares_with_peers(["lfw.bin"] * 5)
+    # An extra set beside the five leaves them comparable: the five-set average leaves it out.
+    five_and_toy = [f"{n}.bin" for n in ("lfw", "cfp_fp", "cplfw", "agedb_30", "calfw", "toy_val")]
+    assert compares_with_peers(five_and_toy) and not compares_with_peers(five_and_toy[1:])
     # A --real-model trained with another recipe is named field by field (from its run's config.json).
     real = tmp_path / "real_model"
     real.mkdir()

@@ -222,8 +222,9 @@ def recipe_differences(real_model: str | os.PathLike, train: dict) -> list[str]:
 
 
 def compares_with_peers(bins: list[str]) -> bool:
-    """Whether `bins` are the five benchmarks the published peers were measured on."""
-    return sorted(Path(b).stem for b in bins) == sorted(BENCHMARKS)
+    """Whether `bins` hold the five benchmarks the published peers were measured on (other sets may
+    come too: the peers compare with the five-set average, which leaves them out)."""
+    return set(BENCHMARKS) <= {Path(b).stem for b in bins}
 
 
 def run_protocol(config: ProtocolConfig, *, resume: bool = False) -> dict:
