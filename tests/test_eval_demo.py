@@ -435,6 +435,13 @@ def test_protocol_pieces(small_toy, tmp_path, monkeypatch):
         run_protocol(
             ProtocolConfig(data="d.rec", out=str(tmp_path), bins=[str(bin_path)], epochs=13), resume=True
         )
+    # ... unless the first run was given its own --lr-steps: then those are what to pass again
+    (tmp_path / "config.json").write_text(json.dumps({"epochs": 26, "lr_steps": [5, 9.5]}))
+    with pytest.raises(VigfaceError, match=r"first run was given --lr-steps 5 9\.5; pass them again"):
+        run_protocol(ProtocolConfig(data="d.rec", out=str(tmp_path), bins=[str(bin_path)]), resume=True)
+    (tmp_path / "config.json").write_text(json.dumps({"epochs": 26, "lr_steps": [12, 20, 24]}))
+    with pytest.raises(VigfaceError, match="fixed fractions of --epochs"):
+        run_protocol(ProtocolConfig(data="d.rec", out=str(tmp_path), bins=[str(bin_path)]), resume=True)
     # checkpoints as the trainer's default: a Ctrl-C kept nothing (save_every was 10**9)
     assert train_config(ProtocolConfig(data="d.rec", out="o", bins=[str(bin_path)])).save_every == 1000
     with pytest.raises(VigfaceError, match="no peer"):

@@ -143,7 +143,11 @@ def lr_steps_for(config: ProtocolConfig) -> list[float]:
     CPU run decays at epochs 1.85, 3.08, 3.69 instead of never)."""
     if config.lr_steps is not None:
         return list(config.lr_steps)
-    return [step * config.epochs / ADAFACE_EPOCHS for step in ADAFACE_LR_STEPS]
+    return adaface_lr_steps(config.epochs)
+
+
+def adaface_lr_steps(epochs: float) -> list[float]:
+    return [step * epochs / ADAFACE_EPOCHS for step in ADAFACE_LR_STEPS]
 
 
 def train_config(config: ProtocolConfig):
@@ -227,6 +231,22 @@ def compares_with_peers(bins: list[str]) -> bool:
     return set(BENCHMARKS) <= {Path(b).stem for b in bins}
 
 
+def _lr_steps_hint(config: ProtocolConfig) -> str:
+    """Why a resume without --lr-steps changed them: name the flag the user changed, not the field."""
+    try:
+        first = json.loads((Path(config.out) / "config.json").read_text())
+        first_steps, first_epochs = list(first["lr_steps"]), first["epochs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        first_steps, first_epochs = None, None
+    if first_steps is not None and first_steps != adaface_lr_steps(first_epochs):
+        given = " ".join(f"{step:g}" for step in first_steps)
+        return f"the first run was given --lr-steps {given}; pass them again"
+    return (
+        "without --lr-steps the protocol places them at fixed fractions of --epochs, so a resumed run keeps "
+        "its --epochs (pass the first run's --lr-steps to train longer)"
+    )
+
+
 def run_protocol(config: ProtocolConfig, *, resume: bool = False) -> dict:
     """Train, evaluate, compare; writes out/protocol.json and returns the same dict."""
     from vigface.fr.trainer import train_fr
@@ -236,11 +256,7 @@ def run_protocol(config: ProtocolConfig, *, resume: bool = False) -> dict:
         train_fr(fr, resume=resume)
     except VigfaceError as err:
         if resume and config.lr_steps is None and "lr_steps" in str(err):
-            # the lr steps follow --epochs here: name the flag the user changed, not the field
-            raise VigfaceError(
-                f"{err}; without --lr-steps the protocol places them at fixed fractions of --epochs, so a "
-                "resumed run keeps its --epochs (pass the first run's --lr-steps to train longer)"
-            ) from None
+            raise VigfaceError(f"{err}; {_lr_steps_hint(config)}") from None
         raise
     ours = evaluate_model(config.out, config.bins, config.device)
     real = evaluate_model(config.real_model, config.bins, config.device) if config.real_model else None
