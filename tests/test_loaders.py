@@ -428,7 +428,7 @@ UPRIGHT = {
 def test_exif_orientation_is_applied_like_opencv_and_dali(orientation, fmt):
     """A photo stored sideways with an EXIF Orientation tag decodes upright (OpenCV's imread and
     DALI's decoder do; PIL alone does not), so landmarks found on the upright image fit it."""
-    from vigface.data.images import decode_image, exif_orientation
+    from vigface.data.images import decode_image, exif_orientation, image_shape
 
     stored = np.random.default_rng(orientation).integers(0, 256, (6, 10, 3), dtype=np.uint8)
     data = _with_exif_orientation(stored, orientation, fmt)
@@ -438,6 +438,7 @@ def test_exif_orientation_is_applied_like_opencv_and_dali(orientation, fmt):
             raw = np.array(pil.convert("RGB"))
     assert exif_orientation(data) == orientation
     np.testing.assert_array_equal(decode_image(data), UPRIGHT[orientation](raw))
+    assert image_shape(data) == decode_image(data).shape[:2]  # from the header alone (landmarks-fit check)
     assert (
         exif_orientation(encode_image(stored, "jpeg")) == exif_orientation(encode_image(stored, "png")) == 1
     )

@@ -153,7 +153,7 @@ class _AlignInput:
             if landmarks is not None and not Path(landmarks).exists():
                 raise VigfaceError(f"--landmarks {landmarks}: no such file")
             source = FaceSource(path, landmarks=landmarks, need_landmarks=True)
-            self.dataset, self.where = source.dataset, source.describe
+            self.dataset, self.where, self.encoded = source.dataset, source.describe, source.encoded
             self.points = source.landmarks
             names_path = source.path.with_name(f"{source.path.stem}_identities.json")
             names = _identity_names(names_path) if names_path.is_file() else {}
@@ -162,7 +162,7 @@ class _AlignInput:
             ds = ImageFolderDataset(path)
             if len(ds) == 0:
                 raise VigfaceError(f"{images}: no images found")
-            self.dataset, self.where = ds, lambda i: str(ds.path(i))
+            self.dataset, self.where, self.encoded = ds, lambda i: str(ds.path(i)), ds.encoded
             self.points = load_landmarks(ds, landmarks)
             self.identities = ds.identities
         self.labels = np.asarray(self.dataset.labels, dtype=np.int64)
@@ -202,7 +202,9 @@ def align_image_folder(
     _check_output(Path(out), out_format, overwrite)
     ds = _AlignInput(images, landmarks)
     points = ds.points
-    check_landmarks_fit(points, ds, f"--landmarks {landmarks}" if landmarks else f"the landmarks of {images}")
+    check_landmarks_fit(
+        points, ds.encoded, f"--landmarks {landmarks}" if landmarks else f"the landmarks of {images}"
+    )
     # RecordIO wants each identity's images contiguous: a stable sort by label keeps file order.
     order = np.argsort(ds.labels, kind="stable") if out_format == "rec" else np.arange(len(ds))
     out = Path(out)

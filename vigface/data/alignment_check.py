@@ -82,7 +82,7 @@ def check_dataset_alignment(path_or_source, what: str, name: str | os.PathLike |
 # aligned image read as wild 1.0, one shifted 30 px diagonally 0.5, a crop tight around the template
 # ~0.3-0.45; landmarks scaled x10 or shifted by 1000 px 0.0, x and y swapped 0.06-0.25.
 CROP_INSIDE_LIMIT = 0.2
-FIT_SAMPLE = 64  # images decoded for the check
+FIT_SAMPLE = 64  # images whose size the check reads (from their headers)
 
 
 def crop_inside_fraction(landmarks: np.ndarray, image_hw: np.ndarray, grid: int = 16) -> np.ndarray:
@@ -111,11 +111,14 @@ def crop_inside_fraction(landmarks: np.ndarray, image_hw: np.ndarray, grid: int 
     return fraction
 
 
-def check_landmarks_fit(landmarks: np.ndarray, dataset, what: str) -> None:
+def check_landmarks_fit(landmarks: np.ndarray, encoded, what: str) -> None:
     """Refuse unaligned images whose landmarks put most aligned crops outside the images: training
     (--no-aligned) and `vigface data align` turned them into black squares without a word.
-    `landmarks`: (N, 5, 2) in the images' frames; `dataset[i]` -> (image, label). Checks
-    FIT_SAMPLE images spread over the set."""
+    `landmarks`: (N, 5, 2) in the images' frames; `encoded(i)` -> image i's encoded bytes. Checks
+    FIT_SAMPLE images spread over the set, by the sizes in their headers (every rank runs this;
+    decoding 64 multi-megapixel photos took seconds)."""
+    from vigface.data.images import image_shape
+
     n = len(landmarks)
     if n == 0:
         return
@@ -123,7 +126,7 @@ def check_landmarks_fit(landmarks: np.ndarray, dataset, what: str) -> None:
     shapes = []
     for i in rows:
         try:
-            shapes.append(dataset[int(i)][0].shape[:2])
+            shapes.append(image_shape(encoded(int(i))))
         except (VigfaceError, OSError):  # a corrupt image: the loaders name it; not this check's
             shapes.append((np.nan, np.nan))
     fraction = crop_inside_fraction(np.asarray(landmarks)[rows], np.asarray(shapes, dtype=np.float64))

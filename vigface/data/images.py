@@ -45,6 +45,27 @@ def exif_orientation(data: bytes | bytearray | memoryview) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
+def image_shape(
+    data: bytes | bytearray | memoryview, path: str | os.PathLike = "<bytes>", offset: int | None = None
+) -> tuple[int, int]:
+    """(height, width) of the image `decode_image` makes of `data` (turned upright by its EXIF
+    Orientation), read from its header without decoding the pixels; DataFormatError if the header
+    is not an image's."""
+    try:
+        with Image.open(io.BytesIO(bytes(data)), formats=_DECODE_FORMATS) as pil:
+            if pil.format == "TIFF":  # Pillow's TIFF reader turns the image upright as it loads it
+                pil.load()
+            orientation = pil.getexif().get(_EXIF_ORIENTATION, 1)  # as decode_image reads it
+            width, height = pil.size
+    except Exception as exc:  # as decode_image: PIL raises several kinds
+        why = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
+        raise DataFormatError(
+            path, f"image payload ({len(data)} bytes) has no image header: {why}", offset
+        ) from None
+    # Orientations 5-8 turn the image a quarter (or mirror it across a diagonal): sides swap
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
 # Leading bytes of the formats we write or accept as already-encoded payloads.
 _SIGNATURES = (
     (b"\xff\xd8\xff", "jpeg"),

@@ -119,7 +119,7 @@ def make_loader(
         from vigface.data.alignment_check import check_landmarks_fit
 
         named = f"the landmarks {landmarks}" if landmarks else f"the landmarks of {source.path}"
-        check_landmarks_fit(source.landmarks, source.dataset, named)
+        check_landmarks_fit(source.landmarks, source.encoded, named)
     options = LoaderOptions(
         batch_size=batch_size, device=device, rank=rank, world_size=world_size, shuffle=bool(shuffle),
         seed=int(seed), drop_last=bool(drop_last), aligned=bool(aligned), image_size=image_size,
