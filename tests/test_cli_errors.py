@@ -2,6 +2,7 @@
 
 import errno
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,6 +287,20 @@ def test_a_read_only_output_folder_is_refused_before_any_work(
         in capsys.readouterr().err
     )
     assert embedded == []  # refused before any work
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_file_where_no_file_can_be_made_is_refused_before_any_work(tmp_path):
+    """vigface-export --out /proc/x.onnx exported first, then failed on its temporary file's name:
+    as root, /proc passes os.access and refuses new files."""
+    from vigface.cli.common import check_output_file, check_output_folder
+    from vigface.errors import VigfaceError
+
+    for check, path in ((check_output_file, "/proc/x.onnx"), (check_output_folder, "/proc/new/report")):
+        with pytest.raises(VigfaceError, match="/proc is not writable here; choose another folder"):
+            check("--out", path)
+    check_output_file("--json", tmp_path / "new" / "x.json")  # a folder still to make is fine
+    assert list(tmp_path.iterdir()) == []  # and the check left nothing behind
 
 
 def test_a_reader_that_leaves_the_pipe_early_is_no_traceback():

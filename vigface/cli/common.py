@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 import types
 import typing
@@ -52,15 +53,35 @@ def check_output_folder(option: str, path: str | os.PathLike | None) -> None:
     in_the_way = _file_at_or_above(Path(path))
     if in_the_way is not None:
         raise VigfaceError(f"{option} {path}: {in_the_way} is a file; a folder is needed there")
-    nearest = next(p for p in (Path(path), *Path(path).parents) if p.exists())
-    if not os.access(nearest, os.W_OK | os.X_OK):  # a read-only file system (even for root), no permission
-        raise VigfaceError(f"{option} {path}: {nearest} is not writable here; choose another folder")
+    _check_writable(option, path, Path(path))
 
 
 def check_output_file(option: str, path: str | os.PathLike | None, example: str = "") -> None:
-    """Refuse, before any work, an output file name that is an existing folder."""
-    if path is not None and Path(path).is_dir():
+    """Refuse, before any work, an output file name that is an existing folder, or one whose folder
+    cannot be written."""
+    if path is None:
+        return
+    if Path(path).is_dir():
         raise VigfaceError(f"{option} {path}: is a folder; give the file to write{example}")
+    if _file_at_or_above(Path(path).parent) is None:  # (below a file: the command's mkdir names it)
+        _check_writable(option, path, Path(path).parent)
+
+
+def _check_writable(option: str, path, folder: Path) -> None:
+    """Refuse an output whose folder (or, where it does not exist yet, the nearest folder above it
+    that does) cannot take a new file."""
+    nearest = next(p for p in (folder, *folder.parents) if p.exists())
+    # os.access sees permissions and read-only mounts; a new file shows the rest (as root, /proc
+    # and /sys pass os.access and refuse files: an export there failed after its work, at the rename)
+    try:
+        if not os.access(nearest, os.W_OK | os.X_OK):
+            raise PermissionError
+        fd, probe = tempfile.mkstemp(dir=nearest, prefix=".vigface-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError:
+        why = f"{nearest} is not writable here; choose another folder"
+        raise VigfaceError(f"{option} {path}: {why}") from None
 
 
 def run_command(prog: str, func, args) -> int:
