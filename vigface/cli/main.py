@@ -43,12 +43,27 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
     from vigface.data.info import describe
 
     info = describe(args.path)
+    if args.check_images:
+        from vigface.data.image_check import check_images
+
+        info["image_check"] = check_images(args.path, progress=not args.quiet)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         for key, value in info.items():
-            print(f"{key}: {value}")
-    return 0
+            if key != "image_check":
+                print(f"{key}: {value}")
+        for name, found in info.get("image_check", {}).items():
+            sizes = ", ".join(f"{size} x{n}" for size, n in found["sizes"].items()) or "-"
+            print(
+                f"check {name}: {found['images']} images, {found['undecodable']} undecodable; sizes {sizes}"
+            )
+            for failure in found["failures"]:
+                print(f"  {failure}")
+            if found["undecodable"] > len(found["failures"]):
+                print(f"  ... and {found['undecodable'] - len(found['failures'])} more")
+    bad = sum(found["undecodable"] for found in info.get("image_check", {}).values())
+    return 1 if bad else 0
 
 
 def _cmd_data_align(args: argparse.Namespace) -> int:
@@ -155,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("path")
     info.add_argument("--json", action="store_true", help="print JSON")
+    info.add_argument(
+        "--check-images", action="store_true",
+        help="also decode every image and name the ones that do not decode (exit status 1 if any)",
+    )  # fmt: skip
+    info.add_argument("--quiet", action="store_true", help="no progress bar (--check-images)")
     info.set_defaults(func=_cmd_data_info)
 
     align = data.add_parser("align", help="align an image folder to 112x112 with 5-point landmarks")

@@ -17,12 +17,15 @@ from vigface.errors import DataFormatError, VigfaceError
 
 
 def _image_summary(ds, n: int) -> dict:
-    """Format and size of the first image, decoded (cheap; the rest is not read)."""
+    """Format and size of the first image, decoded (cheap; the rest is not read: --check-images)."""
     if n == 0:
         return {}
-    img, _ = ds[0]
     fmt = sniff_image_format(ds.encoded(0)[0] if isinstance(ds, FaceRecordDataset) else ds.encoded(0))
-    return {"image_format": fmt, "image_shape": list(img.shape)}
+    try:
+        shape = list(ds[0][0].shape)
+    except DataFormatError as err:  # a summary names a bad image rather than failing on it
+        shape = f"the first image does not decode ({err})"
+    return {"image_format": fmt, "image_shape": shape}
 
 
 def describe_rec(path: Path) -> dict:

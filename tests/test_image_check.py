@@ -1,0 +1,69 @@
+"""`vigface data info --check-images`: every image decoded, the bad ones named, the sizes counted."""
+
+import numpy as np
+import pytest
+
+from vigface.cli.main import main
+from vigface.data.image_check import SHOWN_FAILURES, check_images
+from vigface.data.image_folder import write_image_folder
+from vigface.data.images import encode_image
+from vigface.data.merge import merge_datasets
+from vigface.data.recordio import FaceRecordWriter
+from vigface.data.verification_bin import write_bin
+from vigface.errors import VigfaceError
+
+
+def _jpeg(seed: int, height: int = 20, width: int = 16) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return encode_image(pixels, "jpeg")
+
+
+def test_a_truncated_payload_that_merge_copied_is_named_with_its_offset(tmp_path, capsys):
+    """`data merge` copies payloads as they are, so a truncated JPEG reached the merged set unseen."""
+    good = tmp_path / "good"
+    with FaceRecordWriter(good) as writer:
+        for i in range(4):
+            writer.add(_jpeg(i), i // 2)
+    damaged = tmp_path / "damaged"
+    with FaceRecordWriter(damaged) as writer:
+        writer.add(_jpeg(10), 0)
+        writer.add(_jpeg(11)[:60], 0)  # cut inside its header's tables: no image at all
+        writer.add(_jpeg(12), 1)
+    merge_datasets([good, damaged], tmp_path / "merged", progress=False)
+    rec = tmp_path / "merged" / "train.rec"
+
+    found = check_images(tmp_path / "merged", progress=False)
+    assert list(found) == [str(rec)]
+    report = found[str(rec)]
+    # by hand: 7 images, the 6th is the cut one; the six others are 20x16
+    assert (report["images"], report["undecodable"]) == (7, 1)
+    assert report["sizes"] == {"20x16": 6}
+    (failure,) = report["failures"]
+    assert failure.startswith(f"{rec} at byte offset ") and "is not a decodable image" in failure
+
+    assert main(["data", "info", str(tmp_path / "merged"), "--check-images", "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert f"check {rec}: 7 images, 1 undecodable; sizes 20x16 x6" in out
+    assert main(["data", "info", str(good), "--check-images", "--quiet"]) == 0
+    assert f"check {good / 'train.rec'}: 4 images, 0 undecodable; sizes 20x16 x4" in capsys.readouterr().out
+
+
+def test_every_failure_is_counted_and_the_first_ones_named(tmp_path, capsys):
+    """An image folder with more bad files than are shown, and a .bin with one bad image."""
+    payloads = [b"\xff\xd8\xff broken %d" % i for i in range(SHOWN_FAILURES + 3)] + [_jpeg(0)]
+    write_image_folder(tmp_path / "folder", payloads, list(range(len(payloads))))
+    report = check_images(tmp_path / "folder", progress=False)[str(tmp_path / "folder")]
+    assert (report["images"], report["undecodable"]) == (SHOWN_FAILURES + 4, SHOWN_FAILURES + 3)
+    assert len(report["failures"]) == SHOWN_FAILURES and report["sizes"] == {"20x16": 1}
+    assert main(["data", "info", str(tmp_path / "folder"), "--check-images", "--quiet"]) == 1
+    assert "  ... and 3 more" in capsys.readouterr().out
+
+    pairs = tmp_path / "pairs.bin"
+    images = [_jpeg(1), _jpeg(2), _jpeg(3), b"\xff\xd8\xff broken"]
+    write_bin(pairs, images, [True, False])
+    report = check_images(pairs, progress=False)[str(pairs)]
+    assert (report["images"], report["undecodable"]) == (4, 1)
+    assert "image 3" in report["failures"][0]
+
+    with pytest.raises(VigfaceError, match="no such file or folder"):
+        check_images(tmp_path / "missing.rec", progress=False)
