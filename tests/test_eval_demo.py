@@ -357,7 +357,7 @@ def test_eval_command_line(demo_run, capsys, tmp_path):
 
 
 @pytest.mark.slow  # IR-SE-50's 50 layers: ~25 s on the shared 2-core machine even at width 4, 16 px
-def test_protocol_trains_irse50_adaface_and_compares(demo_run, tmp_path):
+def test_protocol_trains_irse50_adaface_and_compares(demo_run, tmp_path, capsys):
     out, _ = demo_run
     bins = [str(out / "toy" / "toy_val.bin")]
     code = eval_cli.main(
@@ -367,6 +367,8 @@ def test_protocol_trains_irse50_adaface_and_compares(demo_run, tmp_path):
          "--device", "cpu"]
     )  # fmt: skip
     assert code == 0
+    printed = capsys.readouterr().out
+    assert f"--real-model {out / 'fr_real'}:\n  toy_val" in printed  # its table beside ours
     result = json.loads((tmp_path / "p" / "protocol.json").read_text())
     assert result["train_config"]["arch"] == "irse50" and result["train_config"]["margin"] == "adaface"
     assert result["gap"]["reference"] == "our real-data model"
@@ -468,6 +470,13 @@ def test_protocol_pieces(small_toy, tmp_path, monkeypatch):
     (real / "config.json").write_text(json.dumps({"arch": "iresnet18", "margin": "adaface", "epochs": 4}))
     ours = train_config(ProtocolConfig(data="d.rec", out="o", bins=[str(bin_path)], epochs=4)).to_dict()
     assert recipe_differences(real, ours) == ["arch iresnet18 there, irse50 here"]
+    # ... its training length too: lr steps, and a run stopped early by max_steps
+    recipe = {**ours, "lr_steps": [2, 3], "max_steps": 100}
+    (real / "config.json").write_text(json.dumps(recipe))
+    assert recipe_differences(real, ours) == [
+        f"lr_steps [2, 3] there, {ours['lr_steps']} here",
+        "max_steps 100 there, None here",
+    ]
     assert recipe_differences(tmp_path / "no_such_model", ours) == []
 
 

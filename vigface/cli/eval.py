@@ -208,6 +208,8 @@ def _cmd_protocol(args) -> int:
     )  # fmt: skip
     result = run_protocol(config, resume=args.resume)
     _print_table(f"{args.arch} + {args.margin} on {args.data}", result["ours"])
+    if result["real"] is not None:
+        _print_table(f"--real-model {args.real_model}", result["real"])
     gap = result["gap"]
     if gap["gap_to_real"] is not None:
         print(f"Gap-to-Real vs {gap['reference']}: {100 * gap['gap_to_real']:.2f} %")

@@ -205,6 +205,8 @@ RECIPE_FIELDS = (
     "epochs",
     "batch_size",
     "lr",
+    "lr_steps",
+    "max_steps",  # a run stopped early trained less than its epochs say
 )
 
 
