@@ -455,3 +455,48 @@ def test_inconsistent_header_record(tmp_path):
     assert len(ds) == 2
     with raises_quickly(rec, "identity record key 3"):
         _ = ds.identity_ranges
+
+
+def test_an_index_cut_short_is_refused_not_read_with_wrong_counts(tmp_path):
+    """vigface writes key 0's line last: a .idx cut at a line end lost it, and every remaining key
+    was read as an image (identity records too: wrong counts and classes, no word); cut inside a
+    line, its last offset pointed into a record and the reads blamed the .rec."""
+    with FaceRecordWriter(tmp_path / "full") as w:
+        for i in range(6):
+            w.add(encode_image(image(i), "png"), i // 2)
+    rec, idx = tmp_path / "full" / "train.rec", tmp_path / "full" / "train.idx"
+    lines = idx.read_bytes().splitlines(keepends=True)
+    assert lines[-1].startswith(b"0\t")  # the header's line, last
+    assert len(FaceRecordDataset(rec)) == 6
+    cut = tmp_path / "cut.idx"
+    cut.write_bytes(b"".join(lines[:-1]))  # every image and identity line, key 0's lost
+    with pytest.raises(
+        DataFormatError,
+        match=r"has no line for key 0 and indexes .* only up to byte \d+ of \d+: the index was cut",
+    ):
+        FaceRecordDataset(rec, cut)
+    cut.write_bytes(b"".join(lines[:3]))  # images 1-3 only
+    with pytest.raises(DataFormatError, match="has no line for key 0"):
+        FaceRecordDataset(rec, cut)
+    inside = b"".join(lines[:2]) + lines[2][:-3]  # line 3 cut inside its offset
+    cut.write_bytes(inside)
+    with pytest.raises(DataFormatError, match=r"last line 3 .*without a line end.*the index was cut short"):
+        RecordIOReader(rec, cut)
+    cut.write_bytes(b"".join(lines[:-1]) + lines[-1].rstrip(b"\n"))  # whole, only its last newline lost
+    assert len(FaceRecordDataset(rec, cut)) == 6
+    # InsightFace's layout: the header record at offset 0; an index without its line is refused too
+    png = encode_image(image(2), "png")
+    records = [(0, pack_record(IRHeader(2, np.array([3.0, 5.0]), 0, 0), b""))]
+    records += [(k, pack_record(IRHeader(0, float(k - 1), k, 0), png)) for k in (1, 2)]
+    records += [(k, pack_record(IRHeader(2, np.array([k - 2.0, k - 1.0]), k, 0), b"")) for k in (3, 4)]
+    header_first, idx0 = write_pair(tmp_path, records, name="insightface")
+    assert len(FaceRecordDataset(header_first)) == 2
+    idx0.write_text("".join(line for line in idx0.read_text().splitlines(True) if not line.startswith("0\t")))
+    with pytest.raises(
+        DataFormatError, match=r"starts with the header record key 0 indexes \(images at keys 1\.\.2\)"
+    ):
+        FaceRecordDataset(header_first)
+    # a .rec without a header record, indexed without key 0, reads every key as an image as before
+    jpeg = encode_image(image(1), "jpeg")
+    plain, _ = write_pair(tmp_path, [(k, pack_record(IRHeader(0, 0.0, k, 0), jpeg)) for k in range(1, 4)])
+    assert len(FaceRecordDataset(plain)) == 3

@@ -370,7 +370,7 @@ class RecordIOReader:
 
     def _parse_index(self) -> tuple[np.ndarray, np.ndarray]:
         keys, offsets = array.array("q"), array.array("q")
-        line_start = 0
+        line_start, last_line, last_ended = 0, (0, b""), True
         with open(self.idx_path, "rb") as f:
             # readline with a limit: a binary file passed as .idx must not become one huge "line".
             for lineno, line in enumerate(iter(lambda: f.readline(_MAX_IDX_LINE), b""), 1):
@@ -402,9 +402,26 @@ class RecordIOReader:
                     )
                 keys.append(key)
                 offsets.append(offset)
+                last_line, last_ended = (lineno, line), line.endswith(b"\n")
         if not keys:
             raise DataFormatError(self.idx_path, f"index has no entries but {self.rec_path} is not empty")
+        if not last_ended:  # every writer ends its lines: a file cut inside one may hold a cut offset
+            self._check_last_entry(*last_line, offsets[-1])
         return np.frombuffer(keys, dtype=np.int64), np.frombuffer(offsets, dtype=np.int64)
+
+    def _check_last_entry(self, lineno: int, line: bytes, offset: int) -> None:
+        """Refuse an unterminated last line whose offset points at no record: the index was cut
+        there (a read at that key blamed the .rec: 'bad magic ... not the start of a record')."""
+        with open(self.rec_path, "rb") as rec:
+            rec.seek(offset)
+            if rec.read(4) == _MAGIC_BYTES:
+                return
+        shown = line.decode("ascii", "backslashreplace")
+        raise DataFormatError(
+            self.idx_path,
+            f"its last line {lineno} ({shown!r}, without a line end) points at byte {offset} of "
+            f"{self.rec_path}, where no record starts: the index was cut short (truncated copy?)",
+        )
 
     # ---- lookups
     @property
@@ -653,7 +670,34 @@ class FaceRecordDataset:
                     stacklevel=2,
                 )
         else:
+            self._refuse_index_without_header()
             self.image_keys = self.reader._keys.copy()
+
+    def _refuse_index_without_header(self) -> None:
+        """An index without key 0 that looks cut short: every key would be read as an image,
+        identity records too, with wrong counts and labels and no word. vigface writes key 0's
+        record and line last, so a cut index loses them first and leaves the .rec's tail unindexed;
+        InsightFace's files keep the header record at offset 0."""
+        reader = self.reader
+        last = int(reader._sorted_offsets[-1]) if reader._file_order else int(reader._offsets.max())
+        _, indexed_end = _read_record(reader._pread, reader.size, last, self.rec_path)
+        if indexed_end < reader.size:
+            raise DataFormatError(
+                reader.idx_path,
+                f"has no line for key 0 and indexes {self.rec_path} only up to byte {indexed_end} of "
+                f"{reader.size}: the index was cut short (vigface writes key 0's line last); read as it is, "
+                "records it lost would be missing and identity records would pass for images",
+            )
+        if np.any(reader._offsets == 0):  # the record at offset 0 is indexed under another key
+            return
+        header0, _ = unpack_record(reader.read_at(0), self.rec_path, 0)
+        label = np.atleast_1d(header0.label)
+        if header0.flag >= 2 and _integral(label[:2]) and 1 <= label[0] <= label[1]:
+            raise DataFormatError(
+                reader.idx_path,
+                f"has no line for key 0, but {self.rec_path} starts with the header record key 0 indexes "
+                f"(images at keys 1..{int(label[0]) - 1}): the index is incomplete",
+            )
 
     def _unpack(self, key: int) -> tuple[IRHeader, bytes]:
         offset = self.reader.offset(key)
