@@ -67,3 +67,61 @@ def test_every_failure_is_counted_and_the_first_ones_named(tmp_path, capsys):
 
     with pytest.raises(VigfaceError, match="no such file or folder"):
         check_images(tmp_path / "missing.rec", progress=False)
+
+
+def test_info_and_the_check_survive_what_the_probe_found(tmp_path, capsys):
+    """Found by a probe: a missing first image stopped --check-images (the summary read it first);
+    malformed toy.json / backbone.json were tracebacks; a pipe named .bin or listed in a manifest
+    hung; broken links in an image folder were skipped without a word."""
+    import json
+    import os
+    import warnings
+
+    from vigface.data.image_folder import ImageFolderDataset
+    from vigface.data.verification_bin import read_bin
+    from vigface.errors import DataFormatError, VigfaceWarning
+
+    root = tmp_path / "listed"
+    write_image_folder(root, [_jpeg(0), _jpeg(1)], [0, 0])
+    manifest = (root / "manifest.jsonl").read_text().splitlines()
+    first = json.loads(manifest[0])
+    (root / first["path"]).unlink()
+    assert main(["data", "info", str(root), "--check-images", "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "first_image: unreadable" in out and "2 images, 1 undecodable" in out and "missing image" in out
+
+    toy = tmp_path / "toy"
+    toy.mkdir()
+    for text in ('{"files": [', "[1, 2]", '{"files": [1]}'):
+        (toy / "toy.json").write_text(text)
+        assert main(["data", "info", str(toy)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"vigface: error: {toy / 'toy.json'}") and "Traceback" not in err
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "backbone.json").write_text('{"backbone": "r18", "margin": [1]}')
+    assert main(["data", "info", str(model)]) == 0
+    assert "backbone: None width None" in capsys.readouterr().out
+
+    os.mkfifo(tmp_path / "pipe.bin")
+    with pytest.raises(DataFormatError, match="pipe.bin: not a regular file"):
+        read_bin(tmp_path / "pipe.bin")  # (it blocked on the read)
+    os.mkfifo(root / "b.jpg")
+    manifest[0] = json.dumps({**first, "path": "b.jpg"})
+    (root / "manifest.jsonl").write_text("\n".join(manifest) + "\n")
+    with pytest.raises(DataFormatError, match="b.jpg: not a regular file"):
+        ImageFolderDataset(root).encoded(0)
+
+    scanned = tmp_path / "scanned"
+    write_image_folder(scanned, [_jpeg(0), _jpeg(1)], [0, 1])
+    (scanned / "manifest.jsonl").unlink()
+    identity = sorted(p for p in scanned.iterdir() if p.is_dir())[0]
+    (identity / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    os.mkfifo(identity / "pipe.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(ImageFolderDataset(scanned)) == 2
+    (warning,) = [w.message for w in caught if isinstance(w.message, VigfaceWarning)]
+    assert "skipped 2 image name(s) that are not readable files" in str(warning) and "gone.jpg" in str(
+        warning
+    )

@@ -19,6 +19,7 @@ import math
 import operator
 import os
 import re
+import warnings
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
@@ -28,7 +29,7 @@ from vigface.data.files import fsync_dir
 from vigface.data.images import decode_image, encode_image, sniff_image_format
 from vigface.data.output_folder import process_running
 from vigface.data.recordio import MAX_LABEL
-from vigface.errors import DataFormatError, VigfaceError
+from vigface.errors import DataFormatError, VigfaceError, VigfaceWarning
 
 MANIFEST = "manifest.jsonl"
 # Present while ImageFolderWriter writes a folder, and after a write that did not finish.
@@ -305,12 +306,16 @@ class ImageFolderDataset:
 
     def _scan(self, labels: list) -> None:
         identities = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        skipped = []  # image names that are no files: broken links, pipes (a read would fail or block)
         for label, identity in enumerate(identities):
-            names = [
-                p.name
-                for p in (self.root / identity).iterdir()
-                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-            ]
+            names = []
+            for p in (self.root / identity).iterdir():
+                if p.suffix.lower() not in IMAGE_EXTENSIONS or p.name.startswith("."):
+                    continue
+                if p.is_file():
+                    names.append(p.name)
+                else:
+                    skipped.append(f"{identity}/{p.name}")
             # its label would be a class without images (torchvision's ImageFolder refuses it too)
             if not names:
                 raise DataFormatError(
@@ -321,6 +326,14 @@ class ImageFolderDataset:
                 self.paths.append(f"{identity}/{name}")
                 labels.append(label)
                 self.identities.append(identity)
+        if skipped:
+            warnings.warn(
+                VigfaceWarning(
+                    f"{self.root}: skipped {len(skipped)} image name(s) that are not readable files (broken "
+                    f"links, pipes), e.g. {', '.join(sorted(skipped)[:3])}"
+                ),
+                stacklevel=3,
+            )
         if not self.paths:
             raise DataFormatError(
                 self.root, f"no {MANIFEST} and no {'/'.join(IMAGE_EXTENSIONS)} images in <identity>/ folders"
@@ -346,6 +359,8 @@ class ImageFolderDataset:
         """The file bytes of image i."""
         path = self.path(i)
         try:
+            if path.exists() and not path.is_file():  # a folder, or a pipe the read would block on
+                raise DataFormatError(path, "not a regular file (listed as an image)")
             return path.read_bytes()
         except FileNotFoundError:
             where = (

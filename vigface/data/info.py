@@ -20,12 +20,16 @@ def _image_summary(ds, n: int) -> dict:
     """Format and size of the first image, decoded (cheap; the rest is not read: --check-images)."""
     if n == 0:
         return {}
-    fmt = sniff_image_format(ds.encoded(0)[0] if isinstance(ds, FaceRecordDataset) else ds.encoded(0))
+    # a summary names a bad first image rather than failing on it
     try:
-        shape = list(ds[0][0].shape)
-    except DataFormatError as err:  # a summary names a bad image rather than failing on it
-        shape = f"the first image does not decode ({err})"
-    return {"image_format": fmt, "image_shape": shape}
+        payload = ds.encoded(0)[0] if isinstance(ds, FaceRecordDataset) else ds.encoded(0)
+    except DataFormatError as err:
+        return {"first_image": f"unreadable ({err})"}
+    fmt = sniff_image_format(payload)
+    try:
+        return {"image_format": fmt, "image_shape": list(ds[0][0].shape)}
+    except DataFormatError as err:
+        return {"image_format": fmt, "first_image": f"does not decode ({err})"}
 
 
 def describe_rec(path: Path) -> dict:
@@ -147,13 +151,18 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _object(meta: dict, key: str) -> dict:
+    """meta[key] where it is a JSON object, else {} (a summary shows '?' rather than failing)."""
+    value = meta.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def describe_model(path: Path) -> dict:
     """A trained model or run folder: what the trainers write (backbone / denoiser / checkpoints)."""
     info: dict = {"path": str(path)}
     if (path / "backbone.json").is_file():
         meta = _read_json(path / "backbone.json")
-        backbone = meta.get("backbone") or {}
-        margin = meta.get("margin") or {}
+        backbone, margin = _object(meta, "backbone"), _object(meta, "margin")
         info.update(
             kind="fr-model",
             backbone=f"{backbone.get('arch')} width {backbone.get('width')}, "
@@ -161,18 +170,18 @@ def describe_model(path: Path) -> dict:
             margin=f"{margin.get('kind')} (s {margin.get('scale')}, m {margin.get('margin')})",
             prototypes=f"{meta.get('num_real')} real + {meta.get('num_virtual')} virtual",
             step=meta.get("step"),
-            data=(meta.get("train_config") or {}).get("data"),
+            data=_object(meta, "train_config").get("data"),
         )
     elif (path / "denoiser.json").is_file():
         meta = _read_json(path / "denoiser.json")
-        den = meta.get("denoiser") or {}
+        den = _object(meta, "denoiser")
         info.update(
             kind="denoiser",
             denoiser=f"{den.get('arch')} {den.get('image_size')} px, patch {den.get('patch')}, width "
             f"{den.get('width')}, depth {den.get('depth')}",
             step=meta.get("step"),
             fr_model=meta.get("fr_model"),
-            data=(meta.get("train_config") or {}).get("data"),
+            data=_object(meta, "train_config").get("data"),
         )
     else:
         info["kind"] = "training run (not exported yet)"
@@ -192,14 +201,17 @@ def describe(path: str | os.PathLike) -> dict:
     if not path.exists():
         raise VigfaceError(f"{path}: no such file or folder")
     if path.is_dir() and (path / "toy.json").exists():
-        recipe = json.loads((path / "toy.json").read_text())
+        recipe = _read_json(path / "toy.json")
         info = {
             "kind": "toy-dataset",
             "path": str(path),
             "config": recipe.get("config"),
             "made_in_seconds": recipe.get("total_seconds"),
         }
-        for name in recipe.get("files", []):
+        files = recipe.get("files", [])
+        if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+            raise DataFormatError(path / "toy.json", f"'files' must be a list of file names, got {files!r}")
+        for name in files:
             if name.endswith(".rec"):
                 info[name] = describe_rec(path / name)
             elif name.endswith(".bin"):

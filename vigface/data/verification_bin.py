@@ -180,6 +180,8 @@ def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
     """Load a verification .bin -> (2P encoded images, bool array of P issame flags)."""
     path = Path(path)
     try:
+        if path.exists() and not path.is_file() and not path.is_dir():  # a pipe: the read would block
+            raise DataFormatError(path, "not a regular file (a verification .bin is)")
         data = path.read_bytes()
     except FileNotFoundError:
         raise DataFormatError(path, "no such verification .bin file") from None
