@@ -239,3 +239,21 @@ def test_cli_merges_and_reports_errors_in_one_line(tmp_path, capsys):
     assert main(["data", "info", str(tmp_path / "m")]) == 0
     info = capsys.readouterr().out
     assert "images: 6" in info and f"merged_from: ['{a} (2 images, labels from 0)'" in info
+
+
+def test_a_payload_that_is_no_image_is_named_in_its_input_and_the_old_merge_kept(tmp_path):
+    """The writer named its own output's key ('m/train.rec: image for key 26 ...'), and a failed
+    --overwrite left the old train.rec without the merge.json that describes it."""
+    a = _rec(tmp_path / "a", [0, 1], first_seed=0)
+    out = tmp_path / "m"
+    merge_datasets([a, _rec(tmp_path / "b", [0, 0], first_seed=10)], out, progress=False)
+    before = {name: (out / name).read_bytes() for name in ("train.rec", "train.idx", "merge.json")}
+    bad = _rec(tmp_path / "bad", [0, 1], first_seed=30)
+    payload = _image(31)  # key 2's image, zeroed in place: its record holds no image any more
+    rec = bad / "train.rec"
+    rec.write_bytes(rec.read_bytes().replace(payload, bytes(len(payload))))
+    with pytest.raises(
+        VigfaceError, match=r"bad: train.rec key 2 is not an encoded image \(starts with 0000"
+    ):
+        merge_datasets([a, bad], out, overwrite=True, progress=False)
+    assert {name: (out / name).read_bytes() for name in before} == before

@@ -79,3 +79,17 @@ def test_far_more_pairs_than_a_fold_holds_are_refused_at_once(tmp_path):
     assert not (tmp_path / "val.bin").exists()
     with pytest.warns(VigfaceWarning, match="repeat another"):  # up to 10 times over: warned, written
         make_pairs_bin(tmp_path / "held_out", tmp_path / "val.bin", pairs=1200)
+
+
+@pytest.mark.filterwarnings("ignore:.*pairs repeat another")  # 2 images per id: every image is used
+def test_an_image_that_does_not_decode_is_named_before_the_bin_is_written(tmp_path):
+    """pairs copied payloads without decoding them: a truncated JPEG went into the .bin (exit 0),
+    and only verification refused it, later."""
+    _folder(tmp_path / "held_out", ids=20, per_id=2)
+    first = sorted((tmp_path / "held_out").rglob("*.png"))[0]
+    first.write_bytes(first.read_bytes()[:40])  # a PNG cut inside its header
+    with pytest.raises(
+        VigfaceError, match=rf"held_out: image {first.parent.name}/{first.name} .* not a decodable"
+    ):
+        make_pairs_bin(tmp_path / "held_out", tmp_path / "val.bin", pairs=40)
+    assert not (tmp_path / "val.bin").exists()

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vigface.data.files import write_atomically
-from vigface.data.images import decode_image
+from vigface.data.images import decode_image, sniff_image_format
 from vigface.data.loaders.source import FaceSource
 from vigface.data.output_folder import refuse_foreign_output, remove_stale_temporaries
 from vigface.data.recordio import FaceRecordDataset, FaceRecordWriter
@@ -146,11 +146,25 @@ def _new_labels(inputs: list[_Input], real_ids: str | None) -> tuple[list[np.nda
 
 def _write(out: Path, sources, labels, which, rows, order, tables, progress: bool) -> None:
     """train.rec (+ train_landmarks.npy when `tables`) in `order`; merge.json is the caller's."""
-    (out / "merge.json").unlink(missing_ok=True)  # a replaced merge is unfinished until the new one lands
+    manifest = out / "merge.json"
+    replaced = manifest.read_bytes() if manifest.is_file() else None
+    manifest.unlink(missing_ok=True)  # a replaced merge is unfinished until the new one lands
     remove_stale_temporaries(out, own=MERGE_FILES)
-    with FaceRecordWriter(out) as writer:
-        for n in tqdm(order, desc="merge", unit="img", disable=not progress):
-            writer.add(sources[which[n]].source.encoded(int(rows[n])), int(labels[n]))
+    try:
+        with FaceRecordWriter(out) as writer:
+            for n in tqdm(order, desc="merge", unit="img", disable=not progress):
+                source, row = sources[which[n]], int(rows[n])
+                payload = source.source.encoded(row)
+                if sniff_image_format(payload) is None:  # the writer named its own output's key
+                    raise VigfaceError(
+                        f"{source.path}: {source.source.describe(row)} is not an encoded image (starts "
+                        f"with {payload[:8].hex() or 'nothing'}); merge copies images as they are"
+                    )
+                writer.add(payload, int(labels[n]))
+    except BaseException:
+        if replaced is not None:  # the writer kept the old train.rec: its merge.json describes it again
+            write_atomically(manifest, replaced)
+        raise
     if tables is not None:
         buffer = io.BytesIO()
         np.save(buffer, np.concatenate(tables)[order].astype(np.float32))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vigface.data.images import decode_image
 from vigface.data.verification_bin import write_bin
 from vigface.errors import VigfaceError, VigfaceWarning
 
@@ -108,6 +109,9 @@ def make_pairs_bin(
             stacklevel=2,
         )
     used = sorted({i for fold, _ in folds for pair in fold for i in pair})
-    encoded = {i: source.encoded(i) for i in used}
+    encoded = {}
+    for i in used:  # decoded once here: verification refused such a .bin only when it was used
+        encoded[i] = source.encoded(i)
+        decode_image(encoded[i], data, what=f"image {source.describe(i)}")
     write_pairs_bin(out, encoded, folds)
     return {"pairs": pairs, "identities": len(ids), "images": len(used), "repeated": repeats}
