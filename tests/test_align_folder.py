@@ -118,6 +118,15 @@ def test_bad_landmarks_name_the_file(wild_folder, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert err.startswith("vigface: error:") and "landmarks" in err
+    # a folder without a manifest carries no landmarks (it said "its manifest has no landmarks")
+    scanned = tmp_path / "scanned"
+    for path in ImageFolderDataset(root).paths:
+        (scanned / path).parent.mkdir(parents=True, exist_ok=True)
+        (scanned / path).write_bytes((root / path).read_bytes())
+    with pytest.raises(
+        VigfaceError, match=r"scanned: no manifest.jsonl \(a folder of <identity>/ images carries"
+    ):
+        align_image_folder(scanned, tmp_path / "o3", progress=False)
 
 
 def test_existing_outputs_need_overwrite_and_foreign_folders_are_refused(wild_folder, tmp_path, capsys):
@@ -207,7 +216,17 @@ def test_an_align_that_stops_leaves_an_unfinished_folder_the_rerun_completes(wil
     aligned folder it left the old manifest over a mix of old and new images."""
     root, _ = wild_folder
     points = ImageFolderDataset(root).landmarks.copy()
-    points[4] = np.nan  # the fifth image cannot be aligned: the run stops after four
+    nan = points.copy()
+    nan[[3, 4]] = np.nan  # no face to place: refused before any image is written
+    np.save(tmp_path / "nan.npy", nan)
+    args = ["data", "align", "--images", str(root), "--out", str(tmp_path / "nan"), "--landmarks"]
+    assert main([*args, str(tmp_path / "nan.npy"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"2 of {len(points)} rows hold NaN or infinite coordinates" in err and "faces cannot be placed" in err
+    )
+    assert not (tmp_path / "nan").exists()
+    points[4] = points[4].mean(axis=0)  # all five points at one place: the run stops after four
     bad = tmp_path / "bad.npy"
     np.save(bad, points)
 

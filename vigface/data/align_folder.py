@@ -57,7 +57,7 @@ def load_landmarks(ds: ImageFolderDataset, landmarks: str | os.PathLike | None) 
     """(N, 5, 2) float32 landmarks of every image of `ds`, in its order."""
     if landmarks is None:
         if ds.landmarks is None:
-            raise VigfaceError(f"{ds.root}: its manifest has no landmarks; pass --landmarks FILE")
+            raise VigfaceError(f"{ds.root}: {ds.why_no_landmarks()}; pass --landmarks FILE")
         return np.asarray(ds.landmarks, dtype=np.float32)
     path = Path(landmarks)
     if not path.exists():
@@ -202,9 +202,16 @@ def align_image_folder(
     _check_output(Path(out), out_format, overwrite)
     ds = _AlignInput(images, landmarks)
     points = ds.points
-    check_landmarks_fit(
-        points, ds.encoded, f"--landmarks {landmarks}" if landmarks else f"the landmarks of {images}"
-    )
+    named = f"--landmarks {landmarks}" if landmarks else f"the landmarks of {images}"
+    check_landmarks_fit(points, ds.encoded, named)
+    missing = np.flatnonzero(~np.isfinite(np.asarray(points, dtype=np.float64)).all(axis=(1, 2)))
+    if missing.size:  # found at that image, after the images before it were written
+        shown = ", ".join(ds.where(int(i)) for i in missing[:3])
+        raise VigfaceError(
+            f"{named}: {missing.size} of {len(points)} rows hold NaN or infinite coordinates ({shown}"
+            f"{', ...' if missing.size > 3 else ''}): their faces cannot be placed; drop those images "
+            "or give their landmarks"
+        )
     # RecordIO wants each identity's images contiguous: a stable sort by label keeps file order.
     order = np.argsort(ds.labels, kind="stable") if out_format == "rec" else np.arange(len(ds))
     out = Path(out)

@@ -342,6 +342,12 @@ class ImageFolderDataset:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def why_no_landmarks(self) -> str:
+        """Why `landmarks` is None, for the errors of what needs them."""
+        if self.manifest_path is not None:
+            return f"its {MANIFEST} has no landmarks"
+        return f"no {MANIFEST} (a folder of <identity>/ images carries no landmarks)"
+
     @property
     def num_classes(self) -> int:
         """max label + 1 (the size of a classifier head over these labels)."""

@@ -74,7 +74,7 @@ def load_landmarks(config: DiffusionTrainConfig, dataset) -> np.ndarray:
         path = Path(config.landmarks)
     elif isinstance(dataset, ImageFolderDataset):
         if dataset.landmarks is None:
-            raise DataFormatError(dataset.root, "the manifest has no landmarks; pass --landmarks")
+            raise DataFormatError(dataset.root, f"{dataset.why_no_landmarks()}; pass --landmarks")
         return dataset.landmarks
     else:
         rec = Path(dataset.rec_path)

@@ -82,7 +82,9 @@ class FaceSource:
         if explicit is not None:
             return read_landmarks_table(explicit, paths=self.dataset.paths, n=n)
         if self.dataset.landmarks is None:
-            raise VigfaceError(f"source {self.path}: its manifest has no landmarks; pass --landmarks FILE")
+            raise VigfaceError(
+                f"source {self.path}: {self.dataset.why_no_landmarks()}; pass --landmarks FILE"
+            )
         return np.asarray(self.dataset.landmarks, dtype=np.float32)
 
     def encoded(self, i: int) -> bytes:
