@@ -175,6 +175,28 @@ def test_final_conv_is_a_3x3_convolution_of_the_unpatchified_output(arch):
         assert torch.allclose(with_conv(x, t, cond, pose), plain(x, t, cond, pose), atol=1e-6)
 
 
+def test_cond_scale_multiplies_the_condition_before_its_projection_and_loads_old_configs():
+    torch.manual_seed(0)
+    plain = Denoiser(tiny()).eval()
+    _randomise_zero_layers(plain)
+    scaled = Denoiser(tiny(cond_scale=8.0)).eval()
+    scaled.load_state_dict(plain.state_dict())  # the same parameters: the scale is no weight
+    g = torch.Generator().manual_seed(2)
+    x, pose = torch.randn(2, 3, 56, 56, generator=g), torch.rand(2, 5, 56, 56, generator=g)
+    cond = torch.nn.functional.normalize(torch.randn(2, 512, generator=g), dim=1)
+    t = torch.tensor([5, 900])
+    with torch.no_grad():
+        assert torch.equal(scaled(x, t, cond, pose), plain(x, t, 8.0 * cond, pose))
+        assert not torch.allclose(scaled(x, t, cond, pose), plain(x, t, cond, pose), atol=1e-3)
+        zero = torch.zeros_like(cond)  # the unconditional branch of guidance is unchanged
+        assert torch.equal(scaled(x, t, zero, pose), plain(x, t, zero, pose))
+    old = {k: v for k, v in tiny().to_dict().items() if k != "cond_scale"}  # a denoiser.json from before
+    assert DenoiserConfig(**old).cond_scale == 1.0
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(VigfaceError, match="cond_scale must be a finite number > 0"):
+            tiny(cond_scale=bad)
+
+
 def test_paper_size_has_784_tokens():
     cfg = DenoiserConfig.preset("B")
     assert cfg.tokens == 784 and cfg.width == 768 and cfg.depth == 13

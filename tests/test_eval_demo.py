@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -275,10 +276,21 @@ def test_demo_config_refuses_bad_settings_before_any_work():
         ({"gen_per_id": 1}, "must be at least 2"),
         ({"dm_steps": 0}, "dm_steps must be at least 1"),
         ({"model": "runs/diffusion"}, r"model \(--model\) is used only with --quick"),
+        ({"dm_cond_scale": 0.0}, "dm_cond_scale must be a finite number > 0, got 0.0"),
     ):
         with pytest.raises(VigfaceError, match=why):
             dataclasses.replace(TINY, **changes)
     assert dataclasses.replace(TINY, w_real=0.0, cfg_sweep=(0.0, 2.0)).w_real == 0.0  # w = 0: unconditional
+    # stage 2 scales the unit FR embedding to coordinates of unit size: sqrt of its length
+    from vigface.eval.demo import FULL, _diffusion_config
+
+    assert _diffusion_config(FULL, Path("d"), Path("f"), Path("o")).cond_scale == math.sqrt(FULL.fr_dim)
+    assert (
+        _diffusion_config(
+            dataclasses.replace(FULL, dm_cond_scale=2.0), Path("d"), Path("f"), Path("o")
+        ).cond_scale
+        == 2.0
+    )
 
 
 def test_eval_command_line(demo_run, capsys, tmp_path):

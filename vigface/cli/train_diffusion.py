@@ -31,6 +31,8 @@ HELP = {
     "patch": "patch side in pixels (default: the size's own)",
     "pose": "feed the 5-landmark image beside x_t",
     "final_conv": "a 3x3 conv on the output image after unpatchify (U-ViT's; smooths patch seams)",
+    "cond_scale": "the FR embedding (unit length) times this before its projection; sqrt(embedding size) "
+    "gives it the timestep features' scale (the demo's choice)",
     "identity_weight": "lambda of the identity term of eq. 8",
     "drop_prob": "probability of dropping the condition (classifier-free guidance)",
     "virtual_weight": "beyond the paper, 0 = off: weight of the term asking images of virtual conditions "

@@ -37,6 +37,7 @@ class DiffusionTrainConfig:
     patch: int | None = None  # None: the size preset's
     pose: bool = True
     final_conv: bool = False  # a 3x3 conv after unpatchify, as U-ViT has
+    cond_scale: float = 1.0  # the FR embedding times this before its projection (DenoiserConfig)
     prediction: str = "x0"
     attention: str = "sdpa"  # sdpa | triton | flash | auto
     adaln: str = "reference"  # reference | triton | auto (fused Triton LayerNorm + modulate)
@@ -118,6 +119,7 @@ class DiffusionTrainConfig:
             "arch": self.arch,
             "pose": self.pose,
             "final_conv": self.final_conv,
+            "cond_scale": self.cond_scale,
             "prediction": self.prediction,
             "attention": self.attention,
             "adaln": self.adaln,

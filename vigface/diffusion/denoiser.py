@@ -65,6 +65,9 @@ class DenoiserConfig:
     cond_dim: int = 512  # the FR embedding's size
     pose: bool = True  # 5 landmark channels beside x_t
     final_conv: bool = False  # U-ViT's 3x3 conv on the unpatchified output (smooths the patch seams)
+    # The FR embedding (unit length) times this before its projection; sqrt(cond_dim) gives its
+    # coordinates unit size, like the timestep features it is added to (1.0: models from before)
+    cond_scale: float = 1.0
     prediction: str = "x0"
     attention: str = "sdpa"
     adaln: str = "reference"  # a runtime choice: checkpoints load under every value
@@ -89,6 +92,8 @@ class DenoiserConfig:
                 bad(f"{name} must be at least 1, got {getattr(self, name)}")
         if not (math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0):
             bad(f"mlp_ratio must be a finite number > 0, got {self.mlp_ratio}")
+        if not (math.isfinite(self.cond_scale) and self.cond_scale > 0):
+            bad(f"cond_scale must be a finite number > 0, got {self.cond_scale}")
         if self.image_size % self.patch:
             bad(f"image_size {self.image_size} is not a multiple of patch {self.patch}")
         if self.width % self.heads:
@@ -301,7 +306,8 @@ class Denoiser(nn.Module):
                 raise VigfaceError("this denoiser was built with a pose condition: pass the landmark image")
             x_t = torch.cat([x_t, pose.to(x_t.dtype)], dim=1)
         x = conv2d(self.patch_embed, x_t).flatten(2).transpose(1, 2) + self.pos  # (N, L, D)
-        c = self.time_mlp(timestep_embedding(t, 256).to(x.dtype)) + self.cond_proj(cond.to(x.dtype))  # (N, D)
+        cond = cond.to(x.dtype) * cfg.cond_scale if cfg.cond_scale != 1.0 else cond.to(x.dtype)
+        c = self.time_mlp(timestep_embedding(t, 256).to(x.dtype)) + self.cond_proj(cond)  # (N, D)
         kernels = fused_adaln_kernels(cfg.adaln, x)
         shift, scale = self.final_ada(c).chunk(2, dim=1)
         if kernels is not None:
