@@ -65,6 +65,21 @@ def test_refuses_to_overwrite_and_bad_config(toy, tmp_path):
     with pytest.raises(VigfaceError, match="--pairs"):
         make_toy_dataset(tmp_path, ToyConfig(ids=4, per_id=1, pairs=30), workers=1, progress=False)
     assert not list(tmp_path.iterdir())  # nothing written for a refused config
+    with pytest.raises(VigfaceError, match="--workers must be >= 0"):
+        make_toy_dataset(tmp_path / "w", SMALL, workers=-1, progress=False)
+
+
+def test_overwrite_without_pairs_leaves_no_pair_sets_of_the_old_world(toy, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(toy, copy)
+    assert (copy / "toy_val.bin").is_file()
+    recipe = make_toy_dataset(
+        copy, ToyConfig(ids=3, per_id=2, pairs=0, val_ids=2), workers=1, progress=False, overwrite=True
+    )
+    assert not (copy / "toy_val.bin").exists() and not (copy / "toy_pose.bin").exists()
+    assert sorted(p.name for p in copy.iterdir()) == sorted(recipe["files"] + ["toy.json"])
 
 
 def test_cli_toy_and_info(tmp_path, capsys):

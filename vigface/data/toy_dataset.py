@@ -129,7 +129,13 @@ def make_toy_dataset(
     if (out / "toy.json").exists() and not overwrite:
         raise VigfaceError(f"{out}: already holds a toy dataset (toy.json); pass --overwrite to replace it")
     refuse_foreign_output(out, own=TOY_FILES, what="a toy dataset")  # --overwrite replaces only toy sets
+    if workers < 0:
+        raise VigfaceError(f"--workers must be >= 0 (0: one per core, up to 8), got {workers}")
     remove_stale_temporaries(out, own=TOY_FILES)
+    # The old recipe goes first (a folder without toy.json is one being made), and the old pair sets
+    # with it: a run with --pairs 0 writes none, and left the old world's beside the new one.
+    for name in ("toy.json", "toy_val.bin", "toy_pose.bin"):
+        (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or min(os.cpu_count() or 1, 8)
     # One pool for every phase (spawned: safe even after torch started threads in this process).
