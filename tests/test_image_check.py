@@ -36,16 +36,16 @@ def test_a_truncated_payload_that_merge_copied_is_named_with_its_offset(tmp_path
     assert list(found) == [str(rec)]
     report = found[str(rec)]
     # by hand: 7 images, the 6th is the cut one; the six others are 20x16
-    assert (report["images"], report["undecodable"]) == (7, 1)
+    assert (report["images"], report["unreadable"]) == (7, 1)
     assert report["sizes"] == {"20x16": 6}
     (failure,) = report["failures"]
     assert failure.startswith(f"{rec} at byte offset ") and "is not a decodable image" in failure
 
     assert main(["data", "info", str(tmp_path / "merged"), "--check-images", "--quiet"]) == 1
     out = capsys.readouterr().out
-    assert f"check {rec}: 7 images, 1 undecodable; sizes 20x16 x6" in out
+    assert f"check {rec}: 7 images, 1 unreadable; sizes 20x16 x6" in out
     assert main(["data", "info", str(good), "--check-images", "--quiet"]) == 0
-    assert f"check {good / 'train.rec'}: 4 images, 0 undecodable; sizes 20x16 x4" in capsys.readouterr().out
+    assert f"check {good / 'train.rec'}: 4 images, 0 unreadable; sizes 20x16 x4" in capsys.readouterr().out
 
 
 def test_every_failure_is_counted_and_the_first_ones_named(tmp_path, capsys):
@@ -53,7 +53,7 @@ def test_every_failure_is_counted_and_the_first_ones_named(tmp_path, capsys):
     payloads = [b"\xff\xd8\xff broken %d" % i for i in range(SHOWN_FAILURES + 3)] + [_jpeg(0)]
     write_image_folder(tmp_path / "folder", payloads, list(range(len(payloads))))
     report = check_images(tmp_path / "folder", progress=False)[str(tmp_path / "folder")]
-    assert (report["images"], report["undecodable"]) == (SHOWN_FAILURES + 4, SHOWN_FAILURES + 3)
+    assert (report["images"], report["unreadable"]) == (SHOWN_FAILURES + 4, SHOWN_FAILURES + 3)
     assert len(report["failures"]) == SHOWN_FAILURES and report["sizes"] == {"20x16": 1}
     assert main(["data", "info", str(tmp_path / "folder"), "--check-images", "--quiet"]) == 1
     assert "  ... and 3 more" in capsys.readouterr().out
@@ -62,11 +62,29 @@ def test_every_failure_is_counted_and_the_first_ones_named(tmp_path, capsys):
     images = [_jpeg(1), _jpeg(2), _jpeg(3), b"\xff\xd8\xff broken"]
     write_bin(pairs, images, [True, False])
     report = check_images(pairs, progress=False)[str(pairs)]
-    assert (report["images"], report["undecodable"]) == (4, 1)
+    assert (report["images"], report["unreadable"]) == (4, 1)
     assert "image 3" in report["failures"][0]
 
     with pytest.raises(VigfaceError, match="no such file or folder"):
         check_images(tmp_path / "missing.rec", progress=False)
+
+
+def test_pair_sets_beside_a_train_rec_are_checked_and_unusable_files_named(tmp_path, capsys):
+    """InsightFace's layout keeps lfw.bin & co. beside train.rec: they were not checked; a .bin
+    mixing sizes (which verification refuses) and an empty set passed."""
+    folder = tmp_path / "faces_emore"
+    with FaceRecordWriter(folder) as writer:
+        writer.add(_jpeg(0), 0)
+        writer.add(_jpeg(1), 1)
+    write_bin(folder / "lfw.bin", [_jpeg(2), _jpeg(3, 24, 24)], [True])
+    report = check_images(folder, progress=False)
+    assert list(report) == [str(folder / "train.rec"), str(folder / "lfw.bin")]
+    assert report[str(folder / "lfw.bin")]["problems"] == ["mixes image sizes: verification needs one"]
+    assert main(["data", "info", str(folder), "--check-images", "--quiet"]) == 1
+    assert "  mixes image sizes: verification needs one" in capsys.readouterr().out
+    empty = tmp_path / "empty.bin"
+    write_bin(empty, [], [])
+    assert check_images(empty, progress=False)[str(empty)]["problems"] == ["holds no images"]
 
 
 def test_info_and_the_check_survive_what_the_probe_found(tmp_path, capsys):
@@ -88,7 +106,7 @@ def test_info_and_the_check_survive_what_the_probe_found(tmp_path, capsys):
     (root / first["path"]).unlink()
     assert main(["data", "info", str(root), "--check-images", "--quiet"]) == 1
     out = capsys.readouterr().out
-    assert "first_image: unreadable" in out and "2 images, 1 undecodable" in out and "missing image" in out
+    assert "first_image: unreadable" in out and "2 images, 1 unreadable" in out and "missing image" in out
 
     toy = tmp_path / "toy"
     toy.mkdir()

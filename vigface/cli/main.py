@@ -55,15 +55,16 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
                 print(f"{key}: {value}")
         for name, found in info.get("image_check", {}).items():
             sizes = ", ".join(f"{size} x{n}" for size, n in found["sizes"].items()) or "-"
-            print(
-                f"check {name}: {found['images']} images, {found['undecodable']} undecodable; sizes {sizes}"
-            )
-            for failure in found["failures"]:
-                print(f"  {failure}")
-            if found["undecodable"] > len(found["failures"]):
-                print(f"  ... and {found['undecodable'] - len(found['failures'])} more")
-    bad = sum(found["undecodable"] for found in info.get("image_check", {}).values())
-    return 1 if bad else 0
+            print(f"check {name}: {found['images']} images, {found['unreadable']} unreadable; sizes {sizes}")
+            for line in found["failures"] + found["problems"]:
+                print(f"  {line}")
+            if found["unreadable"] > len(found["failures"]):
+                print(f"  ... and {found['unreadable'] - len(found['failures'])} more")
+    if args.check_images:
+        from vigface.data.image_check import found_problems
+
+        return 1 if found_problems(info["image_check"]) else 0
+    return 0
 
 
 def _cmd_data_align(args: argparse.Namespace) -> int:

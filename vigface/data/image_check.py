@@ -62,7 +62,9 @@ def _image_sets(path: Path) -> list[Callable[[], _ImageSet]]:
             if str(name).endswith((".rec", ".bin"))
         ]
     if path.is_dir() and (path / "train.rec").is_file() and not (path / MANIFEST).exists():
-        return [lambda: _rec_set(path / "train.rec")]  # a merged or generated set, as the trainers take it
+        # a merged or generated set, as the trainers take it, or InsightFace's layout: its .bin sets too
+        pair_sets = sorted(path.glob("*.bin"))
+        return [lambda: _rec_set(path / "train.rec")] + [lambda p=p: _bin_set(p) for p in pair_sets]
     if path.is_dir() and (path / "generation.json").is_file() and not (path / MANIFEST).exists():
         raise VigfaceError(
             f"{path}: a vigface-gen folder that is not finished (no train.rec or {MANIFEST} yet); run the "
@@ -78,9 +80,11 @@ def _image_sets(path: Path) -> list[Callable[[], _ImageSet]]:
 
 
 def check_images(path: str | os.PathLike, progress: bool = True) -> dict:
-    """Decode every image under `path` (a .rec, a .bin, an image folder, a folder holding train.rec,
-    a toy world). Returns {file: {"images", "undecodable", "failures" (the first SHOWN_FAILURES,
-    where and why), "sizes" ("HxW": count)}}; raises VigfaceError for what cannot be opened at all."""
+    """Decode every image under `path` (a .rec, a .bin, an image folder, a folder holding train.rec
+    and maybe .bin sets, a toy world). Returns {file: {"images", "unreadable" (records or files that
+    do not read or decode), "failures" (the first SHOWN_FAILURES, where and why), "sizes" ("HxW":
+    count), "problems" (an empty file, a .bin mixing sizes)}}; raises VigfaceError for what cannot be
+    opened at all."""
     from tqdm import tqdm
 
     path = Path(path)
@@ -102,10 +106,21 @@ def check_images(path: str | os.PathLike, progress: bool = True) -> dict:
                 sizes[f"{image.shape[0]}x{image.shape[1]}"] += 1
         finally:
             images.close()
+        problems = []  # what makes the file unusable beyond its single images
+        if images.count == 0:
+            problems.append("holds no images")
+        if images.name.endswith(".bin") and len(sizes) > 1:
+            problems.append("mixes image sizes: verification needs one")
         report[images.name] = {
             "images": images.count,
-            "undecodable": bad,
+            "unreadable": bad,
             "failures": failures,
             "sizes": dict(sizes.most_common()),
+            "problems": problems,
         }
     return report
+
+
+def found_problems(report: dict) -> bool:
+    """Whether a check_images report names anything wrong (the command's exit status 1)."""
+    return any(found["unreadable"] or found["problems"] for found in report.values())
