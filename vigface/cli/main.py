@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.add_argument(
         "--check-images", action="store_true",
-        help="also decode every image and name the ones that do not decode (exit status 1 if any)",
+        help="also decode every image (and the .bin sets beside a train.rec) and name those that do not "
+        "read or decode (exit status 1 if any, or if a file holds none or a .bin mixes sizes)",
     )  # fmt: skip
     info.add_argument("--quiet", action="store_true", help="no progress bar (--check-images)")
     info.set_defaults(func=_cmd_data_info)
