@@ -1,5 +1,7 @@
 """`vigface data info --check-images`: every image decoded, the bad ones named, the sizes counted."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -143,3 +145,14 @@ def test_info_and_the_check_survive_what_the_probe_found(tmp_path, capsys):
     assert "skipped 2 image name(s) that are not readable files" in str(warning) and "gone.jpg" in str(
         warning
     )
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_empty_info_path_and_an_unwritable_pairs_out_are_one_line_errors(tmp_path, capsys):
+    """`data info ""` described the current folder; `data pairs --out /proc/x.bin` read the
+    images, then failed naming its temporary file."""
+    assert main(["data", "info", ""]) == 2
+    assert "data info: the path is empty" in capsys.readouterr().err
+    write_image_folder(tmp_path / "f", [_jpeg(i) for i in range(40)], [i // 2 for i in range(40)])
+    assert main(["data", "pairs", str(tmp_path / "f"), "--out", "/proc/x.bin", "--pairs", "20"]) == 2
+    assert "--out /proc/x.bin: /proc is not writable here" in capsys.readouterr().err

@@ -11,8 +11,8 @@ import argparse
 import json
 import sys
 
+from vigface.cli.common import check_output_file, run_command
 from vigface.cli.common import positive_int as _positive_int
-from vigface.cli.common import run_command
 
 
 def _cmd_data_toy(args: argparse.Namespace) -> int:
@@ -103,6 +103,7 @@ def _cmd_data_merge(args: argparse.Namespace) -> int:
 def _cmd_data_pairs(args: argparse.Namespace) -> int:
     from vigface.data.pairs import make_pairs_bin
 
+    check_output_file("--out", args.out)  # a folder no file can be made in: before the images are read
     summary = make_pairs_bin(args.data, args.out, pairs=args.pairs, seed=args.seed, overwrite=args.overwrite)
     print(
         f"wrote {summary['pairs']} pairs ({summary['images']} images of {summary['identities']} identities, "

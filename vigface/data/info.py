@@ -197,6 +197,8 @@ def describe_model(path: Path) -> dict:
 
 def describe(path: str | os.PathLike) -> dict:
     """Summary of `path` as a flat dict; raises VigfaceError for what it cannot read."""
+    if not str(path):  # Path("") is the current folder
+        raise VigfaceError("data info: the path is empty")
     path = Path(path)
     if not path.exists():
         raise VigfaceError(f"{path}: no such file or folder")
