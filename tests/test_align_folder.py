@@ -1,6 +1,7 @@
 """`vigface data align`: unaligned toy images + landmarks -> aligned folder / RecordIO."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from vigface.data.align_folder import align_image_folder
 from vigface.data.image_folder import ImageFolderDataset, write_image_folder
 from vigface.data.recordio import FaceRecordDataset
 from vigface.data.toyfaces import render_wild
-from vigface.errors import VigfaceError
+from vigface.errors import VigfaceError, VigfaceWarning
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def wild_folder(tmp_path_factory):
 def test_align_folder_matches_align_faces(wild_folder, tmp_path):
     root, rendered = wild_folder
     summary = align_image_folder(root, tmp_path / "out", image_format="png", progress=False)
-    assert summary == {"images": 6, "identities": 3}
+    assert summary == {"images": 6, "skipped": 0, "identities": 3}
     out = ImageFolderDataset(tmp_path / "out")
     src = ImageFolderDataset(root)
     for i in range(6):
@@ -247,6 +248,31 @@ def test_an_align_that_stops_leaves_an_unfinished_folder_the_rerun_completes(wil
     assert not (out / "manifest.jsonl").exists()
     with pytest.raises(VigfaceError, match="is unfinished"):
         ImageFolderDataset(out)
+
+
+@pytest.mark.parametrize("out_format", ["folder", "rec"])
+def test_an_image_that_does_not_decode_is_skipped_and_named(wild_folder, tmp_path, out_format):
+    """A truncated image stopped the run there (a folder output was left unfinished); the loaders
+    skip such images when training, and so does align now, naming them."""
+    root, _ = wild_folder
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    src = ImageFolderDataset(copy)
+    (copy / src.paths[2]).write_bytes((copy / src.paths[2]).read_bytes()[:50])
+    out = tmp_path / ("out.rec" if out_format == "rec" else "out")
+    with pytest.warns(
+        VigfaceWarning, match=rf"skipped 1 image\(s\) that do not decode \(first: .*{src.paths[2]}"
+    ):
+        summary = align_image_folder(copy, out, image_format="png", out_format=out_format, progress=False)
+    assert summary == {"images": 5, "skipped": 1, "identities": 3}
+    order = np.argsort(src.labels, kind="stable") if out_format == "rec" else range(6)  # .rec: grouped
+    kept = [int(i) for i in order if i != 2]
+    aligned = FaceRecordDataset(out) if out_format == "rec" else ImageFolderDataset(out)
+    assert len(aligned) == 5 and aligned.labels.tolist() == [int(src.labels[i]) for i in kept]
+    for n, i in enumerate(kept):
+        np.testing.assert_array_equal(aligned[n][0], align_faces(src[i][0], src.landmarks[i])[0])
+    if out_format == "rec":
+        assert np.load(tmp_path / "out_landmarks.npy").shape == (5, 5, 2)
 
 
 def test_quality_and_size_out_of_range_are_refused(wild_folder, tmp_path):

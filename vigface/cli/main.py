@@ -82,7 +82,10 @@ def _cmd_data_align(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         overwrite=args.overwrite,
     )
-    print(f"aligned {summary['images']} images of {summary['identities']} identities into {args.out}")
+    skipped = f" (skipped {summary['skipped']} that do not decode)" if summary["skipped"] else ""
+    print(
+        f"aligned {summary['images']} images of {summary['identities']} identities into {args.out}{skipped}"
+    )
     return 0
 
 

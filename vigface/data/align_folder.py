@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from vigface.data.image_folder import MANIFEST, UNFINISHED, ImageFolderDataset, 
 from vigface.data.landmarks_npy import read_landmarks_npy
 from vigface.data.output_folder import refuse_foreign_output, remove_stale_temporaries
 from vigface.data.recordio import FaceRecordWriter
-from vigface.errors import DataFormatError, VigfaceError
+from vigface.errors import DataFormatError, VigfaceError, VigfaceWarning
 
 
 def _landmarks_from_jsonl(path: Path, ds: ImageFolderDataset) -> np.ndarray:
@@ -222,9 +223,15 @@ def align_image_folder(
         writer = ImageFolderWriter(out, fmt=image_format, quality=quality, overwrite=overwrite)
     else:
         raise VigfaceError(f"--format {out_format!r}: expected 'folder' or 'rec'")
+    skipped = []  # images that do not decode: skipped and named, as the loaders skip them
+    n, labels_written = 0, set()
     with writer:
-        for n, i in enumerate(tqdm(order, desc="align", unit="img", disable=not progress)):
-            img, label = ds[int(i)]
+        for i in tqdm(order, desc="align", unit="img", disable=not progress):
+            try:
+                img, label = ds[int(i)]
+            except DataFormatError as err:
+                skipped.append(str(err))
+                continue
             try:
                 aligned, matrix = align_faces(img, points[i], out_size=size, backend=backend)
             except VigfaceError as err:
@@ -235,12 +242,23 @@ def align_image_folder(
                 aligned_points[n] = moved
             else:
                 writer.add(aligned, label, identity=ds.identities[i], landmarks=moved)
+            n += 1
+            labels_written.add(int(label))
+        if n == 0:  # (inside the writer: it leaves nothing behind)
+            raise VigfaceError(f"{images}: none of its {len(ds)} images decodes (first: {skipped[0]})")
+    if skipped:
+        warnings.warn(
+            VigfaceWarning(
+                f"{images}: skipped {len(skipped)} image(s) that do not decode (first: {skipped[0]})"
+            ),
+            stacklevel=2,
+        )
     if out_format == "rec":
         rec = out / "train.rec" if out.is_dir() else out
         buffer = io.BytesIO()
-        np.save(buffer, aligned_points)
+        np.save(buffer, aligned_points[:n])
         write_atomically(rec.with_name(rec.stem + "_landmarks.npy"), buffer.getvalue())
         # A .rec keeps labels only: the identity (folder) name of each label goes beside it.
         names = dict(zip(ds.labels.tolist(), ds.identities, strict=True))
         write_atomically(rec.with_name(rec.stem + "_identities.json"), json.dumps(names, indent=0) + "\n")
-    return {"images": len(ds), "identities": len(set(ds.labels.tolist()))}
+    return {"images": n, "skipped": len(skipped), "identities": len(labels_written)}
