@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from vigface.cli.main import main
 from vigface.data.recordio import FaceRecordDataset, RecordIOReader
 from vigface.data.toy_dataset import ToyConfig, make_toy_dataset
 from vigface.data.verification_bin import read_bin
-from vigface.errors import VigfaceError
+from vigface.errors import VigfaceError, VigfaceWarning
 
 SMALL = ToyConfig(ids=6, per_id=3, pairs=40, val_ids=20, val_per_id=2, pose_per_id=1, seed=5)
 
@@ -67,6 +68,19 @@ def test_refuses_to_overwrite_and_bad_config(toy, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written for a refused config
     with pytest.raises(VigfaceError, match="--workers must be >= 0"):
         make_toy_dataset(tmp_path / "w", SMALL, workers=-1, progress=False)
+
+
+def test_a_pair_set_of_mostly_repeats_is_warned_about(tmp_path):
+    """2 ids x 1 image for 6,000 pairs: 556 distinct of the 3,000 genuine pairs, without a word."""
+    from vigface.data.pairs import repeated_pairs
+
+    few = ToyConfig(ids=2, per_id=1, pairs=2000, val_ids=20, val_per_id=2, pose_per_id=1)
+    with pytest.warns(VigfaceWarning, match=r"toy_val.bin: \d+ of its 2000 pairs repeat another"):
+        make_toy_dataset(tmp_path / "few", few, workers=1, progress=False)
+    assert repeated_pairs([([(1, 2), (3, 4)], None), ([(2, 1), (3, 5)], None)]) == 1  # either order
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VigfaceWarning)  # SMALL repeats a few: not said
+        make_toy_dataset(tmp_path / "small", SMALL, workers=1, progress=False)
 
 
 def test_overwrite_without_pairs_leaves_no_pair_sets_of_the_old_world(toy, tmp_path):

@@ -37,6 +37,12 @@ def fold_pairs(rng, ids, left, right, n_pos: int, n_neg: int, distinct: bool):
     return pairs, [True] * n_pos + [False] * n_neg
 
 
+def repeated_pairs(pairs_by_fold) -> int:
+    """How many pairs of `pairs_by_fold` (fold_pairs results) repeat an earlier one, in either order."""
+    drawn = [tuple(sorted(pair)) for fold, _ in pairs_by_fold for pair in fold]
+    return len(drawn) - len(set(drawn))
+
+
 def write_pairs_bin(path: Path, encoded, pairs_by_fold) -> None:
     """`encoded[i]`: the bytes of image slot i (a list, or anything indexable by slot)."""
     images, issame = [], []
@@ -98,8 +104,7 @@ def make_pairs_bin(
             f"would repeat over {MAX_REPEATS} times; ask for at most {MAX_REPEATS * fewest * 2 * N_FOLDS:,}"
         )
     folds = [fold_pairs(rng, [int(a) for a in g], slots, slots, n_half, n_half, True) for g in groups]
-    drawn = [tuple(sorted(pair)) for fold, _ in folds for pair in fold]
-    repeats = len(drawn) - len(set(drawn))
+    repeats = repeated_pairs(folds)
     if repeats:  # too few images per identity (or identities) for this many distinct pairs
         warnings.warn(
             VigfaceWarning(

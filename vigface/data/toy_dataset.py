@@ -24,6 +24,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,9 +35,9 @@ from vigface.data import toyfaces
 from vigface.data.files import write_atomically
 from vigface.data.images import encode_image
 from vigface.data.output_folder import refuse_foreign_output, remove_stale_temporaries
-from vigface.data.pairs import N_FOLDS, fold_pairs, write_pairs_bin
+from vigface.data.pairs import N_FOLDS, fold_pairs, repeated_pairs, write_pairs_bin
 from vigface.data.recordio import FaceRecordWriter
-from vigface.errors import VigfaceError
+from vigface.errors import VigfaceError, VigfaceWarning
 
 # Image-index offsets keep the nuisance streams of the three uses of an identity apart.
 _VAL_INDEX0 = 0
@@ -115,6 +116,20 @@ def _start_pool(workers: int):
         signal.signal(signal.SIGINT, previous)
 
 
+def _warn_repeats(path: Path, folds, cfg: ToyConfig) -> None:
+    """Few held-out identities for this many pairs: the set repeats pairs. Said from 10 % on (the
+    demo's sets repeat 1-5 %, chance draws of imposter pairs among them; 2 ids x 1 image repeated 80 %)."""
+    repeats = repeated_pairs(folds)
+    if repeats > cfg.pairs // 10:
+        warnings.warn(
+            VigfaceWarning(
+                f"{path.name}: {repeats} of its {cfg.pairs} pairs repeat another; ask for fewer --pairs, or "
+                "more --val-ids"
+            ),
+            stacklevel=3,
+        )
+
+
 def make_toy_dataset(
     out: str | os.PathLike,
     cfg: ToyConfig,
@@ -185,6 +200,7 @@ def _make(out: Path, cfg: ToyConfig, pool, workers: int, progress: bool) -> dict
             int(a): list(range(n * cfg.val_per_id, (n + 1) * cfg.val_per_id)) for n, a in enumerate(held_out)
         }
         folds = [fold_pairs(rng, [int(a) for a in g], slots, slots, n_half, n_half, True) for g in groups]
+        _warn_repeats(out / "toy_val.bin", folds, cfg)
         write_pairs_bin(out / "toy_val.bin", encoded, folds)
 
         # toy_pose.bin: frontal against profile views (the CFP-FP protocol).
@@ -205,6 +221,7 @@ def _make(out: Path, cfg: ToyConfig, pool, workers: int, progress: bool) -> dict
         folds = [
             fold_pairs(rng, [int(a) for a in g], frontal, profile, n_half, n_half, False) for g in groups
         ]
+        _warn_repeats(out / "toy_pose.bin", folds, cfg)
         write_pairs_bin(out / "toy_pose.bin", encoded, folds)
         files += ["toy_val.bin", "toy_pose.bin"]
     timings["verification_seconds"] = time.perf_counter() - t1
