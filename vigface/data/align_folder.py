@@ -206,7 +206,7 @@ def align_image_folder(
     named = f"--landmarks {landmarks}" if landmarks else f"the landmarks of {images}"
     check_landmarks_fit(points, ds.encoded, named)
     missing = np.flatnonzero(~np.isfinite(np.asarray(points, dtype=np.float64)).all(axis=(1, 2)))
-    if missing.size:  # found at that image, after the images before it were written
+    if missing.size:  # up front: the run stopped at the first such row, after writing the ones before
         shown = ", ".join(ds.where(int(i)) for i in missing[:3])
         raise VigfaceError(
             f"{named}: {missing.size} of {len(points)} rows hold NaN or infinite coordinates ({shown}"

@@ -2,8 +2,9 @@
 
 `vigface data info` decodes one image; `vigface data merge` copies payloads without decoding them.
 A truncated or foreign payload is found by the loaders only at training time (they skip it with a
-warning). This pass decodes each image as the PIL loader does and reports, per file, how many did
-not decode (the first few by where they are and why) and the image sizes found.
+warning). This pass decodes each image as the PIL loader does and reports, per file, how many do
+not read or decode (the first few by where they are and why), the image sizes found, and what makes
+a whole file unusable (no images; a verification .bin mixing sizes).
 """
 
 from __future__ import annotations
