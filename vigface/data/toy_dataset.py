@@ -126,7 +126,7 @@ def _warn_repeats(path: Path, folds, cfg: ToyConfig) -> None:
                 f"{path.name}: {repeats} of its {cfg.pairs} pairs repeat another; ask for fewer --pairs, or "
                 "more --val-ids"
             ),
-            stacklevel=3,
+            stacklevel=4,  # make_toy_dataset's caller
         )
 
 
