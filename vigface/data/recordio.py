@@ -679,8 +679,7 @@ class FaceRecordDataset:
         record and line last, so a cut index loses them first and leaves the .rec's tail unindexed;
         InsightFace's files keep the header record at offset 0."""
         reader = self.reader
-        last = int(reader._sorted_offsets[-1]) if reader._file_order else int(reader._offsets.max())
-        _, indexed_end = _read_record(reader._pread, reader.size, last, self.rec_path)
+        _, indexed_end = _read_record(reader._pread, reader.size, int(reader._offsets.max()), self.rec_path)
         if indexed_end < reader.size:
             raise DataFormatError(
                 reader.idx_path,
@@ -690,7 +689,10 @@ class FaceRecordDataset:
             )
         if np.any(reader._offsets == 0):  # the record at offset 0 is indexed under another key
             return
-        header0, _ = unpack_record(reader.read_at(0), self.rec_path, 0)
+        try:
+            header0, _ = unpack_record(reader.read_at(0), self.rec_path, 0)
+        except DataFormatError:  # no record there: the reads that need one report it
+            return
         label = np.atleast_1d(header0.label)
         if header0.flag >= 2 and _integral(label[:2]) and 1 <= label[0] <= label[1]:
             raise DataFormatError(
