@@ -117,6 +117,10 @@ def test_info_and_the_check_survive_what_the_probe_found(tmp_path, capsys):
         assert main(["data", "info", str(toy)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"vigface: error: {toy / 'toy.json'}") and "Traceback" not in err
+    (toy / "toy.json").write_text('{"files": [], "total_seconds": NaN}')  # Python's json wrote NaN
+    assert main(["data", "info", str(toy), "--json"]) == 0
+    strict = json.loads(capsys.readouterr().out, parse_constant=lambda token: pytest.fail(f"{token} in JSON"))
+    assert strict["made_in_seconds"] == "nan"
     model = tmp_path / "model"
     model.mkdir()
     (model / "backbone.json").write_text('{"backbone": "r18", "margin": [1]}')

@@ -48,7 +48,9 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
 
         info["image_check"] = check_images(args.path, progress=not args.quiet)
     if args.json:
-        print(json.dumps(info, indent=2))
+        from vigface.eval.report import _json_safe
+
+        print(json.dumps(_json_safe(info), indent=2))  # a NaN read from toy.json is no JSON token
     else:
         for key, value in info.items():
             if key != "image_check":
