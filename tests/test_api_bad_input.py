@@ -237,3 +237,23 @@ def test_metric_functions_refuse_input_that_made_nan_or_failed_inside_numpy():
     assert np.isfinite(dataset_metrics(e, labels, quality=np.linspace(0, 1, 6))["div"])
     genuine, imposter = mean_genuine_imposter(e[:3], [0, 0, 1])
     assert genuine == pytest.approx(e[0] @ e[1] / np.linalg.norm(e[0]) / np.linalg.norm(e[1]))
+
+
+def test_a_backbone_json_that_disagrees_with_its_weights_is_one_error(tmp_path):
+    """input_size edited in backbone.json: load_state_dict(strict=False) still raised its own
+    RuntimeError, a traceback in embed, verify and metrics."""
+    import json
+    import shutil
+
+    from vigface.errors import DataFormatError
+
+    folder = tmp_path / "fr"
+    shutil.copytree(tiny_model_dir() / "fr", folder)
+    meta = json.loads((folder / "backbone.json").read_text())
+    meta["backbone"]["input_size"] = 112
+    (folder / "backbone.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        DataFormatError,
+        match=r"backbone.safetensors: does not match the backbone backbone.json describes \(fc.weight",
+    ):
+        load_backbone(folder)

@@ -57,7 +57,13 @@ def load_backbone(model_dir: str | os.PathLike, device: str | torch.device = "cp
         state = load_file(weights_path)
     except Exception as exc:  # safetensors' own error type
         raise DataFormatError(weights_path, f"cannot be read: {exc}") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that disagree with backbone.json (strict=False still raises)
+        first = str(exc).split("size mismatch for ", 1)[-1].splitlines()[0]
+        raise DataFormatError(
+            weights_path, f"does not match the backbone {meta_path.name} describes ({first})"
+        ) from None
     if missing or unexpected:
         raise DataFormatError(
             weights_path,
