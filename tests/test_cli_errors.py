@@ -378,3 +378,43 @@ def test_console_scripts_guard_their_imports_against_ctrl_c(monkeypatch, capsys)
     with pytest.raises(SystemExit) as done:  # otherwise the command itself runs
         entry.export(["--help"])
     assert done.value.code == 0 and "vigface-export" in capsys.readouterr().out
+
+
+def test_an_output_that_would_replace_an_input_is_refused_before_any_work(small_toy, tmp_path, capsys):
+    """Found by a probe: export --out my/denoiser replaced the model's denoiser.json with its
+    sidecar, embed --out fr/backbone.safetensors the weights it read, verify --json toy_val.bin the
+    set it verified; each exited 0."""
+    import shutil
+
+    model = tmp_path / "my"
+    shutil.copytree(tiny_model_dir(), model)
+    before = {p: p.read_bytes() for p in sorted(model.rglob("*")) if p.is_file()}
+    bin_path = tmp_path / "val.bin"
+    shutil.copy(small_toy / "toy_val.bin", bin_path)
+    bin_bytes = bin_path.read_bytes()
+    runs = {
+        "vigface-export": (
+            lambda: export_cli.main(["--model", str(model), "--out", str(model / "denoiser")]),
+            f"its sidecar {model / 'denoiser.json'}: would replace",
+        ),
+        "vigface-embed": (
+            lambda: embed_cli.main(
+                [str(model / "fr"), str(bin_path), "--out", str(model / "fr" / "backbone.safetensors")]
+            ),
+            "would replace",
+        ),
+        "vigface-eval": (
+            lambda: eval_cli.main(["verify", str(model / "fr"), str(bin_path), "--json", str(bin_path)]),
+            f"--json {bin_path}: would replace {bin_path}, an input of this command",
+        ),
+    }
+    for name, (run, why) in runs.items():
+        assert run() == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith(f"{name}: error: ") and why in err, err
+    assert {p: p.read_bytes() for p in sorted(model.rglob("*")) if p.is_file()} == before
+    assert bin_path.read_bytes() == bin_bytes
+    # the default export goes into the model's engines/ folder, and again over its own earlier export
+    for _ in range(2):
+        assert export_cli.main(["--model", str(model)]) == 0
+    assert (model / "engines" / "denoiser.onnx").is_file()

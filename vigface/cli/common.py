@@ -67,6 +67,31 @@ def check_output_file(option: str, path: str | os.PathLike | None, example: str 
         _check_writable(option, path, Path(path).parent)
 
 
+def refuse_writing_over_inputs(option: str, outputs, inputs) -> None:
+    """Refuse, before any work, outputs that would replace one of the command's inputs: a file
+    named in `inputs`, or a file inside a folder named there (a model folder's own files; its
+    `engines/` subfolder, where exports go, excepted). `vigface-export --out my/denoiser` replaced
+    the model's denoiser.json with its sidecar, `vigface-embed --out fr/backbone.safetensors` the
+    weights it had just read, `verify --json toy_val.bin` the set it had verified."""
+    protected = {}
+    for item in inputs:
+        if item is None:
+            continue
+        path = Path(item)
+        if path.is_dir():
+            for file in path.rglob("*"):
+                if file.is_file() and file.relative_to(path).parts[0] != "engines":
+                    protected[file.resolve()] = file
+        else:
+            protected[path.resolve()] = path
+    for out in outputs:
+        if out is not None and Path(out).resolve() in protected:
+            raise VigfaceError(
+                f"{option} {out}: would replace {protected[Path(out).resolve()]}, an input of this command; "
+                "write it elsewhere"
+            )
+
+
 def _check_writable(option: str, path, folder: Path) -> None:
     """Refuse an output whose folder (or, where it does not exist yet, the nearest folder above it
     that does) cannot take a new file."""

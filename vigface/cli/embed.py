@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from vigface.cli.common import check_output_file, positive_int, run_command
+from vigface.cli.common import check_output_file, positive_int, refuse_writing_over_inputs, run_command
 from vigface.data.files import sort_safetensors_metadata, usual_permissions
 from vigface.device import resolve_device
 from vigface.errors import VigfaceError
@@ -48,6 +48,9 @@ def _embed(args: argparse.Namespace) -> int:
     if out.suffix not in (".npy", ".safetensors"):
         raise VigfaceError(f"--out {out}: use a .npy or .safetensors file name")
     check_output_file("--out", out)  # found now, not after the whole embedding pass
+    data = Path(args.input)  # a file (.rec with its .idx, .bin), or an image folder (not walked)
+    inputs = [data, data.with_suffix(".idx")] if data.is_file() else []
+    refuse_writing_over_inputs("--out", [out], [args.model, *inputs])
     device = resolve_device(args.device)
     model, meta = load_backbone(args.model, device)
     images, count, labels, issame = _source(Path(args.input))

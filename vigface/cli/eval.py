@@ -18,7 +18,13 @@ import json
 import sys
 from pathlib import Path
 
-from vigface.cli.common import check_output_file, check_output_folder, positive_int, run_command
+from vigface.cli.common import (
+    check_output_file,
+    check_output_folder,
+    positive_int,
+    refuse_writing_over_inputs,
+    run_command,
+)
 from vigface.data.files import write_atomically
 from vigface.device import resolve_device
 from vigface.errors import VigfaceError
@@ -48,6 +54,7 @@ def _cmd_verify(args) -> int:
     if not args.real_model:
         peer_average(args.real_reference)  # a misspelt name fails now, not after the verification
     check_output_file("--json", args.json)
+    refuse_writing_over_inputs("--json", [args.json], [args.model, args.real_model, *args.bins])
     device = resolve_device(args.device)
     ours = evaluate_model(args.model, args.bins, device)
     _print_table(args.model, ours)

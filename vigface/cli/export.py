@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from vigface.cli.common import check_output_file, positive_int, run_command
+from vigface.cli.common import check_output_file, positive_int, refuse_writing_over_inputs, run_command
 from vigface.data.files import write_atomically
 from vigface.data.output_folder import remove_stale_temporaries
 from vigface.errors import BackendUnavailableError, DataFormatError, VigfaceError, VigfaceWarning, first_line
@@ -111,6 +111,8 @@ def _export(args: argparse.Namespace) -> int:
     denoiser, model_sha = sampler.denoiser, state_sha256(sampler.denoiser)
     artifacts = engine_artifacts(args.model)
     out = Path(args.out) if args.out else artifacts[args.format]
+    refuse_writing_over_inputs("--out", [out], [args.model, args.onnx])
+    refuse_writing_over_inputs(f"--out {out}: its sidecar", [sidecar_path(out)], [args.model, args.onnx])
     out.parent.mkdir(parents=True, exist_ok=True)
 
     typing = args.typing
