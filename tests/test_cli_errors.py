@@ -418,3 +418,28 @@ def test_an_output_that_would_replace_an_input_is_refused_before_any_work(small_
     for _ in range(2):
         assert export_cli.main(["--model", str(model)]) == 0
     assert (model / "engines" / "denoiser.onnx").is_file()
+
+
+def test_cfg_sweep_names_a_damaged_denoiser_json(small_toy, tmp_path, capsys):
+    """cfg-sweep read denoiser.json raw: broken JSON, a list, or a number for fr_model were
+    tracebacks; an empty folder was 'No such file or directory'."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir(), model)
+    meta = (model / "denoiser.json").read_text()
+    sweep = ["cfg-sweep", str(model), "--real", str(small_toy / "train.rec"), "--work", str(tmp_path / "w"),
+             "--num-ids", "2", "--per-id", "2", "--steps", "2", "--quiet", "--w", "0.5"]  # fmt: skip
+    for text, why in (
+        ("{broken", "denoiser.json: not readable JSON"),
+        ("[1, 2]", "denoiser.json: not a denoiser description"),
+        (meta.replace('"fr_model": "fr"', '"fr_model": 123'), "denoiser.json: not a denoiser description"),
+    ):
+        (model / "denoiser.json").write_text(text)
+        assert eval_cli.main(sweep) == 2
+        err = capsys.readouterr().err
+        assert why in err and "Traceback" not in err, err
+    sweep[1] = str(tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    assert eval_cli.main(sweep) == 2
+    assert "not a trained denoiser folder" in capsys.readouterr().err

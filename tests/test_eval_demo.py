@@ -146,7 +146,7 @@ def test_quick_mode_uses_trained_models_without_training_them(demo_run, tmp_path
     real = report["verification"]["models"]["real"]["description"]
     assert real.startswith("stage-1 model the denoiser was trained against") and str(full_out) not in real
     assert report["picked_w"] == {"real": 0.5, "virtual": 2.5, "from_sweep": False}
-    with pytest.raises(VigfaceError, match="not a denoiser folder"):
+    with pytest.raises(VigfaceError, match="demo --quick: .*: not a trained denoiser folder"):
         run_demo(dataclasses.replace(config, model=str(tmp_path)), str(tmp_path / "again"))
     assert not (tmp_path / "again").exists()  # a refused run leaves no folder
     # A folder holding other runs (the README's runs/ with runs/fr beside runs/diffusion): refused untouched.

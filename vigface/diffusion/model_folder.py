@@ -12,6 +12,7 @@ for folders that travel (the model shipped inside the package keeps its FR model
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from vigface.errors import DataFormatError
@@ -21,6 +22,24 @@ DENOISER_META = "denoiser.json"
 PROTOTYPES = "prototypes.safetensors"
 POSE_TABLE = "pose_landmarks.npy"
 MAX_POSE_ROWS = 100_000
+
+
+def read_denoiser_meta(model_dir: str | Path) -> dict:
+    """denoiser.json of a trained denoiser folder, checked as far as its readers need it (the
+    folder's files, a JSON object, `fr_model` a path); DataFormatError naming what is wrong."""
+    model_dir = Path(model_dir)
+    meta_path = model_dir / DENOISER_META
+    if not meta_path.is_file() or not (model_dir / DENOISER_WEIGHTS).is_file():
+        raise DataFormatError(
+            model_dir, f"not a trained denoiser folder (needs {DENOISER_META} and {DENOISER_WEIGHTS})"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataFormatError(meta_path, f"not readable JSON ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("fr_model", ""), str):
+        raise DataFormatError(meta_path, "not a denoiser description (an object whose fr_model is a path)")
+    return meta
 
 
 def fr_model_dir(model_dir: str | Path, meta: dict) -> Path:

@@ -293,7 +293,7 @@ def _run_demo(config: DemoConfig, out: str, resume: bool, lock: FolderLock) -> d
 
     from vigface.data.toy_dataset import ToyConfig, make_toy_dataset
     from vigface.data.verification_bin import load_verification_pairs
-    from vigface.diffusion.model_folder import DENOISER_META, PROTOTYPES, fr_model_dir, load_prototypes
+    from vigface.diffusion.model_folder import PROTOTYPES, fr_model_dir, load_prototypes, read_denoiser_meta
     from vigface.diffusion.sampling import FaceSampler
     from vigface.diffusion.trainer import train_diffusion
     from vigface.eval import plots
@@ -325,10 +325,10 @@ def _run_demo(config: DemoConfig, out: str, resume: bool, lock: FolderLock) -> d
             dm_dir = tiny_model_dir()
         else:
             dm_dir = Path(c.model)
-        meta_path = dm_dir / DENOISER_META
-        if not meta_path.is_file():
-            raise VigfaceError(f"demo --quick: {dm_dir} is not a denoiser folder (no {DENOISER_META})")
-        fr_dir = fr_model_dir(dm_dir, json.loads(meta_path.read_text()))
+        try:
+            fr_dir = fr_model_dir(dm_dir, read_denoiser_meta(dm_dir))
+        except VigfaceError as err:
+            raise VigfaceError(f"demo --quick: {err}") from None
         # Loaded once now (small models), so a damaged file stops the demo before any work is done.
         FaceSampler.load(dm_dir)
         load_backbone(fr_dir)
