@@ -139,6 +139,20 @@ def test_pose_file_and_frontal(denoiser_dir, tmp_path):
         generate_dataset(
             GenerationConfig(out=str(tmp_path / "bad"), pose=str(tmp_path / "bad.npy"), **common)
         )
+    # rows without 5 finite points are no pose (NaN poses went into the output, exit 0); none: refused
+    holes = np.concatenate([table, np.full((2, 5, 2), np.nan, np.float32)])
+    np.save(tmp_path / "holes.npy", holes)
+    generate_dataset(
+        GenerationConfig(out=str(tmp_path / "holes"), pose=str(tmp_path / "holes.npy"), **common)
+    )
+    drawn = np.load(tmp_path / "holes" / "train_landmarks.npy")
+    assert np.isfinite(drawn).all() and all(any(np.allclose(row, t) for t in table) for row in drawn)
+    np.save(tmp_path / "nan.npy", np.full((3, 5, 2), np.nan, np.float32))
+    with pytest.raises(VigfaceError, match="nan.npy: none of its 3 rows holds 5 finite points"):
+        generate_dataset(
+            GenerationConfig(out=str(tmp_path / "nan"), pose=str(tmp_path / "nan.npy"), **common)
+        )
+    assert not (tmp_path / "nan").exists()
 
 
 def test_torchrun_two_ranks_equal_one_process(denoiser_dir, tmp_path):

@@ -216,6 +216,12 @@ def _load_pose_table(config: GenerationConfig, meta: dict) -> np.ndarray | None:
     if not path.is_file():
         raise DataFormatError(path, "pose landmarks not found (pass --landmarks FILE or --pose frontal)")
     table = read_landmarks_npy(path)
+    # Rows without 5 finite points (a training image without a detection) are no pose: drawn, they
+    # made NaN pose images and NaN landmarks in the output, with exit 0
+    finite = np.isfinite(table).all(axis=(1, 2))
+    if not finite.any():
+        raise DataFormatError(path, f"none of its {len(table)} rows holds 5 finite points: no pose to draw")
+    table = table[finite]
     if in_stored_frame:
         table = rescale_landmarks(table, _stored_image_size(train_config.get("data")), 112)
     warn_if_not_aligned(table, 112, f"poses {path}")  # drawn in the aligned 112 frame
