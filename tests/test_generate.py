@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -499,6 +500,22 @@ def test_prototypes_of_another_fr_model_are_warned_about(denoiser_dir, tmp_path,
         f"vigface-gen: warning: --prototypes {other}: they come from another FR model"
         in capsys.readouterr().err
     )
+    # prototypes of another size, or NaN ones: refused before the plan is written (the run failed at
+    # its first batch, leaving a folder only those prototypes' settings could finish, and they fail)
+    tables = load_file(own)
+    wide = {k: torch.cat([v, v], dim=1) for k, v in tables.items()}
+    holes = {k: v.clone() for k, v in tables.items()}
+    holes["virtual"][0, 0] = float("nan")
+    for name, table, why in (("wide", wide, r"real prototypes are \d+-d, but the denoiser takes"),
+                             ("holes", holes, "virtual prototypes hold NaN")):  # fmt: skip
+        save_file(table, tmp_path / f"{name}.safetensors")
+        out = tmp_path / name
+        assert (
+            gen_cli.main([*args, "--out", str(out), "--prototypes", str(tmp_path / f"{name}.safetensors")])
+            == 2
+        )
+        assert re.search(why, capsys.readouterr().err)
+        assert not out.exists()
 
 
 def test_a_finished_generation_is_not_merged_again(denoiser_dir, tmp_path, monkeypatch):

@@ -351,6 +351,16 @@ class _Generator:
                 stacklevel=2,
             )
         self.prototypes = load_prototypes(proto_path)
+        cond_dim = self.sampler.config.cond_dim  # checked before the plan is written, not at the first batch
+        for kind, table in self.prototypes.items():
+            if table.shape[1] != cond_dim:
+                raise DataFormatError(
+                    proto_path,
+                    f"its {kind} prototypes are {table.shape[1]}-d, but the denoiser takes {cond_dim}-d "
+                    "conditions (prototypes of another FR model?)",
+                )
+            if not torch.isfinite(table).all():
+                raise DataFormatError(proto_path, f"its {kind} prototypes hold NaN or infinite values")
         self.jobs = plan_jobs(c, len(self.prototypes["real"]), len(self.prototypes["virtual"]))
         self.table = _load_pose_table(c, self.sampler.meta) if self.sampler.config.pose else None
         self.inputs_sha256 = {
