@@ -1,5 +1,6 @@
 """vigface-gen: sampling determinism, the shard layout, and kill -9 / resume byte-identity."""
 
+import dataclasses
 import json
 import os
 import re
@@ -582,3 +583,18 @@ def test_torchrun_ranks_do_not_wait_for_the_merge(denoiser_dir, tmp_path):
     assert gen_cli.main(gen_args(denoiser_dir, tmp_path / "one")) == 0
     for name in ("train.rec", "train.idx", "train_landmarks.npy", "shards.jsonl"):
         assert (out / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def test_a_plan_too_large_to_hold_is_refused_before_it_is_built():
+    """--per-id 1,000,000 over 100 ids grew a 10**8-entry plan list to 8 GB without a word."""
+    from vigface.generate.dataset import MAX_PLANNED_IMAGES, plan_jobs
+
+    huge = GenerationConfig(model="m", out="o", ids="real", per_id=1_000_000)
+    with pytest.raises(
+        VigfaceError, match=r"100,000,000 images asked for \(100 ids x 1,000,000\); one run plans at most"
+    ):
+        plan_jobs(huge, num_real=100, num_virtual=100)
+    edge = GenerationConfig(model="m", out="o", ids="both", num_ids=30, per_id=3)
+    assert len(plan_jobs(edge, 30, 30)) == 180
+    with pytest.raises(VigfaceError, match="one run plans at most"):  # 60 ids: just over the limit
+        plan_jobs(dataclasses.replace(edge, per_id=MAX_PLANNED_IMAGES // 60 + 1), 30, 30)

@@ -60,6 +60,7 @@ from vigface.run_lock import FolderLock
 # The paper's datasets: (identities, images per identity).
 PRESETS = {"S": (10_000, 50), "B": (60_000, 20), "L": (120_000, 50)}
 KINDS = ("real", "virtual", "both")
+MAX_PLANNED_IMAGES = 25_000_000  # preset L (120k ids x 50) for both kinds is 12M
 # What a rec-format generation writes into its --out (see the module doc): callers that clear a
 # generated set (cfg-sweep) delete a folder only when it holds nothing else.
 OUTPUT_ENTRIES = (
@@ -161,14 +162,24 @@ def plan_jobs(config: GenerationConfig, num_real: int, num_virtual: int) -> list
         else (PRESETS[config.preset][0] if config.preset else None)
     )
     kinds = ("real", "virtual") if config.ids == "both" else (config.ids,)
-    jobs, label = [], 0
+    counts = {}
     for kind in kinds:
         available = num_real if kind == "real" else num_virtual
-        count = available if wanted is None else wanted
-        if count > available:
+        counts[kind] = available if wanted is None else wanted
+        if counts[kind] > available:
             raise VigfaceError(
-                f"generation: {count} {kind} identities asked for, the FR model has {available}"
+                f"generation: {counts[kind]} {kind} identities asked for, the FR model has {available}"
             )
+    per_id = _images_per_id(config)
+    if sum(counts.values()) * per_id > MAX_PLANNED_IMAGES:  # the plan is a list: 10**8 images took 8 GB
+        raise VigfaceError(
+            f"generation: {sum(counts.values()) * per_id:,} images asked for "
+            f"({' + '.join(f'{n:,}' for n in counts.values())} ids x {per_id:,}); one run plans at most "
+            f"{MAX_PLANNED_IMAGES:,} (twice preset L for both kinds): split it into runs with other --seed and --out"
+        )
+    jobs, label = [], 0
+    for kind in kinds:
+        count = counts[kind]
         for proto in range(count):
             jobs += [(label, kind, proto, image) for image in range(_images_per_id(config))]
             label += 1
