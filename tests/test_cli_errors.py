@@ -443,3 +443,21 @@ def test_cfg_sweep_names_a_damaged_denoiser_json(small_toy, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert eval_cli.main(sweep) == 2
     assert "not a trained denoiser folder" in capsys.readouterr().err
+
+
+def test_embed_refuses_to_write_nan_embeddings(small_toy, tmp_path, capsys):
+    """A diverged model (NaN in a bias) gave 400 NaN embeddings, written with exit 0; verify and
+    metrics refuse the same model's scores."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "fr"
+    shutil.copytree(tiny_model_dir() / "fr", model)
+    weights = load_file(model / "backbone.safetensors")
+    weights["fc.bias"][:] = float("nan")
+    save_file(weights, model / "backbone.safetensors")
+    out = tmp_path / "emb.npy"
+    assert embed_cli.main([str(model), str(small_toy / "toy_val.bin"), "--out", str(out), "--quiet"]) == 2
+    assert "embeddings hold NaN or infinite values (did the model diverge?)" in capsys.readouterr().err
+    assert not out.exists()

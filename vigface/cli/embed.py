@@ -58,6 +58,12 @@ def _embed(args: argparse.Namespace) -> int:
         emb = embed_images(
             model, images, batch_size=args.batch_size, flip=not args.no_flip, progress=bar.update
         )
+    bad = int((~np.isfinite(emb).all(axis=1)).sum())
+    if bad:  # verify and metrics refuse such scores; written, they passed on silently
+        raise VigfaceError(
+            f"{args.model}: {bad} of {emb.shape[0]} embeddings hold NaN or infinite values (did the model "
+            f"diverge?); nothing written to {out}"
+        )
     tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
