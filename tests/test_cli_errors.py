@@ -290,7 +290,7 @@ def test_a_read_only_output_folder_is_refused_before_any_work(
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
-def test_an_output_file_where_no_file_can_be_made_is_refused_before_any_work(tmp_path):
+def test_an_output_file_where_no_file_can_be_made_is_refused_before_any_work(tmp_path, capsys):
     """vigface-export --out /proc/x.onnx exported first, then failed on its temporary file's name:
     as root, /proc passes os.access and refuses new files."""
     from vigface.cli.common import check_output_file, check_output_folder
@@ -301,6 +301,15 @@ def test_an_output_file_where_no_file_can_be_made_is_refused_before_any_work(tmp
             check("--out", path)
     check_output_file("--json", tmp_path / "new" / "x.json")  # a folder still to make is fine
     assert list(tmp_path.iterdir()) == []  # and the check left nothing behind
+    assert gen_cli.main(["--out", "/proc/vigface-gen", "--quiet"]) == 2  # it said "No such file ..."
+    assert "--out /proc/vigface-gen: /proc is not writable here" in capsys.readouterr().err
+
+
+def test_metrics_passes_below_two_are_refused_by_the_parser(capsys):
+    """argparse said 'must be at least 1', then --passes 1 was refused by SER-FIQ (2..10,000)."""
+    with pytest.raises(SystemExit):
+        eval_cli.main(["metrics", "m", "d", "--passes", "1"])
+    assert "argument --passes: '1' must be in 2..10,000" in capsys.readouterr().err
 
 
 def test_a_reader_that_leaves_the_pipe_early_is_no_traceback():

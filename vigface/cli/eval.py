@@ -240,6 +240,17 @@ def _cmd_protocol(args) -> int:
     return 0
 
 
+def _serfiq_passes(text: str) -> int:
+    """--passes as SER-FIQ takes it: a score is the spread of 2 or more dropout passes (argparse said
+    'at least 1', then 1 was refused)."""
+    from vigface.eval.serfiq import MAX_PASSES
+
+    value = positive_int(text)
+    if not 2 <= value <= MAX_PASSES:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in 2..{MAX_PASSES:,}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vigface.engines.fused_update import SAMPLERS
     from vigface.eval.protocol import DEFAULT_REAL_REFERENCE
@@ -269,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("model", help="the FR folder that measures (backbone.safetensors + backbone.json)")
     m.add_argument("data", help="train.rec, a vigface-gen output folder, or an image folder")
     m.add_argument("--real", help="a real dataset: measured too, and IoU of the histograms against it")
-    m.add_argument("--passes", type=positive_int, default=100, help="SER-FIQ dropout passes (default 100)")
+    m.add_argument(
+        "--passes", type=_serfiq_passes, default=100, help="SER-FIQ dropout passes, 2 or more (default 100)"
+    )
     m.add_argument("--max-ids", type=positive_int, help="measure only the first N identities")
     m.add_argument("--max-per-id", type=positive_int, help="and at most N images of each")
     m.add_argument("--out", help="write report.json / report.html here")
