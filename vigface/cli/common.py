@@ -56,6 +56,13 @@ def check_output_folder(option: str, path: str | os.PathLike | None) -> None:
     _check_writable(option, path, Path(path))
 
 
+def check_folder_writable(option: str, path: str | os.PathLike) -> None:
+    """Refuse, before any work, an output folder where no file can be made; a file in its way is
+    left to the command's own mkdir, which names it as every command does."""
+    if _file_at_or_above(Path(path)) is None:
+        _check_writable(option, path, Path(path))
+
+
 def check_output_file(option: str, path: str | os.PathLike | None, example: str = "") -> None:
     """Refuse, before any work, an output file name that is an existing folder, or one whose folder
     cannot be written."""

@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from vigface.cli.common import check_output_folder, first_rank, positive_int, run_command
+from vigface.cli.common import check_folder_writable, first_rank, positive_int, run_command
 from vigface.diffusion.cfg import DEFAULT_W_REAL, DEFAULT_W_VIRTUAL
 from vigface.diffusion.sampling import ENGINES, KERNELS, SAMPLERS
 from vigface.engines.base import PRECISIONS
@@ -97,7 +97,7 @@ def _generate(args: argparse.Namespace) -> int:
         print(
             f"{PROG}: no --model given, using the shipped tiny toy-world model {args.model}", file=sys.stderr
         )
-    check_output_folder("--out", args.out)  # /proc and the like: before the model is loaded
+    check_folder_writable("--out", args.out)  # /proc and the like: before the model is loaded
     values = {k: v for k, v in vars(args).items() if k != "quiet"}
     summary = generate_dataset(GenerationConfig(**values, progress=not args.quiet))
     if not first_rank():  # under torchrun, one copy of the closing line
