@@ -6,7 +6,7 @@ import torch
 
 from vigface.data.images import encode_image
 from vigface.data.verification_bin import write_bin
-from vigface.errors import VigfaceError
+from vigface.errors import VigfaceError, VigfaceWarning
 from vigface.eval.verification import (
     BENCHMARKS,
     gap_to_real,
@@ -131,6 +131,11 @@ def test_verify_bin_is_flipped_sum_normalised_cosine(tmp_path):
     assert list(both) == ["toy_pairs"] and both["toy_pairs"].accuracy == result.accuracy
     with pytest.raises(VigfaceError, match="is given twice"):
         verify_bins(model, [path, path])
+    # a set of genuine pairs only: every model scores 100 % (the threshold takes them all), said so
+    genuine = tmp_path / "genuine.bin"
+    write_bin(genuine, [encode_image(im, "png") for im in images[:40]], [True] * 20)
+    with pytest.warns(VigfaceWarning, match="all its 20 pairs are genuine pairs; its accuracy says nothing"):
+        assert verify_bin(model, genuine).accuracy == 1.0
 
 
 def test_summary_average_and_gap_to_real():
