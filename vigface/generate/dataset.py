@@ -175,8 +175,7 @@ def plan_jobs(config: GenerationConfig, num_real: int, num_virtual: int) -> list
         raise VigfaceError(
             f"generation: {sum(counts.values()) * per_id:,} images asked for "
             f"({' + '.join(f'{n:,}' for n in counts.values())} ids x {per_id:,}); one run plans at most "
-            f"{MAX_PLANNED_IMAGES:,} (twice preset L for both kinds): split it into runs with other --seed "
-            "and --out"
+            f"{MAX_PLANNED_IMAGES:,} (twice preset L for both kinds): split it into runs with other --seed and --out"
         )
     jobs, label = [], 0
     for kind in kinds:
@@ -317,9 +316,7 @@ def _plan_changes(saved, plan: dict) -> list[str]:
         return ["its plan is not readable"]
     changes = []
     for key in sorted(set(before) | set(now)):
-        # batch_size, like the device, is how the images are made, not which: a run out of memory
-        # continues with a smaller one (each image's noise comes from its own seed)
-        if key in ("out", "batch_size") or before.get(key) == now.get(key):
+        if key == "out" or before.get(key) == now.get(key):
             continue
         if hashes is not None and _names_a_file(key, before.get(key)) and _names_a_file(key, now.get(key)):
             continue  # compared by content below
