@@ -74,12 +74,13 @@ def check_output_file(option: str, path: str | os.PathLike | None, example: str 
         _check_writable(option, path, Path(path).parent)
 
 
-def refuse_writing_over_inputs(option: str, outputs, inputs) -> None:
+def refuse_writing_over_inputs(option: str, outputs, inputs, outputs_folder: str | None = None) -> None:
     """Refuse, before any work, outputs that would replace one of the command's inputs: a file
-    named in `inputs`, or a file inside a folder named there (a model folder's own files; its
-    `engines/` subfolder, where exports go, excepted). `vigface-export --out my/denoiser` replaced
-    the model's denoiser.json with its sidecar, `vigface-embed --out fr/backbone.safetensors` the
-    weights it had just read, `verify --json toy_val.bin` the set it had verified."""
+    named in `inputs`, or a file inside a folder named there (a model folder's own files), except
+    in a subfolder of it named `outputs_folder` (export's engines/). `vigface-export --out
+    my/denoiser` replaced the model's denoiser.json with its sidecar, `vigface-embed --out
+    fr/backbone.safetensors` the weights it had just read, `verify --json toy_val.bin` the set it
+    had verified."""
     protected = {}
     for item in inputs:
         if item is None:
@@ -87,7 +88,7 @@ def refuse_writing_over_inputs(option: str, outputs, inputs) -> None:
         path = Path(item)
         if path.is_dir():
             for file in path.rglob("*"):
-                if file.is_file() and file.relative_to(path).parts[0] != "engines":
+                if file.is_file() and file.relative_to(path).parts[0] != outputs_folder:
                     protected[file.resolve()] = file
         else:
             protected[path.resolve()] = path

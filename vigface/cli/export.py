@@ -111,8 +111,9 @@ def _export(args: argparse.Namespace) -> int:
     denoiser, model_sha = sampler.denoiser, state_sha256(sampler.denoiser)
     artifacts = engine_artifacts(args.model)
     out = Path(args.out) if args.out else artifacts[args.format]
-    refuse_writing_over_inputs("--out", [out], [args.model, args.onnx])
-    refuse_writing_over_inputs(f"--out {out}: its sidecar", [sidecar_path(out)], [args.model, args.onnx])
+    inputs, engines = [args.model, args.onnx], artifacts["onnx"].parent.name  # where exports go, by default
+    refuse_writing_over_inputs("--out", [out], inputs, engines)
+    refuse_writing_over_inputs(f"--out {out}: its sidecar", [sidecar_path(out)], inputs, engines)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     typing = args.typing

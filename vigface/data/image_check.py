@@ -9,7 +9,6 @@ a whole file unusable (no images; a verification .bin mixing sizes).
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from vigface.data.image_folder import MANIFEST, ImageFolderDataset
 from vigface.data.images import decode_image
+from vigface.data.info import toy_recipe
 from vigface.data.recordio import FaceRecordDataset
 from vigface.data.verification_bin import read_bin
 from vigface.errors import VigfaceError
@@ -53,14 +53,11 @@ def _bin_set(path: Path) -> _ImageSet:
 def _image_sets(path: Path) -> list[Callable[[], _ImageSet]]:
     """The files `path` holds images in, as `vigface data info` reads `path`; each opened when checked."""
     if path.is_dir() and (path / "toy.json").is_file():  # a toy world: its training set and pair sets
-        try:
-            files = json.loads((path / "toy.json").read_text())["files"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise VigfaceError(f"{path / 'toy.json'}: not a toy-world description ({exc})") from None
+        _, files = toy_recipe(path)
         return [
             (lambda p=path / name: (_rec_set if p.suffix == ".rec" else _bin_set)(p))
             for name in files
-            if str(name).endswith((".rec", ".bin"))
+            if name.endswith((".rec", ".bin"))
         ]
     if path.is_dir() and (path / "train.rec").is_file() and not (path / MANIFEST).exists():
         # a merged or generated set, as the trainers take it, or InsightFace's layout: its .bin sets too

@@ -195,6 +195,15 @@ def describe_model(path: Path) -> dict:
     return info
 
 
+def toy_recipe(folder: Path) -> tuple[dict, list[str]]:
+    """A toy world's toy.json and the files it lists; DataFormatError for a damaged one."""
+    recipe = _read_json(folder / "toy.json")
+    files = recipe.get("files", [])
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        raise DataFormatError(folder / "toy.json", f"'files' must be a list of file names, got {files!r}")
+    return recipe, files
+
+
 def describe(path: str | os.PathLike) -> dict:
     """Summary of `path` as a flat dict; raises VigfaceError for what it cannot read."""
     if not str(path):  # Path("") is the current folder
@@ -203,16 +212,13 @@ def describe(path: str | os.PathLike) -> dict:
     if not path.exists():
         raise VigfaceError(f"{path}: no such file or folder")
     if path.is_dir() and (path / "toy.json").exists():
-        recipe = _read_json(path / "toy.json")
+        recipe, files = toy_recipe(path)
         info = {
             "kind": "toy-dataset",
             "path": str(path),
             "config": recipe.get("config"),
             "made_in_seconds": recipe.get("total_seconds"),
         }
-        files = recipe.get("files", [])
-        if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
-            raise DataFormatError(path / "toy.json", f"'files' must be a list of file names, got {files!r}")
         for name in files:
             if name.endswith(".rec"):
                 info[name] = describe_rec(path / name)

@@ -24,7 +24,6 @@ byte-identical to an uninterrupted one only where the kernels are (1 CPU thread,
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import warnings
 from pathlib import Path
@@ -35,6 +34,7 @@ from safetensors.torch import load_file
 
 from vigface.device import resolve_device
 from vigface.diffusion.denoiser import Denoiser, DenoiserConfig
+from vigface.diffusion.model_folder import DENOISER_META, DENOISER_WEIGHTS, read_denoiser_meta
 from vigface.diffusion.schedule import NoiseSchedule
 from vigface.engines import ENGINES, create_engine
 from vigface.engines.fused_update import SAMPLERS
@@ -96,18 +96,14 @@ class FaceSampler:
                 stacklevel=2,
             )
         model_dir = Path(model_dir)
-        meta_path, weights = model_dir / "denoiser.json", model_dir / "denoiser.safetensors"
-        if not meta_path.is_file() or not weights.is_file():
-            raise DataFormatError(
-                model_dir, "not a trained denoiser folder (needs denoiser.json and denoiser.safetensors)"
-            )
+        meta_path, weights = model_dir / DENOISER_META, model_dir / DENOISER_WEIGHTS
+        meta = read_denoiser_meta(model_dir)  # the folder's files, a JSON object
         try:
-            meta = json.loads(meta_path.read_text())
             config = DenoiserConfig(**meta["denoiser"])
             if kernels == "fast":
                 config = dataclasses.replace(config, **FAST_CONFIG)
             schedule = NoiseSchedule(meta["schedule"]["kind"], meta["schedule"]["num_steps"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (KeyError, TypeError) as exc:
             raise DataFormatError(meta_path, f"not a valid denoiser description ({exc})") from None
         model = Denoiser(config)
         try:

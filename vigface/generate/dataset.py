@@ -175,13 +175,14 @@ def plan_jobs(config: GenerationConfig, num_real: int, num_virtual: int) -> list
         raise VigfaceError(
             f"generation: {sum(counts.values()) * per_id:,} images asked for "
             f"({' + '.join(f'{n:,}' for n in counts.values())} ids x {per_id:,}); one run plans at most "
-            f"{MAX_PLANNED_IMAGES:,} (twice preset L for both kinds): split it into runs with other --seed and --out"
+            f"{MAX_PLANNED_IMAGES:,} (twice preset L for both kinds): split it into runs with other --seed "
+            "and --out"
         )
     jobs, label = [], 0
     for kind in kinds:
         count = counts[kind]
         for proto in range(count):
-            jobs += [(label, kind, proto, image) for image in range(_images_per_id(config))]
+            jobs += [(label, kind, proto, image) for image in range(per_id)]
             label += 1
     if not jobs:
         raise VigfaceError("generation: nothing to generate (no identities of the requested kind)")
