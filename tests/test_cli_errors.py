@@ -203,6 +203,22 @@ def test_cfg_sweep_deletes_only_its_own_generated_sets(small_toy, tmp_path, caps
     assert not (work / "w0.25").exists()
 
 
+def test_cfg_sweep_refuses_a_step_count_before_any_work(small_toy, tmp_path, capsys, monkeypatch):
+    """--steps the schedule cannot take stopped the first w's generation, after --real was embedded
+    and that w's folder made (an empty w1/ was left behind)."""
+    import vigface.fr.embed
+
+    embedded = []
+    monkeypatch.setattr(vigface.fr.embed, "embed_images", lambda *a, **k: embedded.append(1))
+    work = tmp_path / "sweep"
+    sweep = ["cfg-sweep", str(tiny_model_dir()), "--real", str(small_toy / "train.rec"), "--work", str(work),
+             "--w", "1", "2", "--steps", "5000", "--quiet"]  # fmt: skip
+    assert eval_cli.main(sweep) == 2
+    err = capsys.readouterr().err
+    assert "--steps 5000 with --sampler ddim: DDIM steps must be in 1..1000, got 5000" in err
+    assert not work.exists() and not embedded
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here")
 def test_device_cuda_without_a_gpu_is_one_line(small_toy, tiny_fr_model, tmp_path, capsys):
     """embed / eval asked for --device cuda on a machine without one ended in torch's "Torch not

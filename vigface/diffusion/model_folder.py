@@ -42,6 +42,17 @@ def read_denoiser_meta(model_dir: str | Path) -> dict:
     return meta
 
 
+def read_schedule(model_dir: str | Path, meta: dict):
+    """The noise schedule denoiser.json names; DataFormatError if it names none."""
+    from vigface.diffusion.schedule import NoiseSchedule
+
+    try:
+        return NoiseSchedule(meta["schedule"]["kind"], meta["schedule"]["num_steps"])
+    except (KeyError, TypeError) as exc:
+        meta_path = Path(model_dir) / DENOISER_META
+        raise DataFormatError(meta_path, f"not a valid denoiser description ({exc})") from None
+
+
 def fr_model_dir(model_dir: str | Path, meta: dict) -> Path:
     """The stage-1 model folder a denoiser was trained against (relative paths: inside model_dir)."""
     path = Path(meta.get("fr_model", ""))

@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 
 from vigface.device import resolve_device
 from vigface.diffusion.denoiser import Denoiser, DenoiserConfig
-from vigface.diffusion.model_folder import DENOISER_META, DENOISER_WEIGHTS, read_denoiser_meta
+from vigface.diffusion.model_folder import DENOISER_META, DENOISER_WEIGHTS, read_denoiser_meta, read_schedule
 from vigface.diffusion.schedule import NoiseSchedule
 from vigface.engines import ENGINES, create_engine
 from vigface.engines.fused_update import SAMPLERS
@@ -102,9 +102,9 @@ class FaceSampler:
             config = DenoiserConfig(**meta["denoiser"])
             if kernels == "fast":
                 config = dataclasses.replace(config, **FAST_CONFIG)
-            schedule = NoiseSchedule(meta["schedule"]["kind"], meta["schedule"]["num_steps"])
         except (KeyError, TypeError) as exc:
             raise DataFormatError(meta_path, f"not a valid denoiser description ({exc})") from None
+        schedule = read_schedule(model_dir, meta)
         model = Denoiser(config)
         try:
             model.load_state_dict(load_file(weights))

@@ -127,13 +127,16 @@ def cfg_sweep(config: SweepConfig, fr_model=None, samples: dict | None = None) -
     against; the paper uses an independent ResNet-18). `samples`, when given, receives per w the
     images of the first 3 real and 3 virtual ids ({w: (rows, row names)}) for a report's grids,
     taken before the generated sets are deleted."""
-    from vigface.diffusion.model_folder import fr_model_dir, read_denoiser_meta
+    from vigface.diffusion.model_folder import fr_model_dir, read_denoiser_meta, read_schedule
     from vigface.fr.embed import embed_images, load_backbone
-    from vigface.generate.dataset import OUTPUT_ENTRIES
+    from vigface.generate.dataset import OUTPUT_ENTRIES, refuse_unplannable_steps
 
     device = resolve_device(config.device)
+    meta = read_denoiser_meta(config.model)
+    # checked before any w's folder is made or --real embedded (it stopped the first w's generation)
+    refuse_unplannable_steps(read_schedule(config.model, meta), config.sampler, config.steps)
     if fr_model is None:
-        fr_model, _ = load_backbone(fr_model_dir(config.model, read_denoiser_meta(config.model)), device)
+        fr_model, _ = load_backbone(fr_model_dir(config.model, meta), device)
     for w in config.ws:  # every folder before any work (a refused second w came after the first)
         _check_sweep_folder(Path(config.work) / sweep_folder_name(w), OUTPUT_ENTRIES)
     check_dataset_alignment(config.real, "--real")

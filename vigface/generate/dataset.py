@@ -334,16 +334,22 @@ def _plan_changes(saved, plan: dict) -> list[str]:
     return changes
 
 
+def refuse_unplannable_steps(schedule, sampler: str, steps: int) -> None:
+    """VigfaceError naming --steps and --sampler if `sampler` cannot take `steps` on `schedule`."""
+    try:
+        plan_steps(schedule, sampler, steps)
+    except VigfaceError as exc:
+        raise VigfaceError(f"--steps {steps} with --sampler {sampler}: {exc}") from None
+
+
 class _Generator:
     def __init__(self, config: GenerationConfig, lock: FolderLock):
         self.config = c = config
         self.lock = lock
         self.rank, self.world_size, self.device = setup_distributed(c.device)
         self.sampler = FaceSampler.load(c.model, self.device, c.engine, c.precision, c.kernels)
-        try:  # a step count the model's schedule cannot take: refused before anything is written
-            plan_steps(self.sampler.schedule, c.sampler, c.steps)
-        except VigfaceError as exc:
-            raise VigfaceError(f"--steps {c.steps} with --sampler {c.sampler}: {exc}") from None
+        # a step count the model's schedule cannot take: refused before anything is written
+        refuse_unplannable_steps(self.sampler.schedule, c.sampler, c.steps)
         if c.prototypes:
             proto_path = Path(c.prototypes)
         elif (Path(c.model) / PROTOTYPES).is_file():
