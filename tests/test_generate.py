@@ -406,6 +406,33 @@ def test_an_interrupted_shard_leaves_no_partial_folder(denoiser_dir, tmp_path, m
     assert len(FaceRecordDataset(out / "train.rec")) == 24
 
 
+def test_a_run_stopped_in_its_first_shard_takes_new_settings(denoiser_dir, tmp_path, monkeypatch, capsys):
+    """A run that died in its first batch (out of GPU memory at its --batch-size) left its plan, and
+    the rerun with a smaller batch was refused as 'other settings' although nothing had been made.
+    Once a shard is finished, the settings stay bound (test_generate's kill-and-rerun)."""
+    out = tmp_path / "gen"
+    sample = FaceSampler.sample
+
+    def out_of_memory(self, *args, **kwargs):
+        raise KeyboardInterrupt  # stands in for the allocator's error: the run stops in shard 0
+
+    monkeypatch.setattr(FaceSampler, "sample", out_of_memory)
+    assert gen_cli.main(gen_args(denoiser_dir, out)) == 130
+    assert (out / "generation.json").is_file() and not list((out / "shards").iterdir())
+    monkeypatch.setattr(FaceSampler, "sample", sample)
+    args = gen_args(denoiser_dir, out)
+    args[args.index("--batch-size") + 1] = "1"
+    assert gen_cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "no shard of the generation started there was finished, so this run's settings replace its" in err
+    assert "batch_size 2 there, 1 now" in err
+    assert json.loads((out / "generation.json").read_text())["plan"]["config"]["batch_size"] == 1
+    assert len(FaceRecordDataset(out / "train.rec")) == 24
+    args[args.index("--batch-size") + 1] = "3"  # finished: bound
+    assert gen_cli.main(args) == 2
+    assert "it is finished: choose another --out" in capsys.readouterr().err
+
+
 def test_stale_partial_shards_of_dead_ranks_are_removed(tmp_path):
     """Under torchrun a killed run's partial shards were never removed (each rank left the others'
     alone); now any rank removes those whose process is gone, and keeps a live one's."""

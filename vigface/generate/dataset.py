@@ -11,7 +11,9 @@ Everything about image i is a function of the config: its identity, its pose lan
 (hence x_T), the batch it is sampled in (shards are cut into fixed batches). A shard directory is
 written under a temporary name and renamed when complete, so after `kill -9` a rerun finds the
 finished shards, regenerates the rest, and produces byte-identical files with no image lost or
-duplicated. With torchrun, rank r generates shards r, r + W, r + 2W, ...; rank 0 merges.
+duplicated. A rerun must keep the settings of the finished shards; one that stopped before its first
+shard (out of GPU memory at its batch size) binds nothing, and a rerun's settings replace it.
+With torchrun, rank r generates shards r, r + W, r + 2W, ...; rank 0 merges.
 """
 
 from __future__ import annotations
@@ -418,8 +420,20 @@ class _Generator:
                 why = saved if isinstance(saved, Exception) else "not a JSON object"
                 raise DataFormatError(path, f"is not a generation plan ({why}); choose another --out")
             changes = _plan_changes(saved.get("plan"), plan)
-            if changes:
-                finished = (self.out / "train.rec").is_file() or (self.out / "manifest.jsonl").is_file()
+            finished = (self.out / "train.rec").is_file() or (self.out / "manifest.jsonl").is_file()
+            if changes and not finished and not any(self.shard_root.glob("shard_*")):
+                # Nothing of the earlier plan was made (a run stopped in its first shard, e.g. out
+                # of GPU memory at its batch size): its settings bind nothing, so they are replaced.
+                if self.rank == 0:
+                    warnings.warn(
+                        VigfaceWarning(
+                            f"{self.out}: no shard of the generation started there was finished, so "
+                            f"this run's settings replace its ({'; '.join(changes)})"
+                        ),
+                        stacklevel=2,
+                    )
+                    self._write_plan(plan, path)
+            elif changes:
                 advice = (
                     "it is finished: choose another --out"
                     if finished
@@ -441,15 +455,18 @@ class _Generator:
                     f"settings; remove {self.shard_root} or choose another --out"
                 )
             if self.rank == 0:
-                self.shard_root.mkdir(parents=True, exist_ok=True)
-                labels = {}
-                for label, kind, proto, _ in self.jobs:
-                    labels.setdefault(str(label), [kind, proto])
-                tmp = self.out / ".generation.json.tmp"
-                tmp.write_text(json.dumps({"plan": plan, "labels": labels}, indent=2))
-                os.replace(tmp, path)
+                self._write_plan(plan, path)
         if self.world_size > 1:
             dist.barrier()
+
+    def _write_plan(self, plan: dict, path: Path) -> None:
+        self.shard_root.mkdir(parents=True, exist_ok=True)
+        labels = {}
+        for label, kind, proto, _ in self.jobs:
+            labels.setdefault(str(label), [kind, proto])
+        tmp = self.out / ".generation.json.tmp"
+        tmp.write_text(json.dumps({"plan": plan, "labels": labels}, indent=2))
+        os.replace(tmp, path)
 
     def shard_dir(self, k: int) -> Path:
         return self.shard_root / f"shard_{k:05d}"
