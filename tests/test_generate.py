@@ -1,6 +1,7 @@
 """vigface-gen: sampling determinism, the shard layout, and kill -9 / resume byte-identity."""
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -431,6 +432,30 @@ def test_a_run_stopped_in_its_first_shard_takes_new_settings(denoiser_dir, tmp_p
     args[args.index("--batch-size") + 1] = "3"  # finished: bound
     assert gen_cli.main(args) == 2
     assert "it is finished: choose another --out" in capsys.readouterr().err
+
+
+def test_a_shard_damaged_on_disk_is_named_with_what_to_do(denoiser_dir, tmp_path, capsys):
+    """A finished shard damaged before the merge: a flipped byte was merged silently (shards carried
+    no checksum), a cut one failed in the .idx reader without saying which shard to make again."""
+    out = tmp_path / "gen"
+    assert gen_cli.main(gen_args(denoiser_dir, out)) == 0
+    merged = (out / "train.rec").read_bytes()
+    shard = out / "shards" / "shard_00001"
+    meta = json.loads((shard / "meta.json").read_text())
+    assert meta["data.rec_sha256"] == hashlib.sha256((shard / "data.rec").read_bytes()).hexdigest()
+    good = (shard / "data.rec").read_bytes()
+    for damage, why in (
+        (lambda b: b[:100] + bytes([b[100] ^ 1]) + b[101:], "data.rec does not match the checksum"),
+        (lambda b: b[:-100], "data.rec does not match the checksum"),
+    ):
+        (shard / "data.rec").write_bytes(damage(good))
+        (out / "shards.jsonl").unlink(missing_ok=True)  # as when a shard is made again: merge once more
+        assert gen_cli.main(gen_args(denoiser_dir, out)) == 2
+        err = capsys.readouterr().err
+        assert f"{shard}: damaged ({why} in its meta.json); remove {shard} and rerun the same command" in err
+    shutil.rmtree(shard)
+    assert gen_cli.main(gen_args(denoiser_dir, out)) == 0
+    assert (out / "train.rec").read_bytes() == merged
 
 
 def test_stale_partial_shards_of_dead_ranks_are_removed(tmp_path):

@@ -1,6 +1,7 @@
 """Generate a face dataset of real and/or virtual identities, shard by shard, resumably.
 
     out/shards/shard_00000/   data.rec, data.idx, landmarks.npy, meta.json   (appears by atomic rename)
+                              meta.json holds the other three files' sha256, checked by the merge
     out/train.rec/.idx        all shards merged, identity ranges in record 0 (format=rec)
     out/<label>/<n>.jpg       the same as an image folder + manifest.jsonl   (format=folder)
     out/train_landmarks.npy   the pose landmarks each image was generated with (output frame)
@@ -344,6 +345,9 @@ def refuse_unplannable_steps(schedule, sampler: str, steps: int) -> None:
         raise VigfaceError(f"--steps {steps} with --sampler {sampler}: {exc}") from None
 
 
+SHARD_FILES = ("data.rec", "data.idx", "landmarks.npy")  # beside meta.json, which holds their sha256
+
+
 class _Generator:
     def __init__(self, config: GenerationConfig, lock: FolderLock):
         self.config = c = config
@@ -508,9 +512,12 @@ class _Generator:
                 for (label, *_), image in zip(batch, images, strict=True):
                     writer.add(encode_image(image, "jpeg", c.quality), label)
         np.save(tmp / "landmarks.npy", rescale_landmarks(landmarks, 112, c.output_size))  # pixel centres
-        (tmp / "meta.json").write_text(
-            json.dumps({"shard": k, "first_image": k * c.shard_size, "images": len(jobs)})
-        )
+        # the checksums let the merge tell a shard damaged on disk from a good one (shards before
+        # them carry none and are merged unchecked)
+        meta = {"shard": k, "first_image": k * c.shard_size, "images": len(jobs)}
+        for name in SHARD_FILES:
+            meta[f"{name}_sha256"] = file_sha256(tmp / name)
+        (tmp / "meta.json").write_text(json.dumps(meta))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -584,8 +591,7 @@ class _Generator:
         with writer:
             for k in range(self.num_shards):
                 shard = self.shard_dir(k)
-                data = FaceRecordDataset(shard / "data.rec")
-                table = np.load(shard / "landmarks.npy")
+                data, table, digest = self._read_shard(shard)
                 for i in range(len(data)):
                     payload, label = data.encoded(i)
                     if c.format == "rec":
@@ -593,13 +599,36 @@ class _Generator:
                     else:  # the manifest carries each image's landmarks, as an aligned folder's does
                         writer.add(payload, label, landmarks=table[i].tolist())
                 tables.append(table)
-                digest = hashlib.sha256((shard / "data.rec").read_bytes()).hexdigest()
                 lines.append(json.dumps({"shard": shard.name, "images": len(data), "sha256": digest}))
                 data.close()
         np.save(self.out / ".train_landmarks.tmp.npy", np.concatenate(tables))
         os.replace(self.out / ".train_landmarks.tmp.npy", self.out / "train_landmarks.npy")
         (self.out / ".shards.jsonl.tmp").write_text("".join(line + "\n" for line in lines))
         os.replace(self.out / ".shards.jsonl.tmp", self.out / "shards.jsonl")
+
+    def _read_shard(self, shard: Path) -> tuple[FaceRecordDataset, np.ndarray, str]:
+        """A finished shard's images, landmarks and data.rec sha256, checked against its meta.json;
+        a damaged shard is named with what to do (it was a reader's error about data.idx)."""
+        advice = f"remove {shard} and rerun the same command: that shard is made again with the same bytes"
+        try:
+            meta = json.loads((shard / "meta.json").read_text())
+            digests = {name: file_sha256(shard / name) for name in SHARD_FILES}
+            for name, digest in digests.items():
+                if meta.get(f"{name}_sha256") not in (None, digest):
+                    raise VigfaceError(f"{name} does not match the checksum in its meta.json")
+            data = FaceRecordDataset(shard / "data.rec")
+            table = np.load(shard / "landmarks.npy")
+            if len(data) != meta["images"] or table.shape != (meta["images"], 5, 2):
+                data.close()
+                raise VigfaceError(
+                    f"holds {len(data)} images and {len(table)} landmark rows, "
+                    f"its meta.json says {meta['images']}"
+                )
+        except KeyError as exc:
+            raise VigfaceError(f"{shard}: damaged (its meta.json has no {exc}); {advice}") from None
+        except (OSError, ValueError, TypeError, VigfaceError) as exc:
+            raise VigfaceError(f"{shard}: damaged ({exc}); {advice}") from None
+        return data, table, digests["data.rec"]
 
 
 def generate_dataset(config: GenerationConfig) -> dict:
