@@ -277,6 +277,7 @@ def test_demo_config_refuses_bad_settings_before_any_work():
         ({"dm_steps": 0}, "dm_steps must be at least 1"),
         ({"model": "runs/diffusion"}, r"model \(--model\) is used only with --quick"),
         ({"dm_cond_scale": 0.0}, "dm_cond_scale must be a finite number > 0, got 0.0"),
+        ({"dm_identity_weight": -1.0}, "dm_identity_weight must be a finite number >= 0, got -1.0"),
     ):
         with pytest.raises(VigfaceError, match=why):
             dataclasses.replace(TINY, **changes)
@@ -284,7 +285,13 @@ def test_demo_config_refuses_bad_settings_before_any_work():
     # stage 2 scales the unit FR embedding to coordinates of unit size: sqrt of its length
     from vigface.eval.demo import FULL, _diffusion_config
 
-    assert _diffusion_config(FULL, Path("d"), Path("f"), Path("o")).cond_scale == math.sqrt(FULL.fr_dim)
+    full_stage2 = _diffusion_config(FULL, Path("d"), Path("f"), Path("o"))
+    assert full_stage2.cond_scale == math.sqrt(FULL.fr_dim)
+    # FULL drops the identity term (measured: see DemoConfig); the trainer keeps the paper's lambda 1
+    from vigface.diffusion.config import DiffusionTrainConfig
+
+    assert full_stage2.identity_weight == 0.0
+    assert DiffusionTrainConfig.__dataclass_fields__["identity_weight"].default == 1.0
     assert (
         _diffusion_config(
             dataclasses.replace(FULL, dm_cond_scale=2.0), Path("d"), Path("f"), Path("o")

@@ -74,6 +74,10 @@ class DemoConfig:
     # the FR embedding times this in stage 2 (None: sqrt(fr_dim), coordinates of unit size): generated
     # accuracy 79.03 -> 81.06 % over three stage-2 seeds (bench/results/demo_toy_cpu.json, "cond_scale")
     dm_cond_scale: float | None = None
+    # lambda of the paper's identity term (eq. 8). 0 here: with the scaled condition, the pixel loss
+    # alone carries identity, and the term's images satisfy the stage-1 model (CST 0.94 under it)
+    # more than they teach a fresh one (bench/results/demo_toy_cpu.json, "identity_weight_with_cond_scale")
+    dm_identity_weight: float = 0.0
     dm_save_every: int = 200  # an interrupted demo loses at most this many stage-2 steps
     # generation
     gen_ids: int = 50  # per kind (real and virtual)
@@ -117,6 +121,8 @@ class DemoConfig:
             np.isfinite(self.dm_cond_scale) and self.dm_cond_scale > 0
         ):
             bad("dm_cond_scale", f"must be a finite number > 0, got {self.dm_cond_scale}")
+        if not (np.isfinite(self.dm_identity_weight) and self.dm_identity_weight >= 0):
+            bad("dm_identity_weight", f"must be a finite number >= 0, got {self.dm_identity_weight}")
         if self.gen_ids < 2 or self.gen_per_id < 2:
             bad("gen_ids/gen_per_id", "must be at least 2 (genuine and imposter pairs)")
         # checked here, not when generation starts after both trainings
@@ -173,6 +179,7 @@ def _diffusion_config(c: DemoConfig, data: Path, fr: Path, out: Path):
         data=str(data), fr_model=str(fr), out=str(out), size="tiny", image_size=c.dm_image_size,
         patch=c.dm_patch, final_conv=c.dm_final_conv, batch_size=c.dm_batch, steps=c.dm_steps, lr=c.dm_lr,
         cond_scale=math.sqrt(c.fr_dim) if c.dm_cond_scale is None else c.dm_cond_scale,
+        identity_weight=c.dm_identity_weight,
         warmup_steps=min(100, c.dm_steps // 10), ema_decay=c.dm_ema, workers=c.workers,
         save_every=c.dm_save_every, log_every=50, device=c.device, progress=c.progress, seed=c.seed,
     )  # fmt: skip
