@@ -60,7 +60,7 @@ class DemoConfig:
     fr_epochs: int = 16
     fr_batch: int = 64
     # stage 2
-    dm_steps: int = 950  # ~60 % of the demo's time; identity is carried, faces are not yet drawn
+    dm_steps: int = 950  # ~60 % of the demo's time; blurry faces, no detail (1,350 did no better)
     dm_batch: int = 24
     # 1e-3: at 1,000 steps the generated ids' CST rose 0.655 -> 0.870 (real) and 0.581 -> 0.761
     # (virtual) over 3e-4, in the same time (bench/results/demo_toy_cpu.json, "dm_lr")
@@ -75,8 +75,10 @@ class DemoConfig:
     # accuracy 79.03 -> 81.06 % over three stage-2 seeds (bench/results/demo_toy_cpu.json, "cond_scale")
     dm_cond_scale: float | None = None
     # lambda of the paper's identity term (eq. 8). 0 here: with the scaled condition, the pixel loss
-    # alone carries identity, and the term's images satisfy the stage-1 model (CST 0.94 under it)
-    # more than they teach a fresh one (bench/results/demo_toy_cpu.json, "identity_weight_with_cond_scale")
+    # alone carries identity, and the term made the denoiser paint a texture the stage-1 model responds
+    # to instead of faces: generated accuracy 81.06 -> 83.19 % over three stage-2 seeds, though the
+    # stage-1 model's CST of the generated real ids falls 0.94 -> 0.52
+    # (bench/results/demo_toy_cpu.json, "identity_weight_with_cond_scale")
     dm_identity_weight: float = 0.0
     dm_save_every: int = 200  # an interrupted demo loses at most this many stage-2 steps
     # generation
