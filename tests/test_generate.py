@@ -456,6 +456,16 @@ def test_a_shard_damaged_on_disk_is_named_with_what_to_do(denoiser_dir, tmp_path
     shutil.rmtree(shard)
     assert gen_cli.main(gen_args(denoiser_dir, out)) == 0
     assert (out / "train.rec").read_bytes() == merged
+    first = out / "shards" / "shard_00000"
+    (first / "meta.json").write_text("[1]")
+    (out / "shards.jsonl").unlink()
+    assert gen_cli.main(gen_args(denoiser_dir, out)) == 2
+    assert f"{first}: damaged (its meta.json is not a JSON object)" in capsys.readouterr().err
+    # a shard folder without meta.json (written last) is made again; the rename onto it was
+    # "Directory not empty"
+    (first / "meta.json").unlink()
+    assert gen_cli.main(gen_args(denoiser_dir, out)) == 0
+    assert (out / "train.rec").read_bytes() == merged
 
 
 def test_stale_partial_shards_of_dead_ranks_are_removed(tmp_path):

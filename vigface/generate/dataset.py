@@ -487,6 +487,9 @@ class _Generator:
         except BaseException:  # Ctrl-C, a full disk: no partial shard left for the rerun to clear
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        # A shard folder without meta.json (written last, so it appears only through damage) is
+        # made again here: the rename onto it failed with "Directory not empty"
+        shutil.rmtree(self.shard_dir(k), ignore_errors=True)
         os.rename(tmp, self.shard_dir(k))  # the shard exists only once it is complete
         fsync_dir(self.shard_root)
 
@@ -612,6 +615,8 @@ class _Generator:
         advice = f"remove {shard} and rerun the same command: that shard is made again with the same bytes"
         try:
             meta = json.loads((shard / "meta.json").read_text())
+            if not isinstance(meta, dict):
+                raise VigfaceError("its meta.json is not a JSON object")
             digests = {name: file_sha256(shard / name) for name in SHARD_FILES}
             for name, digest in digests.items():
                 if meta.get(f"{name}_sha256") not in (None, digest):
