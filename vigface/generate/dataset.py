@@ -621,8 +621,8 @@ class _Generator:
             for name, digest in digests.items():
                 if meta.get(f"{name}_sha256") not in (None, digest):
                     raise VigfaceError(f"{name} does not match the checksum in its meta.json")
+            table = np.load(shard / "landmarks.npy")  # before the dataset opens: a failure leaks no file
             data = FaceRecordDataset(shard / "data.rec")
-            table = np.load(shard / "landmarks.npy")
             if len(data) != meta["images"] or table.shape != (meta["images"], 5, 2):
                 data.close()
                 raise VigfaceError(
