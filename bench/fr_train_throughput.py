@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from vigface.fr.iresnet import ARCHS, BackboneConfig, build_backbone
-from vigface.fr.margins import MarginConfig
+from vigface.fr.backbone_config import ARCHS, BackboneConfig
+from vigface.fr.iresnet import build_backbone
+from vigface.fr.margin_config import MarginConfig
 from vigface.fr.prototypes import VirtualPrototypeHead
 
 

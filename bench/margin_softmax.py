@@ -57,7 +57,8 @@ def measure_one(batch: int, classes: int, dim: int, impl: str, repeats: int, tf3
     import torch.nn.functional as F
     import vigface.kernels.margin_softmax as ms
 
-    from vigface.fr.margins import MarginConfig, MarginHead
+    from vigface.fr.margin_config import MarginConfig
+    from vigface.fr.margins import MarginHead
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -192,7 +192,8 @@ def main() -> None:
         sys.exit("margin_softmax_tune: needs a CUDA device (or --cpu for a dry run in the interpreter)")
     import vigface.kernels.margin_softmax as ms
 
-    from vigface.fr.margins import MarginConfig, MarginHead
+    from vigface.fr.margin_config import MarginConfig
+    from vigface.fr.margins import MarginHead
 
     device = torch.device("cpu" if args.cpu else "cuda")
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2

@@ -10,7 +10,8 @@ from vigface.errors import VigfaceError
 from vigface.eval.metrics import class_consistency, class_diversity, class_separability, dataset_metrics
 from vigface.eval.serfiq import _trunk_and_head, serfiq_quality, serfiq_scores
 from vigface.eval.similarity import distribution_iou, genuine_imposter, histogram_iou, mean_genuine_imposter
-from vigface.fr.iresnet import BackboneConfig, build_backbone
+from vigface.fr.backbone_config import BackboneConfig
+from vigface.fr.iresnet import build_backbone
 
 # ---- CST (eq. 10) -------------------------------------------------------------------------------
 

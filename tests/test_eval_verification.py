@@ -16,7 +16,8 @@ from vigface.eval.verification import (
     verify_embeddings,
     verify_scores,
 )
-from vigface.fr.iresnet import BackboneConfig, build_backbone
+from vigface.fr.backbone_config import BackboneConfig
+from vigface.fr.iresnet import build_backbone
 
 
 def numpy_ten_fold(scores, issame, n_folds=10):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from vigface.errors import VigfaceError
-from vigface.fr.iresnet import BackboneConfig, build_backbone
+from vigface.fr.backbone_config import BackboneConfig
+from vigface.fr.iresnet import build_backbone
 
 
 # Published sizes: arcface_torch r18 24.0M, r50 43.6M, r100 65.2M; AdaFace IR-SE-50 43.8M.

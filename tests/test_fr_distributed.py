@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from gloo_ranks import run_on_gloo_ranks
 
-from vigface.fr.margins import MarginConfig
+from vigface.fr.margin_config import MarginConfig
 from vigface.fr.prototypes import VirtualPrototypeHead
 
 N_REAL, N_VIRTUAL, DIM, LOCAL_BATCH = 13, 6, 8, 5  # 19 classes: shards of 10 and 9 rows

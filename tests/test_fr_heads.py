@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from vigface.errors import VigfaceError
 from vigface.fr.distributed import shard_bounds, sharded_cross_entropy
-from vigface.fr.margins import MARGINS, MarginConfig, MarginHead
+from vigface.fr.margin_config import MARGINS, MarginConfig
+from vigface.fr.margins import MarginHead
 from vigface.fr.prototypes import VirtualPrototypeHead
 
 

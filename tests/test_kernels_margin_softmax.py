@@ -27,7 +27,8 @@ from vigface.cli.train_fr import build_parser
 from vigface.errors import BackendUnavailableError, VigfaceError
 from vigface.fr import prototypes
 from vigface.fr.config import FRTrainConfig
-from vigface.fr.margins import MarginConfig, MarginHead
+from vigface.fr.margin_config import MarginConfig
+from vigface.fr.margins import MarginHead
 from vigface.fr.prototypes import VirtualPrototypeHead, gather_shards, resolve_head_loss
 
 pytestmark = pytest.mark.skipif(

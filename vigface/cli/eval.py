@@ -254,8 +254,8 @@ def _serfiq_passes(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from vigface.engines.fused_update import SAMPLERS
     from vigface.eval.protocol import DEFAULT_REAL_REFERENCE
-    from vigface.fr.iresnet import ARCHS
-    from vigface.fr.margins import MARGINS
+    from vigface.fr.backbone_config import ARCHS
+    from vigface.fr.margin_config import MARGINS
 
     parser = argparse.ArgumentParser(prog="vigface-eval", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

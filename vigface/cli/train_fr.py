@@ -14,9 +14,9 @@ import argparse
 import sys
 
 from vigface.cli.common import config_from_args, config_parser, first_rank, run_command
+from vigface.fr.backbone_config import ARCHS
 from vigface.fr.config import AMP_MODES, LOADERS, LOSSES, OPTIMIZERS, FRTrainConfig
-from vigface.fr.iresnet import ARCHS
-from vigface.fr.margins import MARGINS
+from vigface.fr.margin_config import MARGINS
 
 HELP = {
     "data": "train.rec, a folder holding train.rec, or an image folder root/<id>/<n>.jpg",

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from vigface.config_types import check_field_types
 from vigface.data.files import setting_changed
 from vigface.errors import VigfaceError
-from vigface.fr.iresnet import ARCHS, BackboneConfig
-from vigface.fr.margins import MARGINS, MarginConfig
+from vigface.fr.backbone_config import ARCHS, BackboneConfig
+from vigface.fr.margin_config import MARGINS, MarginConfig
 
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("auto", "bf16", "off")

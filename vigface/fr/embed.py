@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from vigface.device import resolve_device
 from vigface.errors import DataFormatError, VigfaceError
-from vigface.fr.iresnet import BackboneConfig, IResNet, build_backbone
+from vigface.fr.backbone_config import BackboneConfig
+from vigface.fr.iresnet import IResNet, build_backbone
 
 BACKBONE_WEIGHTS = "backbone.safetensors"
 BACKBONE_META = "backbone.json"

@@ -50,7 +50,8 @@ from vigface.fr.distributed import (
     sharded_cross_entropy,
     world,
 )
-from vigface.fr.margins import MarginConfig, MarginHead
+from vigface.fr.margin_config import MarginConfig
+from vigface.fr.margins import MarginHead
 from vigface.fr.rng import step_generator
 
 HEAD_LOSSES = ("auto", "fused", "reference")
