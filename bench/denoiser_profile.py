@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from vigface.diffusion.attention import attention
-from vigface.diffusion.denoiser import DENOISER_SIZES, Denoiser, DenoiserConfig
+from vigface.diffusion.denoiser import Denoiser
+from vigface.diffusion.denoiser_config import DENOISER_SIZES, DenoiserConfig
 from vigface.diffusion.schedule import NoiseSchedule
 from vigface.engines.base import FAST_BACKENDS, denoiser_with
 from vigface.engines.compile import CompileEngine, compile_options

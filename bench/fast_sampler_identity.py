@@ -26,7 +26,8 @@ from vigface.data.recordio import FaceRecordDataset
 from vigface.diffusion.model_folder import PROTOTYPES, fr_model_dir, load_prototypes
 from vigface.eval.similarity import mean_genuine_imposter
 from vigface.fr.embed import embed_images, load_backbone
-from vigface.generate.dataset import GenerationConfig, generate_dataset
+from vigface.generate.config import GenerationConfig
+from vigface.generate.dataset import generate_dataset
 
 
 def main() -> None:

@@ -33,7 +33,8 @@ from vigface.eval.privacy import training_set_search
 from vigface.eval.similarity import mean_genuine_imposter
 from vigface.eval.verification import best_threshold
 from vigface.fr.embed import embed_images, load_backbone
-from vigface.generate.dataset import GenerationConfig, generate_dataset
+from vigface.generate.config import GenerationConfig
+from vigface.generate.dataset import generate_dataset
 
 
 def identity_entry(emb: np.ndarray, labels: np.ndarray, own: np.ndarray, prototypes: np.ndarray) -> dict:

@@ -32,13 +32,14 @@ from pathlib import Path
 
 import torch
 
+from vigface.choices import SAMPLERS
 from vigface.cli.common import positive_int
-from vigface.diffusion.denoiser import ARCHS, DENOISER_SIZES, Denoiser, DenoiserConfig
+from vigface.diffusion.denoiser import Denoiser
+from vigface.diffusion.denoiser_config import ARCHS, DENOISER_SIZES, DenoiserConfig
 from vigface.diffusion.schedule import NoiseSchedule
 from vigface.engines import create_engine
 from vigface.engines.base import FAST_BACKENDS, denoiser_with
 from vigface.engines.compile import compile_options
-from vigface.engines.fused_update import SAMPLERS
 from vigface.errors import VigfaceError
 
 GPU_ONLY = ("cudagraph", "trt")

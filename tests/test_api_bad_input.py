@@ -86,7 +86,7 @@ def test_loader_refuses_an_integer_dtype_and_steps_outside_the_epoch(small_toy):
 def test_generation_config_refuses_non_integers_unknown_devices_and_huge_images():
     """steps / per_id 2.5 failed deep inside generation, "5" compared as a string, device "gpu" ran
     on the CPU without a word, output_size 10**6 asked for 120 GB."""
-    from vigface.generate.dataset import GenerationConfig
+    from vigface.generate.config import GenerationConfig
 
     for change, message in (
         ({"steps": 2.5}, "--steps must be an integer, got 2.5"),
@@ -168,7 +168,7 @@ def test_training_configs_refuse_values_outside_their_range():
     trained on silently, patch 0 or heads 0 raised ZeroDivisionError, a negative patch or width 0
     failed deep inside the model, and 10**9 timesteps built 8 GB schedule tables."""
     from vigface.diffusion.config import DiffusionTrainConfig
-    from vigface.diffusion.denoiser import DenoiserConfig
+    from vigface.diffusion.denoiser_config import DenoiserConfig
     from vigface.fr.config import FRTrainConfig
 
     nan = float("nan")

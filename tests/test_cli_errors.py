@@ -405,6 +405,25 @@ def test_console_scripts_guard_their_imports_against_ctrl_c(monkeypatch, capsys)
     assert done.value.code == 0 and "vigface-export" in capsys.readouterr().out
 
 
+def test_every_commands_help_comes_without_importing_torch():
+    """--help (and every argument error) waited ~2 s for torch's import: the parsers took their
+    choice lists and config defaults from torch modules. A fresh interpreter shows what each imports."""
+    import subprocess
+    import sys
+
+    commands = ("main", "train_fr", "embed", "train_diffusion", "gen", "export", "eval")
+    probe = (
+        "import sys, importlib\n"
+        f"for name in {commands!r}:\n"
+        "    help_text = importlib.import_module(f'vigface.cli.{name}').build_parser().format_help()\n"
+        "    assert 'usage:' in help_text, name\n"
+        "print(sorted(m for m in ('torch', 'triton', 'onnx', 'onnxruntime') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_an_output_that_would_replace_an_input_is_refused_before_any_work(small_toy, tmp_path, capsys):
     """Found by a probe: export --out my/denoiser replaced the model's denoiser.json with its
     sidecar, embed --out fr/backbone.safetensors the weights it read, verify --json toy_val.bin the

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from vigface.diffusion.attention import attention, attention_ref
-from vigface.diffusion.denoiser import AdaLNBlock, Denoiser, DenoiserConfig, conv2d
+from vigface.diffusion.denoiser import AdaLNBlock, Denoiser, conv2d
+from vigface.diffusion.denoiser_config import DenoiserConfig
 from vigface.diffusion.pose import landmark_image
 from vigface.errors import BackendUnavailableError, VigfaceError
 

@@ -16,12 +16,14 @@ from safetensors.torch import load_file
 from vigface.cli import train_diffusion as cli
 from vigface.data.recordio import FaceRecordDataset, FaceRecordWriter
 from vigface.diffusion.config import DiffusionTrainConfig
-from vigface.diffusion.denoiser import Denoiser, DenoiserConfig
+from vigface.diffusion.denoiser import Denoiser
+from vigface.diffusion.denoiser_config import DenoiserConfig
 from vigface.diffusion.pose import landmark_image
 from vigface.diffusion.trainer import ema_decay_at, train_diffusion
 from vigface.errors import VigfaceError
 from vigface.fr.checkpoint import latest_checkpoint
-from vigface.generate.dataset import GenerationConfig, _load_pose_table
+from vigface.generate.config import GenerationConfig
+from vigface.generate.dataset import _load_pose_table
 from vigface.run_lock import FolderLock
 
 

@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from vigface import engines
 from vigface.cli import gen as gen_cli
 from vigface.data.recordio import FaceRecordDataset
-from vigface.diffusion.denoiser import Denoiser, DenoiserConfig
+from vigface.diffusion.denoiser import Denoiser
+from vigface.diffusion.denoiser_config import DenoiserConfig
 from vigface.diffusion.sampling import FaceSampler
 from vigface.diffusion.schedule import NoiseSchedule
 from vigface.engines import create_engine

@@ -17,9 +17,9 @@ from vigface.data.verification_bin import load_verification_pairs, read_bin, wri
 from vigface.errors import VigfaceError
 from vigface.eval.demo import FULL, QUICK, DemoConfig, run_demo
 from vigface.eval.labelled_set import read_labelled_set
+from vigface.eval.peers import PEER_TABLE
 from vigface.eval.privacy import training_set_search
 from vigface.eval.protocol import (
-    PEER_TABLE,
     ProtocolConfig,
     compare_to_real,
     compares_with_peers,

@@ -170,7 +170,7 @@ def test_bad_inputs():
 def test_peer_rows_are_named_by_method_and_by_method_and_size():
     """DCFace, CemiFace and Arc2Face are listed at 0.5M and 1.2M images: the name alone took the 0.5M
     row and the 1.2M one could not be chosen."""
-    from vigface.eval.protocol import PEER_TABLE, peer_average
+    from vigface.eval.peers import PEER_TABLE, peer_average
 
     dcface = [row for row in PEER_TABLE if row[0] == "DCFace"]
     assert [row[2].split()[0] for row in dcface] == ["0.5M", "1.2M"]

@@ -25,7 +25,8 @@ from vigface.diffusion.sampling import FaceSampler
 from vigface.diffusion.trainer import train_diffusion
 from vigface.engines.compile import fast_kernel_options
 from vigface.errors import BackendUnavailableError, VigfaceError, VigfaceWarning
-from vigface.generate.dataset import GenerationConfig, _Generator, generate_dataset, remove_stale_shards
+from vigface.generate.config import GenerationConfig
+from vigface.generate.dataset import _Generator, generate_dataset, remove_stale_shards
 from vigface.run_lock import FolderLock
 
 

@@ -27,7 +27,8 @@ from vigface.kernels.adaln import (
     gated_residual_adaln_ref,
 )
 
-from vigface.diffusion.denoiser import Denoiser, DenoiserConfig
+from vigface.diffusion.denoiser import Denoiser
+from vigface.diffusion.denoiser_config import DenoiserConfig
 from vigface.errors import VigfaceError
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

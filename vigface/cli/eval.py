@@ -49,7 +49,8 @@ def _write_json(path: str | None, data: dict) -> None:
 
 
 def _cmd_verify(args) -> int:
-    from vigface.eval.protocol import compare_to_real, evaluate_model, peer_average
+    from vigface.eval.peers import peer_average
+    from vigface.eval.protocol import compare_to_real, evaluate_model
 
     if not args.real_model:
         peer_average(args.real_reference)  # a misspelt name fails now, not after the verification
@@ -202,7 +203,8 @@ def _cmd_cfg_sweep(args) -> int:
 
 
 def _cmd_protocol(args) -> int:
-    from vigface.eval.protocol import ProtocolConfig, peer_rows, run_protocol
+    from vigface.eval.peers import peer_rows
+    from vigface.eval.protocol import ProtocolConfig, run_protocol
 
     check_output_folder("--out", args.out)
     config = ProtocolConfig(
@@ -252,8 +254,8 @@ def _serfiq_passes(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vigface.engines.fused_update import SAMPLERS
-    from vigface.eval.protocol import DEFAULT_REAL_REFERENCE
+    from vigface.choices import SAMPLERS
+    from vigface.eval.peers import DEFAULT_REAL_REFERENCE
     from vigface.fr.backbone_config import ARCHS
     from vigface.fr.margin_config import MARGINS
 

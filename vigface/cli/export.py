@@ -18,8 +18,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
-
 from vigface.cli.common import check_output_file, positive_int, refuse_writing_over_inputs, run_command
 from vigface.data.files import write_atomically
 from vigface.data.output_folder import remove_stale_temporaries
@@ -40,8 +38,7 @@ TRT_DEFAULTS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vigface.engines.export import DEFAULT_OPSET, EXPORTERS
-    from vigface.engines.trt import PRECISIONS, TYPINGS
+    from vigface.choices import DEFAULT_OPSET, EXPORTERS, PRECISIONS, TYPINGS
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a vigface-train-diffusion output folder")
@@ -94,6 +91,8 @@ def trt_graph_path(plan: Path) -> Path:
 
 
 def _export(args: argparse.Namespace) -> int:
+    import torch
+
     from vigface.diffusion.sampling import FaceSampler, engine_artifacts
     from vigface.engines.export import export_onnx, graph_opset, onnxruntime_max_error, state_sha256
     from vigface.engines.sidecar import sidecar_path, write_sidecar

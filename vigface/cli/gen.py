@@ -15,11 +15,9 @@ import argparse
 import os
 import sys
 
+from vigface.choices import DEFAULT_W_REAL, DEFAULT_W_VIRTUAL, ENGINES, KERNELS, PRECISIONS, SAMPLERS
 from vigface.cli.common import check_folder_writable, first_rank, positive_int, run_command
-from vigface.diffusion.cfg import DEFAULT_W_REAL, DEFAULT_W_VIRTUAL
-from vigface.diffusion.sampling import ENGINES, KERNELS, SAMPLERS
-from vigface.engines.base import PRECISIONS
-from vigface.generate.dataset import KINDS, PRESETS, GenerationConfig
+from vigface.generate.config import KINDS, PRESETS, GenerationConfig
 
 PROG = "vigface-gen"
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vigface.choices import ATTENTION_BACKENDS, SCHEDULES
 from vigface.cli.common import config_from_args, config_parser, first_rank, run_command
-from vigface.diffusion.attention import BACKENDS as ATTENTION_BACKENDS
 from vigface.diffusion.config import LR_DECAYS, DiffusionTrainConfig
-from vigface.diffusion.denoiser import ADALN, ARCHS, DENOISER_SIZES, PREDICTIONS
-from vigface.diffusion.schedule import SCHEDULES
+from vigface.diffusion.denoiser_config import ADALN, ARCHS, DENOISER_SIZES, PREDICTIONS
 
 PROG = "vigface-train-diffusion"
 HELP = {

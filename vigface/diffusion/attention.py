@@ -18,9 +18,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from vigface.choices import ATTENTION_BACKENDS as BACKENDS
 from vigface.errors import BackendUnavailableError
 
-BACKENDS = ("sdpa", "triton", "flash", "auto")
 log = logging.getLogger(__name__)
 _auto_logged: set[tuple[str, str]] = set()
 

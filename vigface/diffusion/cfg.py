@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_W_REAL = 0.5
-DEFAULT_W_VIRTUAL = 2.5
-
 
 def cfg_combine(x_cond: torch.Tensor, x_uncond: torch.Tensor, w: float | torch.Tensor) -> torch.Tensor:
     """w x_cond + (1 - w) x_uncond; `w` a float or a per-sample (N,) tensor."""

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
 
+from vigface.choices import MAX_TIMESTEPS, SCHEDULES
 from vigface.config_types import check_field_types
 from vigface.data.files import setting_changed
-from vigface.diffusion.denoiser import ARCHS, DENOISER_SIZES, PREDICTIONS, DenoiserConfig
-from vigface.diffusion.schedule import MAX_TIMESTEPS, SCHEDULES, NoiseSchedule
+from vigface.diffusion.denoiser_config import ARCHS, DENOISER_SIZES, PREDICTIONS, DenoiserConfig
 from vigface.errors import VigfaceError
+
+if TYPE_CHECKING:  # torch: imported when a run builds the schedule, not for --help
+    from vigface.diffusion.schedule import NoiseSchedule
 
 LR_DECAYS = ("none", "cosine")
 RESUMABLE_CHANGES = frozenset(
@@ -142,6 +146,8 @@ class DiffusionTrainConfig:
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     def noise_schedule(self) -> NoiseSchedule:
+        from vigface.diffusion.schedule import NoiseSchedule
+
         return NoiseSchedule(self.schedule, self.timesteps)
 
     def to_dict(self) -> dict:

@@ -51,8 +51,6 @@ def _lam(a: float) -> float:
 
 
 SPACINGS = ("time", "logsnr")
-# The timestep spacing of every sampler name, for the eager reference and the engines' fused plans.
-SAMPLER_SPACING = {"ddim": "time", "dpm++": "time", "dpm++logsnr": "logsnr"}
 # Identity CST / SEP of 15 DPM-Solver++ steps against DDIM-100 on the toy model (50 real + 50
 # virtual ids x 8, CPU, bench/results/fast_sampler_identity_toy_logsnr_cpu.json): time spacing,
 # virtual ids -1.36 / -1.52 %; logSNR spacing from -3, real +0.45 / +0.50 %, virtual -0.59 / -0.72 %.

@@ -32,16 +32,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from vigface.choices import ENGINES, KERNELS, SAMPLERS
 from vigface.device import resolve_device
 from vigface.diffusion.denoiser import Denoiser, DenoiserConfig
 from vigface.diffusion.model_folder import DENOISER_META, DENOISER_WEIGHTS, read_denoiser_meta, read_schedule
 from vigface.diffusion.schedule import NoiseSchedule
-from vigface.engines import ENGINES, create_engine
-from vigface.engines.fused_update import SAMPLERS
+from vigface.engines import create_engine
 from vigface.errors import BackendUnavailableError, DataFormatError, VigfaceError, VigfaceWarning
 
 __all__ = ["ENGINES", "KERNELS", "SAMPLERS", "FaceSampler", "engine_artifacts"]
-KERNELS = ("reference", "fast")
 # kernels="fast": the denoiser's runtime choices (each "auto" picks its fast path on CUDA)
 FAST_CONFIG = {"attention": "auto", "adaln": "auto", "mlp": "auto"}
 

@@ -17,10 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vigface.choices import MAX_TIMESTEPS, SCHEDULES
 from vigface.errors import VigfaceError
-
-SCHEDULES = ("cosine", "linear")
-MAX_TIMESTEPS = 100_000  # the paper trains with T = 1000
 
 
 def cosine_alphas_cumprod(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:

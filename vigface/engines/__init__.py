@@ -44,11 +44,11 @@ import logging
 
 import torch
 
+from vigface.choices import ENGINES
 from vigface.errors import BackendUnavailableError, VigfaceError
 
 log = logging.getLogger("vigface.engines")
 
-ENGINES = ("eager", "compile", "cudagraph", "onnx", "trt", "auto")
 _CLASSES = {
     "eager": ("vigface.engines.eager", "EagerEngine"),
     "compile": ("vigface.engines.compile", "CompileEngine"),

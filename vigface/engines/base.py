@@ -19,12 +19,12 @@ import dataclasses
 
 import torch
 
-from vigface.diffusion.denoiser import Denoiser, DenoiserConfig
+from vigface.diffusion.denoiser import Denoiser
+from vigface.diffusion.denoiser_config import DenoiserConfig
 from vigface.diffusion.schedule import NoiseSchedule
 from vigface.engines.fused_update import guided_update_, plan_steps
 from vigface.errors import VigfaceError
 
-PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Exportable / capturable plain-PyTorch ops in place of the fused kernels (attention.py, the
 # AdaLN option of the Triton-kernels issue); a field the installed config lacks is skipped.

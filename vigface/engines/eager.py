@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from vigface.choices import SAMPLER_SPACING, SAMPLERS
 from vigface.diffusion.cfg import guided_x0
 from vigface.diffusion.ddim import ddim_sample
 from vigface.diffusion.denoiser import Denoiser
-from vigface.diffusion.dpm_solver import SAMPLER_SPACING, dpm_solver_pp_sample
+from vigface.diffusion.dpm_solver import dpm_solver_pp_sample
 from vigface.diffusion.schedule import NoiseSchedule
 from vigface.engines.base import DTYPES, Engine, check_precision, engine_model
-from vigface.engines.fused_update import SAMPLERS
 from vigface.errors import VigfaceError
 
 

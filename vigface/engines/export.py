@@ -25,14 +25,13 @@ import warnings
 import torch
 from torch import nn
 
+from vigface.choices import DEFAULT_OPSET, EXPORTERS
 from vigface.diffusion.denoiser import Denoiser
 from vigface.engines.base import reference_denoiser
 from vigface.errors import BackendUnavailableError, VigfaceError
 
 log = logging.getLogger("vigface.engines")
-EXPORTERS = ("auto", "dynamo", "legacy")
 MIN_OPSET = 17
-DEFAULT_OPSET = 18
 # torch's dynamo exporter writes opset 18 at least: asked for 17, it wrote 18 (after a logged
 # traceback of the down-conversion it tried) and the sidecar said 17.
 DYNAMO_MIN_OPSET = 18

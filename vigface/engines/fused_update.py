@@ -37,12 +37,11 @@ from dataclasses import dataclass
 
 import torch
 
-from vigface.diffusion.dpm_solver import SAMPLER_SPACING, dpm_timesteps
+from vigface.choices import SAMPLER_SPACING, SAMPLERS
+from vigface.diffusion.dpm_solver import dpm_timesteps
 from vigface.diffusion.schedule import NoiseSchedule
 from vigface.errors import BackendUnavailableError, VigfaceError
 
-# dpm++logsnr: DPM-Solver++(2M) at logSNR-spaced timesteps (vigface/diffusion/dpm_solver.py)
-SAMPLERS = tuple(SAMPLER_SPACING)
 IMPLS = ("auto", "torch", "cuda", "triton")
 CLAMP = (-1.0, 1.0)  # the x0 estimate of a face image in [-1, 1]
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/guided_update.h

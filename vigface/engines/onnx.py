@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vigface.choices import DEFAULT_OPSET
 from vigface.diffusion.denoiser import Denoiser
 from vigface.diffusion.schedule import NoiseSchedule
 from vigface.engines.base import Engine, check_precision
-from vigface.engines.export import DEFAULT_OPSET, export_onnx, input_names, state_sha256
+from vigface.engines.export import export_onnx, input_names, state_sha256
 from vigface.engines.sidecar import check_sidecar, read_sidecar
 from vigface.errors import BackendUnavailableError, DataFormatError, first_line
 

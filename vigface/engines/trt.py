@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from vigface.choices import PRECISIONS, TYPINGS
 from vigface.diffusion.denoiser import Denoiser
 from vigface.diffusion.schedule import NoiseSchedule
 from vigface.engines.base import Engine, check_precision
@@ -43,8 +44,6 @@ from vigface.engines.sidecar import check_sidecar, read_sidecar, sidecar_path, w
 from vigface.errors import BackendUnavailableError, VigfaceError
 
 log = logging.getLogger("vigface.engines")
-PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
-TYPINGS = ("auto", "weak", "strong")
 _WEAK_FLAGS = {"bf16": "BF16", "fp16": "FP16"}
 _ONNX_FLOAT8E4M3FN = 17  # onnx.TensorProto.FLOAT8E4M3FN
 # The exported graph's inputs (vigface.engines.export) and their shape past the batch axis

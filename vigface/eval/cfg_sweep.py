@@ -105,7 +105,8 @@ def _replace_sweep_folder(out: Path) -> None:
 
 
 def _generate(config: SweepConfig, w: float, out: Path) -> LabelledSet:
-    from vigface.generate.dataset import GenerationConfig, generate_dataset
+    from vigface.generate.config import GenerationConfig
+    from vigface.generate.dataset import generate_dataset
 
     gen = GenerationConfig(
         model=config.model, out=str(out), ids="both", num_ids=config.num_ids, per_id=config.per_id,

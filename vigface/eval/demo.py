@@ -309,8 +309,8 @@ def _run_demo(config: DemoConfig, out: str, resume: bool, lock: FolderLock) -> d
     from vigface.eval.cfg_sweep import SweepConfig, cfg_sweep
     from vigface.eval.labelled_set import read_labelled_set
     from vigface.eval.metrics import dataset_metrics
+    from vigface.eval.peers import PEER_COLUMNS, PEER_NOTE, peer_rows
     from vigface.eval.privacy import training_set_search
-    from vigface.eval.protocol import PEER_COLUMNS, PEER_NOTE, peer_rows
     from vigface.eval.prototypes import prototype_stats
     from vigface.eval.report import write_report
     from vigface.eval.serfiq import serfiq_scores
@@ -318,7 +318,8 @@ def _run_demo(config: DemoConfig, out: str, resume: bool, lock: FolderLock) -> d
     from vigface.eval.verification import gap_to_real, summarise, verify_bins
     from vigface.fr.embed import embed_images, load_backbone
     from vigface.fr.trainer import train_fr
-    from vigface.generate.dataset import GenerationConfig, generate_dataset
+    from vigface.generate.config import GenerationConfig
+    from vigface.generate.dataset import generate_dataset
 
     c = config
     out = Path(out)

@@ -6,7 +6,7 @@ anywhere. Sections appear when their key is in the report dict:
     summary           list of one-line findings
     verification      {"sets": [...], "models": {name: {"description", "table": summarise()}},
                        "comparison": {...}}   our models' 10-fold accuracies, the peer table beside
-    peers             protocol.peer_rows() + note
+    peers             peers.peer_rows() + note
     dataset_metrics   {dataset name: metrics.dataset_metrics()}   CST / DIV / SEP
     cfg_sweep         cfg_sweep.cfg_sweep()                       Table 1 and the picked w
     prototypes        prototypes.prototype_stats()                R-R / R-V / V-V with the paper's
