@@ -452,6 +452,15 @@ def test_lr_steps_past_the_run_are_warned_about_in_one_line(small_toy, tmp_path,
         train_cli.main([*tiny_args(small_toy, tmp_path / "p"), "--max-steps", "1"]) == 0
     )  # steps at 1.5 of 2
     assert "warning" not in capsys.readouterr().err
+    # only some steps outside the run (the default 10 18 22 under --epochs 20): named, with what is left
+    args = tiny_args(small_toy, tmp_path / "q")
+    args[args.index("--lr-steps") + 1 : args.index("--lr-steps") + 2] = ["0.5", "3", "4"]
+    assert train_cli.main([*args, "--epochs", "3", "--max-steps", "1"]) == 0
+    err = capsys.readouterr().err
+    expected = (
+        "warning: --lr-steps 3 4 are at or past --epochs 3: the learning rate decays only at epoch 0.5\n"
+    )
+    assert expected in err
 
 
 def test_sigterm_to_the_process_group_stops_in_one_line(small_toy, tmp_path):

@@ -82,6 +82,24 @@ def _optimizer(config: FRTrainConfig, params: list) -> torch.optim.Optimizer:
 __all__ = ["NonFiniteLossError", "train_fr"]
 
 
+def _warn_about_lr_steps_past_the_run(config: FRTrainConfig) -> None:
+    """The default --lr-steps 10 18 22 under a shorter --epochs: steps past the run never fire."""
+    past = [s for s in config.lr_steps if s >= config.epochs]
+    if not past:
+        return
+    listed = " ".join(f"{s:g}" for s in past)
+    if len(past) == len(config.lr_steps):
+        why = "the learning rate never decays (pass --lr-steps inside the run, e.g. at 70 % and 90 % of it)"
+        message = f"--lr-steps {listed} are all at or past --epochs {config.epochs}: {why}"
+    else:
+        inside = [f"{s:g}" for s in config.lr_steps if s < config.epochs]
+        message = (
+            f"--lr-steps {listed} {'is' if len(past) == 1 else 'are'} at or past --epochs {config.epochs}: "
+            f"the learning rate decays only at epoch{'s' if len(inside) > 1 else ''} {' '.join(inside)}"
+        )
+    warnings.warn(VigfaceWarning(message), stacklevel=3)
+
+
 class _Run:
     """The state of one training run; methods are the phases of `train_fr`."""
 
@@ -90,15 +108,8 @@ class _Run:
         self.out = Path(config.out)
         self.rank, self.world_size, self.device = setup_distributed(config.device)
         self.is_main = self.rank == 0
-        if self.is_main and config.lr_steps and min(config.lr_steps) >= config.epochs:
-            steps = " ".join(f"{s:g}" for s in config.lr_steps)
-            warnings.warn(
-                VigfaceWarning(
-                    f"--lr-steps {steps} are all at or past --epochs {config.epochs}: the learning rate "
-                    "never decays (pass --lr-steps inside the run, e.g. at 70 % and 90 % of it)"
-                ),
-                stacklevel=2,
-            )
+        if self.is_main:
+            _warn_about_lr_steps_past_the_run(config)
         resume_point(self.out, resume)  # fail fast, before the data and models load
         # Decoding, flips and normalisation: vigface.data.loaders (the "torch" loader computes
         # exactly what the former DataLoader + prepare_batch did; --loader dali decodes in DALI).
