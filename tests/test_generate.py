@@ -97,7 +97,7 @@ def test_kill_and_rerun_is_byte_identical(denoiser_dir, tmp_path):
     assert not list((out / "shards").glob(".tmp-*"))
 
 
-def test_errors(denoiser_dir, tmp_path, capsys):
+def test_errors(denoiser_dir, tmp_path, capsys, monkeypatch):
     with pytest.raises(BackendUnavailableError, match="engine 'trt' is not available"):
         FaceSampler.load(denoiser_dir, engine="trt")
     with pytest.raises(VigfaceError, match="100 virtual identities asked for"):
@@ -111,7 +111,11 @@ def test_errors(denoiser_dir, tmp_path, capsys):
                                 ("dpm++logsnr", 1, "logsnr steps must be in 2..1000, got 1")):  # fmt: skip
         out = tmp_path / f"steps_{sampler}"
         args = ["--model", str(denoiser_dir), "--out", str(out), "--sampler", sampler, "--steps", str(steps)]
-        assert gen_cli.main([*args, "--quiet"]) == 2
+        with monkeypatch.context() as patched:  # refused before the weights load (and an engine builds)
+            patched.setattr(
+                FaceSampler, "load", lambda *a, **k: pytest.fail("loaded before --steps was checked")
+            )
+            assert gen_cli.main([*args, "--quiet"]) == 2
         err = capsys.readouterr().err
         assert f"--steps {steps} with --sampler {sampler}: " in err and why in err
         assert not out.exists()

@@ -47,6 +47,8 @@ from vigface.diffusion.model_folder import (
     fr_model_dir,
     load_prototypes,
     prototypes_backbone_sha256,
+    read_denoiser_meta,
+    read_schedule,
 )
 from vigface.diffusion.pose import landmark_image, rescale_landmarks
 from vigface.diffusion.sampling import FaceSampler
@@ -273,9 +275,10 @@ class _Generator:
         self.config = c = config
         self.lock = lock
         self.rank, self.world_size, self.device = setup_distributed(c.device)
+        # a step count the model's schedule cannot take: refused before anything is written, and
+        # before the weights load and an engine is built (an ONNX export, a TensorRT build)
+        refuse_unplannable_steps(read_schedule(c.model, read_denoiser_meta(c.model)), c.sampler, c.steps)
         self.sampler = FaceSampler.load(c.model, self.device, c.engine, c.precision, c.kernels)
-        # a step count the model's schedule cannot take: refused before anything is written
-        refuse_unplannable_steps(self.sampler.schedule, c.sampler, c.steps)
         if c.prototypes:
             proto_path = Path(c.prototypes)
         elif (Path(c.model) / PROTOTYPES).is_file():
