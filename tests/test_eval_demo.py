@@ -36,6 +36,7 @@ TINY = DemoConfig(
     fr_dim=16, fr_epochs=1, fr_batch=16, dm_steps=3, dm_batch=8, dm_image_size=16, dm_patch=4, gen_ids=4,
     gen_per_id=4, gen_steps=2, cfg_sweep=(0.5, 2.5), sweep_ids=2, sweep_per_id=2, serfiq_passes=4,
     workers=0, progress=False, matched_real=True,
+    w_real=1.0, w_virtual=1.0,  # outside the sweep, so its picks always replace them
 )  # fmt: skip
 
 
@@ -102,6 +103,8 @@ def test_full_pipeline_writes_a_consistent_report(demo_run):
     assert f"compares {genuine_pairs:,} genuine and" in (out / "report.html").read_text()
     plan = json.loads((out / "generated" / "generation.json").read_text())["plan"]["config"]
     assert (plan["w_real"], plan["w_virtual"]) == (sweep["picked"]["real"], sweep["picked"]["virtual"])
+    # and the report's settings show the scales used, not the defaults the picks replaced
+    assert (report["config"]["w_real"], report["config"]["w_virtual"]) == (plan["w_real"], plan["w_virtual"])
     assert set(report["dataset_metrics"]) == {
         "real toy data",
         "generated, real ids",
@@ -145,7 +148,7 @@ def test_quick_mode_uses_trained_models_without_training_them(demo_run, tmp_path
     assert not any(key.startswith("dm_") for key in report["config"])  # quick trains no denoiser
     real = report["verification"]["models"]["real"]["description"]
     assert real.startswith("stage-1 model the denoiser was trained against") and str(full_out) not in real
-    assert report["picked_w"] == {"real": 0.5, "virtual": 2.5, "from_sweep": False}
+    assert report["picked_w"] == {"real": TINY.w_real, "virtual": TINY.w_virtual, "from_sweep": False}
     with pytest.raises(VigfaceError, match="demo --quick: .*: not a trained denoiser folder"):
         run_demo(dataclasses.replace(config, model=str(tmp_path)), str(tmp_path / "again"))
     assert not (tmp_path / "again").exists()  # a refused run leaves no folder

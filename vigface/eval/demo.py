@@ -584,6 +584,9 @@ def _run_demo(config: DemoConfig, out: str, resume: bool, lock: FolderLock) -> d
         "config": {
             # quick trains no denoiser: the dm_ settings did not apply
             **{k: v for k, v in asdict(c).items() if not (c.quick and k.startswith("dm_"))},
+            # the scales generated with: a sweep's picks, not the 0.5 / 2.5 it replaced
+            "w_real": w_real,
+            "w_virtual": w_virtual,
             "model": str(dm_dir),
             "fr_model": str(fr_dir),
             "device": device,
