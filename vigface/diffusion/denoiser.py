@@ -11,7 +11,8 @@
 
 The output is the x0 estimate (or v, by the config's `prediction`). The unconditional model of
 classifier-free guidance is the same network with the FR embedding and the pose image zeroed.
-Sizes: `DENOISER_SIZES` ("tiny" for tests/CPU, "S", "B" = ViT-B/4 at 112x112, 784 tokens).
+Sizes: `DENOISER_SIZES` in vigface.diffusion.denoiser_config, beside `DenoiserConfig` ("tiny" for
+tests/CPU, "S", "B" = ViT-B/4 at 112x112, 784 tokens).
 
 Fast paths (same weights, same state dict): `attention` picks the attention backend (see
 vigface.diffusion.attention); `adaln="triton"` runs the LayerNorm + modulate steps as the fused
