@@ -20,9 +20,6 @@ SAMPLERS = tuple(SAMPLER_SPACING)
 DEFAULT_W_REAL = 0.5
 DEFAULT_W_VIRTUAL = 2.5
 
-# attention backends of the denoiser (vigface.diffusion.attention)
-ATTENTION_BACKENDS = ("sdpa", "triton", "flash", "auto")
-
 # sampling engines (vigface.engines), their precisions, and the denoiser's kernels while sampling
 ENGINES = ("eager", "compile", "cudagraph", "onnx", "trt", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")

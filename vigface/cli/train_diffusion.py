@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vigface.choices import ATTENTION_BACKENDS, SCHEDULES
+from vigface.choices import SCHEDULES
 from vigface.cli.common import config_from_args, config_parser, first_rank, run_command
 from vigface.diffusion.config import LR_DECAYS, DiffusionTrainConfig
-from vigface.diffusion.denoiser_config import ADALN, ARCHS, DENOISER_SIZES, PREDICTIONS
+from vigface.diffusion.denoiser_config import ADALN, ARCHS, ATTENTION, DENOISER_SIZES, PREDICTIONS
 
 PROG = "vigface-train-diffusion"
 HELP = {
@@ -49,7 +49,7 @@ CHOICES = {
     "size": tuple(DENOISER_SIZES),
     "arch": ARCHS,
     "prediction": PREDICTIONS,
-    "attention": ATTENTION_BACKENDS,
+    "attention": ATTENTION,
     "adaln": ADALN,
     "schedule": SCHEDULES,
     "lr_decay": LR_DECAYS,

@@ -18,7 +18,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from vigface.choices import ATTENTION_BACKENDS as BACKENDS
+from vigface.diffusion.denoiser_config import ATTENTION
 from vigface.errors import BackendUnavailableError
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     if backend == "flash":
         return _flash_attn4(q, k, v)
     raise BackendUnavailableError(
-        f"attention backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}"
+        f"attention backend {backend!r} is unknown; choose one of {', '.join(ATTENTION)}"
     )
 
 

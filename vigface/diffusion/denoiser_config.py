@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from vigface.choices import ATTENTION_BACKENDS
 from vigface.errors import VigfaceError
 
 ARCHS = ("uvit", "dit")
 PREDICTIONS = ("x0", "v")
+ATTENTION = ("sdpa", "triton", "flash", "auto")  # backends of vigface.diffusion.attention
 ADALN = ("reference", "triton", "auto")
 MLP = ("reference", "cublaslt", "auto")
 
@@ -50,8 +50,8 @@ class DenoiserConfig:
             bad(f"arch {self.arch!r} is unknown; choose one of {', '.join(ARCHS)}")
         if self.prediction not in PREDICTIONS:
             bad(f"prediction {self.prediction!r} is unknown; choose one of {', '.join(PREDICTIONS)}")
-        if self.attention not in ATTENTION_BACKENDS:
-            bad(f"attention {self.attention!r} is unknown; choose one of {', '.join(ATTENTION_BACKENDS)}")
+        if self.attention not in ATTENTION:
+            bad(f"attention {self.attention!r} is unknown; choose one of {', '.join(ATTENTION)}")
         if self.adaln not in ADALN:
             bad(f"adaln {self.adaln!r} is unknown; choose one of {', '.join(ADALN)}")
         if self.mlp not in MLP:
